@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what is missing, starts
+# redis-server and the tansu Kafka-API broker on free loopback ports, runs
+# fmt, clippy and every test against them, and stops the services.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+start=$(date +%s)
+
+# pyarrow: the independent Parquet reader used by the integration tests.
+if ! python3 -c 'import pyarrow' >/dev/null 2>&1; then
+  echo "test.sh: installing pyarrow" >&2
+  python3 -m pip install --quiet --disable-pip-version-check pyarrow >&2
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+eval "$(scripts/services.sh start)"
+trap 'scripts/services.sh stop "$PULSE_SERVICES_DIR"' EXIT
+
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo test --all-targets -- --test-threads 2
+echo "test.sh: suite finished in $(( $(date +%s) - start ))s" >&2

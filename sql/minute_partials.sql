@@ -1,0 +1,18 @@
+-- Partial per-minute aggregates of one decoded batch.
+-- Input table `batch`: the events of the batch that count towards their window
+-- (on time or late within allowed lateness), with their `window_start` bin.
+-- Output: one mergeable partial row per (window_start, service); the window
+-- stage merges partials across batches (and instances) before minute_stats.sql.
+SELECT
+    window_start,
+    service,
+    count(*)                                                   AS requests,
+    sum(CASE WHEN status >= 500 THEN 1 ELSE 0 END)             AS errors,
+    sum(CASE WHEN status >= 400 AND status < 500 THEN 1 ELSE 0 END) AS client_errors,
+    coalesce(sum(latency_ms), 0.0)                             AS latency_sum_ms,
+    count(latency_ms)                                          AS latency_count,
+    max(latency_ms)                                            AS latency_max_ms,
+    hdr_sketch(latency_ms)                                     AS latency_hist,
+    hll_sketch(user_id)                                        AS users_hll
+FROM batch
+GROUP BY window_start, service

@@ -1,0 +1,420 @@
+//! Typed configuration. Consumes a TOML file (or the embedded defaults in
+//! `config/pulse.toml`) plus `PULSE_<SECTION>__<KEY>` environment overrides;
+//! produces a validated [`Config`]. Unknown keys are errors, never ignored.
+//! Secrets are read from the environment only (see [`Secrets`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The defaults shipped in `config/pulse.toml`, embedded so `pulse demo` needs no file.
+pub const DEFAULT_TOML: &str = include_str!("../config/pulse.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid environment override {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid config value: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub pipeline: PipelineConfig,
+    pub validation: ValidationConfig,
+    pub window: WindowConfig,
+    pub redis: RedisConfig,
+    pub parquet: ParquetConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    pub brokers: String,
+    /// Topic the events are read from.
+    pub topic: String,
+    /// Consumer group.
+    pub group: String,
+    /// librdkafka properties passed through verbatim.
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Records per decoded batch.
+    pub batch_size: usize,
+    /// Longest wait for a partial Kafka batch, ms.
+    pub batch_timeout_ms: u64,
+    /// Bounded channel capacity between stages, in batches.
+    pub channel_capacity: usize,
+    /// Exit after this long without Kafka messages (0 = never).
+    pub idle_exit_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// Fields that must be present and non-null.
+    pub required: Vec<String>,
+    /// Accepted event types.
+    pub event_types: Vec<String>,
+    pub status_min: u16,
+    pub status_max: u16,
+    pub latency_min_ms: f64,
+    pub latency_max_ms: f64,
+    pub rating_min: f32,
+    pub rating_max: f32,
+    pub price_min: f64,
+    /// Longest accepted payload in bytes.
+    pub max_payload_bytes: usize,
+    /// Accepted event-time range, epoch ms.
+    pub ts_min_ms: i64,
+    pub ts_max_ms: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    /// Tumbling window size, seconds.
+    pub size_secs: u64,
+    /// Watermark bound, ms.
+    pub out_of_orderness_ms: u64,
+    /// Allowed lateness behind the watermark, ms.
+    pub allowed_lateness_ms: u64,
+    /// Top items kept per window.
+    pub top_items: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Redis URL; empty disables the Redis sink.
+    pub url: String,
+    /// Key prefix.
+    pub prefix: String,
+    /// Retention of per-minute keys, seconds.
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParquetConfig {
+    /// Root of the Hive-partitioned tables.
+    pub data_dir: PathBuf,
+    /// Rows per row group.
+    pub row_group_rows: usize,
+    /// Roll a file at this many rows.
+    pub max_file_rows: usize,
+    /// zstd level.
+    pub zstd_level: i32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kafka: KafkaConfig::default(),
+            pipeline: PipelineConfig::default(),
+            validation: ValidationConfig::default(),
+            window: WindowConfig::default(),
+            redis: RedisConfig::default(),
+            parquet: ParquetConfig::default(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "events".into(),
+            group: "pulse".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_size: 32768,
+            batch_timeout_ms: 200,
+            channel_capacity: 4,
+            idle_exit_ms: 0,
+        }
+    }
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            required: [
+                "event_id",
+                "ts",
+                "user_id",
+                "item_id",
+                "event_type",
+                "service",
+                "status",
+                "latency_ms",
+            ]
+            .map(String::from)
+            .to_vec(),
+            event_types: ["view", "cart", "purchase", "rating"]
+                .map(String::from)
+                .to_vec(),
+            status_min: 100,
+            status_max: 599,
+            latency_min_ms: 0.0,
+            latency_max_ms: 3_600_000.0,
+            rating_min: 1.0,
+            rating_max: 5.0,
+            price_min: 0.0,
+            max_payload_bytes: 65536,
+            ts_min_ms: 946_684_800_000,
+            ts_max_ms: 4_102_444_800_000,
+        }
+    }
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            size_secs: 60,
+            out_of_orderness_ms: 5000,
+            allowed_lateness_ms: 60000,
+            top_items: 10,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            prefix: "pulse".into(),
+            ttl_secs: 604_800,
+        }
+    }
+}
+
+impl Default for ParquetConfig {
+    fn default() -> Self {
+        ParquetConfig {
+            data_dir: PathBuf::from("pulse-data"),
+            row_group_rows: 131_072,
+            max_file_rows: 4_000_000,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// The fields a record may carry; `required` entries must be among them.
+pub const EVENT_FIELDS: [&str; 12] = [
+    "event_id",
+    "ts",
+    "user_id",
+    "item_id",
+    "event_type",
+    "rating",
+    "price",
+    "session_id",
+    "service",
+    "endpoint",
+    "status",
+    "latency_ms",
+];
+
+/// Secrets, from the environment only.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    pub redis_password: Option<String>,
+    pub kafka_sasl_username: Option<String>,
+    pub kafka_sasl_password: Option<String>,
+}
+
+impl Secrets {
+    pub fn from_env() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Secrets {
+            redis_password: get("PULSE_REDIS_PASSWORD"),
+            kafka_sasl_username: get("PULSE_KAFKA_SASL_USERNAME"),
+            kafka_sasl_password: get("PULSE_KAFKA_SASL_PASSWORD"),
+        }
+    }
+}
+
+/// Environment variables that are secrets or test plumbing, not config keys.
+const NON_CONFIG_VARS: [&str; 4] = [
+    "PULSE_REDIS_PASSWORD",
+    "PULSE_KAFKA_SASL_USERNAME",
+    "PULSE_KAFKA_SASL_PASSWORD",
+    "PULSE_LOG",
+];
+
+impl Config {
+    /// Loads `path` (or the embedded defaults when `None`), applies `PULSE_*`
+    /// overrides from the process environment and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                format!(" in {}", p.display()),
+            ),
+            None => (DEFAULT_TOML.to_string(), " (embedded defaults)".to_string()),
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let cfg: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin,
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for f in &self.validation.required {
+            if !EVENT_FIELDS.contains(&f.as_str()) {
+                return bad(format!("validation.required names unknown field {f:?}"));
+            }
+        }
+        for f in ["event_id", "ts", "service"] {
+            if !self.validation.required.iter().any(|r| r == f) {
+                return bad(format!("validation.required must include {f:?}"));
+            }
+        }
+        if self.window.size_secs == 0 {
+            return bad("window.size_secs must be > 0".into());
+        }
+        if self.pipeline.batch_size == 0 || self.pipeline.channel_capacity == 0 {
+            return bad("pipeline.batch_size and pipeline.channel_capacity must be > 0".into());
+        }
+        if self.parquet.row_group_rows == 0 || self.parquet.max_file_rows == 0 {
+            return bad("parquet.row_group_rows and parquet.max_file_rows must be > 0".into());
+        }
+        if !(1..=22).contains(&self.parquet.zstd_level) {
+            return bad("parquet.zstd_level must be 1..=22".into());
+        }
+        if self.validation.status_min > self.validation.status_max {
+            return bad("validation.status_min > status_max".into());
+        }
+        if self.kafka.properties.keys().any(|k| k == "enable.auto.commit") {
+            return bad("kafka.properties may not set enable.auto.commit: pulse owns its offsets".into());
+        }
+        Ok(())
+    }
+}
+
+/// Applies `PULSE_<SECTION>__<KEY>=value` overrides onto the raw TOML table.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix("PULSE_") else {
+            continue;
+        };
+        if NON_CONFIG_VARS.contains(&var.as_str()) || rest.starts_with("TEST_") {
+            continue;
+        }
+        let Some((section, key)) = rest.split_once("__") else {
+            // PULSE_SERVICES_DIR and similar plumbing variables carry no "__".
+            continue;
+        };
+        let section = section.to_ascii_lowercase();
+        let key = key.to_ascii_lowercase();
+        let parsed = parse_env_value(value);
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(sec) = entry else {
+            return Err(ConfigError::Env {
+                var: var.clone(),
+                message: format!("{section} is not a section"),
+            });
+        };
+        // `properties` of kafka is a map: PULSE_KAFKA__PROPERTIES__FETCH.MAX.BYTES is not
+        // expressible portably, so the map is set as a whole inline table instead.
+        sec.insert(key, parsed);
+    }
+    Ok(())
+}
+
+fn parse_env_value(value: &str) -> toml::Value {
+    let probe = format!("v = {value}");
+    match probe.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.into())),
+        Err(_) => toml::Value::String(value.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_equals_code_defaults() {
+        let cfg = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[window]\nsize_sec = 30\n").unwrap();
+        let err = Config::load_with_env(Some(&p), &[]).unwrap_err().to_string();
+        assert!(err.contains("size_sec"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_and_unknown_env_key() {
+        let env = vec![
+            ("PULSE_WINDOW__SIZE_SECS".to_string(), "30".to_string()),
+            ("PULSE_KAFKA__BROKERS".to_string(), "h:1".to_string()),
+            ("PULSE_TEST_REDIS".to_string(), "ignored".to_string()),
+        ];
+        let cfg = Config::load_with_env(None, &env).unwrap();
+        assert_eq!(cfg.window.size_secs, 30);
+        assert_eq!(cfg.kafka.brokers, "h:1");
+        let env = vec![("PULSE_WINDOW__NOPE".to_string(), "1".to_string())];
+        let err = Config::load_with_env(None, &env).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        let env = vec![("PULSE_WINDOW__SIZE_SECS".to_string(), "0".to_string())];
+        assert!(Config::load_with_env(None, &env).is_err());
+        let env = vec![(
+            "PULSE_VALIDATION__REQUIRED".to_string(),
+            "[\"ts\", \"service\"]".to_string(),
+        )];
+        let err = Config::load_with_env(None, &env).unwrap_err().to_string();
+        assert!(err.contains("event_id"), "{err}");
+    }
+}

@@ -1,0 +1,581 @@
+//! JSON → Arrow. Consumes [`RawChunk`]s (one JSON object per record); produces
+//! one `events` batch (schema [`decoded_schema`]) and one `dead_letters` batch per
+//! chunk. Every input record lands in exactly one of the two: a record that fails
+//! parsing or validation is never dropped, it becomes a dead letter with its raw
+//! payload, source position and a reason. Pure code: no I/O.
+//!
+//! Records are parsed straight into typed, borrowed fields and appended to
+//! column builders: no per-event `serde_json::Value` tree is built.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, Float32Builder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+    TimestampMillisecondBuilder, UInt16Builder, UInt64Builder,
+};
+use datafusion::arrow::record_batch::RecordBatch;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::config::ValidationConfig;
+use crate::model::{dead_letters_schema, decoded_schema, RawChunk};
+
+/// Why a record became a dead letter. `kind` is the low-cardinality metric label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+fn reject(kind: &'static str, message: impl Into<String>) -> Rejection {
+    Rejection {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// Event time: RFC 3339 string, or epoch milliseconds as a number or numeric string.
+#[derive(Debug, Clone, Copy)]
+struct Ts(i64);
+
+impl<'de> Deserialize<'de> for Ts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Ts;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp or epoch milliseconds")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Ts, E> {
+                i64::try_from(v)
+                    .map(Ts)
+                    .map_err(|_| E::custom("timestamp out of range"))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Ts, E> {
+                Ok(Ts(v))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Ts, E> {
+                if v.is_finite() && v.abs() < 9.0e15 {
+                    Ok(Ts(v as i64))
+                } else {
+                    Err(E::custom("timestamp out of range"))
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Ts, E> {
+                parse_ts(v).map(Ts).ok_or_else(|| {
+                    E::custom(format!("cannot parse timestamp {v:?} (RFC 3339 or epoch ms)"))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses an RFC 3339 timestamp (or a numeric string of epoch ms) to epoch ms.
+pub fn parse_ts(s: &str) -> Option<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Some(ms);
+    }
+    if let Some(ms) = parse_rfc3339_utc_fast(s.as_bytes()) {
+        return Some(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// Fast path for the common `YYYY-MM-DDTHH:MM:SS[.fff]Z` shape; anything else
+/// falls back to chrono.
+fn parse_rfc3339_utc_fast(b: &[u8]) -> Option<i64> {
+    if b.len() < 20 || *b.last()? != b'Z' {
+        return None;
+    }
+    let d = |i: usize| -> Option<i64> {
+        let c = *b.get(i)?;
+        c.is_ascii_digit().then_some((c - b'0') as i64)
+    };
+    let num = |i: usize, n: usize| -> Option<i64> { (i..i + n).try_fold(0, |a, j| Some(a * 10 + d(j)?)) };
+    if b[4] != b'-' || b[7] != b'-' || (b[10] != b'T' && b[10] != b' ') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (y, mo, da) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (h, mi, s) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let frac = &b[19..b.len() - 1];
+    let mut ms = 0i64;
+    if !frac.is_empty() {
+        if frac[0] != b'.' || frac.len() < 2 || !frac[1..].iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let digits = &frac[1..];
+        for k in 0..3 {
+            ms = ms * 10 + digits.get(k).map_or(0, |c| (c - b'0') as i64);
+        }
+    }
+    let days = days_from_civil(y, mo, da);
+    if da > days_in_month(y, mo) {
+        return None;
+    }
+    Some(((days * 24 + h) * 60 + mi) * 60_000 + s * 1000 + ms)
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    event_id: Option<u64>,
+    ts: Option<Ts>,
+    user_id: Option<u64>,
+    item_id: Option<u64>,
+    #[serde(borrow)]
+    event_type: Option<Cow<'a, str>>,
+    rating: Option<f32>,
+    price: Option<f64>,
+    #[serde(borrow)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    service: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    endpoint: Option<Cow<'a, str>>,
+    status: Option<u16>,
+    latency_ms: Option<f64>,
+}
+
+/// Which optional fields are required, as flags (checked per record).
+#[derive(Debug, Clone)]
+struct Required {
+    user_id: bool,
+    item_id: bool,
+    event_type: bool,
+    session_id: bool,
+    endpoint: bool,
+    status: bool,
+    latency_ms: bool,
+    price: bool,
+}
+
+/// Column builders for one chunk.
+pub struct Decoder {
+    rules: ValidationConfig,
+    required: Required,
+    event_id: UInt64Builder,
+    ts: TimestampMillisecondBuilder,
+    user_id: UInt64Builder,
+    item_id: UInt64Builder,
+    event_type: StringBuilder,
+    rating: Float32Builder,
+    price: Float64Builder,
+    session_id: StringBuilder,
+    service: StringBuilder,
+    endpoint: StringBuilder,
+    status: UInt16Builder,
+    latency: Float64Builder,
+    partition: Int32Builder,
+    offset: Int64Builder,
+    dead: DeadLetterBuilder,
+}
+
+/// One decoded chunk.
+#[derive(Debug)]
+pub struct Decoded {
+    pub events: RecordBatch,
+    pub dead_letters: RecordBatch,
+    /// Counts of dead letters by rejection kind.
+    pub rejected: Vec<(&'static str, u64)>,
+}
+
+impl Decoder {
+    pub fn new(rules: ValidationConfig) -> Self {
+        let has = |f: &str| rules.required.iter().any(|r| r == f);
+        let required = Required {
+            user_id: has("user_id"),
+            item_id: has("item_id"),
+            event_type: has("event_type"),
+            session_id: has("session_id"),
+            endpoint: has("endpoint"),
+            status: has("status"),
+            latency_ms: has("latency_ms"),
+            price: has("price"),
+        };
+        let cap = 1024;
+        Decoder {
+            rules,
+            required,
+            event_id: UInt64Builder::with_capacity(cap),
+            ts: TimestampMillisecondBuilder::with_capacity(cap).with_timezone("UTC"),
+            user_id: UInt64Builder::with_capacity(cap),
+            item_id: UInt64Builder::with_capacity(cap),
+            event_type: StringBuilder::new(),
+            rating: Float32Builder::with_capacity(cap),
+            price: Float64Builder::with_capacity(cap),
+            session_id: StringBuilder::new(),
+            service: StringBuilder::new(),
+            endpoint: StringBuilder::new(),
+            status: UInt16Builder::with_capacity(cap),
+            latency: Float64Builder::with_capacity(cap),
+            partition: Int32Builder::with_capacity(cap),
+            offset: Int64Builder::with_capacity(cap),
+            dead: DeadLetterBuilder::default(),
+        }
+    }
+
+    /// Decodes a whole chunk. `received_at_ms` stamps its dead letters.
+    pub fn decode(&mut self, chunk: &RawChunk, received_at_ms: i64) -> Decoded {
+        let mut rejected: Vec<(&'static str, u64)> = Vec::new();
+        for i in 0..chunk.len() {
+            let raw = chunk.record(i);
+            let pos = chunk.positions[i];
+            if let Err(r) = self.push(raw) {
+                match rejected.iter_mut().find(|(k, _)| *k == r.kind) {
+                    Some((_, n)) => *n += 1,
+                    None => rejected.push((r.kind, 1)),
+                }
+                self.dead
+                    .push(received_at_ms, &chunk.source, pos.partition, pos.offset, &r, raw);
+            } else {
+                self.partition.append_value(pos.partition);
+                self.offset.append_value(pos.offset);
+            }
+        }
+        Decoded {
+            events: self.finish_events(),
+            dead_letters: self.dead.finish(),
+            rejected,
+        }
+    }
+
+    /// Parses, validates and appends one record; on error nothing is appended.
+    fn push(&mut self, raw: &[u8]) -> Result<(), Rejection> {
+        if raw.len() > self.rules.max_payload_bytes {
+            return Err(reject(
+                "too_large",
+                format!("payload of {} bytes exceeds {}", raw.len(), self.rules.max_payload_bytes),
+            ));
+        }
+        let ev: RawEvent = serde_json::from_slice(trim_ascii(raw)).map_err(|e| {
+            let kind = match e.classify() {
+                serde_json::error::Category::Data => "type",
+                _ => "json",
+            };
+            reject(kind, e.to_string())
+        })?;
+        self.validate(&ev)?;
+        // Validated: append every column. `validate` guarantees presence of required ones.
+        self.event_id.append_option(ev.event_id);
+        self.ts.append_option(ev.ts.map(|t| t.0));
+        self.user_id.append_option(ev.user_id);
+        self.item_id.append_option(ev.item_id);
+        self.event_type.append_option(ev.event_type.as_deref());
+        self.rating.append_option(ev.rating);
+        self.price.append_option(ev.price);
+        self.session_id.append_option(ev.session_id.as_deref());
+        self.service.append_option(ev.service.as_deref());
+        self.endpoint.append_option(ev.endpoint.as_deref());
+        self.status.append_option(ev.status);
+        self.latency.append_option(ev.latency_ms);
+        Ok(())
+    }
+
+    fn validate(&self, ev: &RawEvent) -> Result<(), Rejection> {
+        let r = &self.rules;
+        let q = &self.required;
+        let missing = |f: &str| Err(reject("missing_field", format!("missing required field {f}")));
+        if ev.event_id.is_none() {
+            return missing("event_id");
+        }
+        let Some(ts) = ev.ts else { return missing("ts") };
+        match ev.service.as_deref() {
+            None => return missing("service"),
+            Some("") => return Err(reject("range", "service is empty")),
+            Some(_) => {}
+        }
+        let checks = [
+            (q.user_id && ev.user_id.is_none(), "user_id"),
+            (q.item_id && ev.item_id.is_none(), "item_id"),
+            (q.event_type && ev.event_type.is_none(), "event_type"),
+            (q.session_id && ev.session_id.is_none(), "session_id"),
+            (q.endpoint && ev.endpoint.is_none(), "endpoint"),
+            (q.status && ev.status.is_none(), "status"),
+            (q.latency_ms && ev.latency_ms.is_none(), "latency_ms"),
+            (q.price && ev.price.is_none(), "price"),
+        ];
+        if let Some((_, f)) = checks.iter().find(|(m, _)| *m) {
+            return missing(f);
+        }
+        if ts.0 < r.ts_min_ms || ts.0 > r.ts_max_ms {
+            return Err(reject("range", format!("ts {} ms outside the accepted range", ts.0)));
+        }
+        if let Some(t) = ev.event_type.as_deref() {
+            if !r.event_types.iter().any(|e| e == t) {
+                return Err(reject("range", format!("unknown event_type {t:?}")));
+            }
+        }
+        if let Some(s) = ev.status {
+            if s < r.status_min || s > r.status_max {
+                return Err(reject(
+                    "range",
+                    format!("status {s} outside {}..={}", r.status_min, r.status_max),
+                ));
+            }
+        }
+        if let Some(l) = ev.latency_ms {
+            if !(l >= r.latency_min_ms && l <= r.latency_max_ms) {
+                return Err(reject(
+                    "range",
+                    format!("latency_ms {l} outside {}..={}", r.latency_min_ms, r.latency_max_ms),
+                ));
+            }
+        }
+        if let Some(p) = ev.price {
+            if !(p >= r.price_min) {
+                return Err(reject("range", format!("price {p} below {}", r.price_min)));
+            }
+        }
+        let is_rating = ev.event_type.as_deref() == Some("rating");
+        match (is_rating, ev.rating) {
+            (true, None) => return Err(reject("missing_field", "rating event without rating")),
+            (false, Some(_)) => {
+                return Err(reject("range", "rating is only allowed on rating events"))
+            }
+            (true, Some(v)) if !(v >= r.rating_min && v <= r.rating_max) => {
+                return Err(reject(
+                    "range",
+                    format!("rating {v} outside {}..={}", r.rating_min, r.rating_max),
+                ))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn finish_events(&mut self) -> RecordBatch {
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.event_id.finish()),
+            Arc::new(self.ts.finish()),
+            Arc::new(self.user_id.finish()),
+            Arc::new(self.item_id.finish()),
+            Arc::new(self.event_type.finish()),
+            Arc::new(self.rating.finish()),
+            Arc::new(self.price.finish()),
+            Arc::new(self.session_id.finish()),
+            Arc::new(self.service.finish()),
+            Arc::new(self.endpoint.finish()),
+            Arc::new(self.status.finish()),
+            Arc::new(self.latency.finish()),
+            Arc::new(self.partition.finish()),
+            Arc::new(self.offset.finish()),
+        ];
+        // The columns were appended in lockstep and match the schema by construction.
+        RecordBatch::try_new(decoded_schema(), cols).expect("decoder columns match decoded_schema")
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+/// Longest raw payload kept in a dead letter; longer ones are cut and marked.
+const MAX_RAW_KEPT: usize = 16 * 1024;
+
+/// Builds `dead_letters` batches.
+#[derive(Default)]
+pub struct DeadLetterBuilder {
+    received_at: Vec<i64>,
+    source: StringBuilder,
+    partition: Int32Builder,
+    offset: Int64Builder,
+    reason: StringBuilder,
+    raw: StringBuilder,
+}
+
+impl DeadLetterBuilder {
+    pub fn push(
+        &mut self,
+        received_at_ms: i64,
+        source: &str,
+        partition: i32,
+        offset: i64,
+        reason: &Rejection,
+        raw: &[u8],
+    ) {
+        self.received_at.push(received_at_ms);
+        self.source.append_value(source);
+        self.partition.append_value(partition);
+        self.offset.append_value(offset);
+        self.reason.append_value(reason.to_string());
+        let kept = &raw[..raw.len().min(MAX_RAW_KEPT)];
+        let mut text = String::from_utf8_lossy(kept).into_owned();
+        if kept.len() < raw.len() {
+            text.push_str(&format!("…[{} bytes cut]", raw.len() - kept.len()));
+        }
+        self.raw.append_value(text);
+    }
+
+    pub fn len(&self) -> usize {
+        self.received_at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.received_at.is_empty()
+    }
+
+    pub fn finish(&mut self) -> RecordBatch {
+        let ts = datafusion::arrow::array::TimestampMillisecondArray::from(std::mem::take(
+            &mut self.received_at,
+        ))
+        .with_timezone("UTC");
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(ts),
+            Arc::new(self.source.finish()),
+            Arc::new(self.partition.finish()),
+            Arc::new(self.offset.finish()),
+            Arc::new(self.reason.finish()),
+            Arc::new(self.raw.finish()),
+        ];
+        RecordBatch::try_new(dead_letters_schema(), cols)
+            .expect("dead letter columns match dead_letters_schema")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Position;
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{TimestampMillisecondType, UInt64Type};
+
+    fn chunk(lines: &[&str]) -> RawChunk {
+        let mut c = RawChunk::new("test.jsonl".into());
+        for (i, l) in lines.iter().enumerate() {
+            c.push(
+                l.as_bytes(),
+                Position {
+                    partition: 0,
+                    offset: i as i64 + 1,
+                },
+            );
+        }
+        c
+    }
+
+    const GOOD: &str = r#"{"event_id": 123, "ts": "2026-11-22T01:23:45.123Z", "user_id": 4711, "item_id": 981, "event_type": "view", "rating": null, "price": 19.99, "session_id": "s-88", "service": "catalog", "endpoint": "/items/981", "status": 200, "latency_ms": 35.2}"#;
+
+    #[test]
+    fn decodes_the_contract_example() {
+        let mut d = Decoder::new(ValidationConfig::default());
+        let out = d.decode(&chunk(&[GOOD]), 0);
+        assert_eq!(out.dead_letters.num_rows(), 0, "{:?}", out.dead_letters);
+        assert_eq!(out.events.num_rows(), 1);
+        let ts = out.events.column(1).as_primitive::<TimestampMillisecondType>();
+        let expect = chrono::DateTime::parse_from_rfc3339("2026-11-22T01:23:45.123Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(ts.value(0), expect);
+        assert_eq!(out.events.column(0).as_primitive::<UInt64Type>().value(0), 123);
+        assert!(out.events.column(5).is_null(0));
+        assert_eq!(out.events.column(8).as_string::<i32>().value(0), "catalog");
+    }
+
+    #[test]
+    fn epoch_ms_and_escaped_strings() {
+        let line = r#"{"event_id":1,"ts":1763774625123,"user_id":1,"item_id":2,"event_type":"rating","rating":4,"service":"ca\"t","status":404,"latency_ms":1}"#;
+        let mut d = Decoder::new(ValidationConfig::default());
+        let out = d.decode(&chunk(&[line]), 0);
+        assert_eq!(out.events.num_rows(), 1, "{:?}", out.dead_letters);
+        let ts = out.events.column(1).as_primitive::<TimestampMillisecondType>();
+        assert_eq!(ts.value(0), 1_763_774_625_123);
+        assert_eq!(out.events.column(8).as_string::<i32>().value(0), "ca\"t");
+    }
+
+    #[test]
+    fn every_bad_record_becomes_a_dead_letter_with_a_reason() {
+        let bad = [
+            ("{not json", "json"),
+            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":999,"latency_ms":1}"#, "status 999"),
+            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":-1}"#, "latency_ms -1"),
+            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#, "missing required field user_id"),
+            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","rating":3,"service":"a","status":200,"latency_ms":1}"#, "only allowed on rating"),
+            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"rating","rating":9,"service":"a","status":200,"latency_ms":1}"#, "rating 9"),
+            (r#"{"event_id":"x","ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#, "invalid type"),
+            (r#"{"event_id":1,"ts":"yesterday","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#, "cannot parse timestamp"),
+            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"click","service":"a","status":200,"latency_ms":1}"#, "unknown event_type"),
+            ("", "json"),
+        ];
+        let lines: Vec<&str> = bad.iter().map(|(l, _)| *l).chain([GOOD]).collect();
+        let mut d = Decoder::new(ValidationConfig::default());
+        let out = d.decode(&chunk(&lines), 42);
+        assert_eq!(out.events.num_rows(), 1);
+        assert_eq!(out.dead_letters.num_rows(), bad.len());
+        let reasons = out.dead_letters.column(4).as_string::<i32>();
+        let offsets = out.dead_letters.column(3).as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        for (i, (_, want)) in bad.iter().enumerate() {
+            assert!(reasons.value(i).contains(want), "row {i}: {} lacks {want}", reasons.value(i));
+            assert_eq!(offsets.value(i), i as i64 + 1);
+        }
+        let total: u64 = out.rejected.iter().map(|(_, n)| n).sum();
+        assert_eq!(total, bad.len() as u64);
+        // the good record keeps its own position
+        let off = out.events.column(13).as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        assert_eq!(off.value(0), bad.len() as i64 + 1);
+    }
+
+    #[test]
+    fn fast_rfc3339_agrees_with_chrono() {
+        for s in [
+            "2026-11-22T01:23:45.123Z",
+            "2024-02-29T23:59:59Z",
+            "1999-12-31T00:00:00.5Z",
+            "2026-01-01T00:00:00.123456Z",
+        ] {
+            let want = chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis();
+            assert_eq!(parse_rfc3339_utc_fast(s.as_bytes()), Some(want), "{s}");
+        }
+        assert_eq!(parse_rfc3339_utc_fast(b"2023-02-29T00:00:00Z"), None);
+        assert_eq!(parse_ts("2026-11-22T01:23:45+01:00"), Some(
+            chrono::DateTime::parse_from_rfc3339("2026-11-22T01:23:45+01:00").unwrap().timestamp_millis()
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_are_accounted(lines in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 0..20)) {
+            let mut c = RawChunk::new("p".into());
+            for (i, l) in lines.iter().enumerate() {
+                c.push(l, Position { partition: 0, offset: i as i64 });
+            }
+            let mut d = Decoder::new(ValidationConfig::default());
+            let out = d.decode(&c, 0);
+            proptest::prop_assert_eq!(out.events.num_rows() + out.dead_letters.num_rows(), lines.len());
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! pulse: a streaming event pipeline.
+//!
+//! ```text
+//!  Kafka topic ─┐                          ┌─▶ window + SQL (sql/*.sql) ─▶ store: Redis | memory
+//!  JSONL files ─┼─▶ RawChunk ─▶ decode ─▶ events batch ─┤
+//!  generator  ──┘               │                      └─▶ Parquet: events, minute_stats, top_items
+//!                               └─▶ dead letters ─────────▶ Parquet: dead_letters
+//! ```
+//!
+//! Modules, in data-flow order:
+//! - [`config`]: TOML + `PULSE_*` overrides, validated; secrets from the environment.
+//! - [`model`]: table schemas and the messages stages exchange.
+//! - [`source`]: Kafka consumer group, JSONL files (plain or gzip), the generator.
+//! - [`decode`]: JSON → Arrow with validation; invalid records become dead letters. Pure.
+//! - [`window`]: event-time tumbling windows, watermark, allowed lateness. Pure.
+//! - [`sketch`]: mergeable HDR histograms and HyperLogLog. Pure.
+//! - [`sql`]: the per-window DataFusion SQL and its sketch functions.
+//! - [`sink`]: Parquet tables (atomic, deterministically named files) and the aggregate store.
+//! - [`app`]: wires the stages with bounded channels and owns shutdown.
+//! - [`query`]: DataFusion SQL over the Parquet tables.
+//!
+//! Delivery: every record read lands in `events` or `dead_letters`; file runs
+//! are complete or fail; Kafka runs are at-least-once (offsets are committed
+//! after the Parquet files covering them).
+
+pub mod app;
+pub mod config;
+pub mod decode;
+pub mod model;
+pub mod query;
+pub mod sink;
+pub mod sketch;
+pub mod source;
+pub mod sql;
+pub mod window;

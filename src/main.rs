@@ -1,0 +1,330 @@
+//! The `pulse` command line: parses arguments, loads config, starts
+//! telemetry and calls the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use pulse::app::{self, SourceSpec, Summary};
+use pulse::config::{Config, Secrets};
+use pulse::sink::store::{MemoryStore, RedisStore, Store};
+use pulse::source::gen::{GenParams, Generator};
+
+#[derive(Parser)]
+#[command(name = "pulse", version, about = "Streaming event pipeline: Kafka/files -> per-minute stats, anomalies, factors -> Redis + Parquet")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the whole pipeline on generated events, with no Kafka and no Redis.
+    Demo {
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(long, default_value = "pulse-demo-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Generate the synthetic event stream to a file or a Kafka topic.
+    Gen {
+        #[arg(long)]
+        events: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Output JSONL file (".gz" compresses).
+        #[arg(long, conflicts_with = "brokers")]
+        out: Option<PathBuf>,
+        #[arg(long, requires = "topic")]
+        brokers: Option<String>,
+        #[arg(long)]
+        topic: Option<String>,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Events per second of event time.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Fraction of invalid records.
+        #[arg(long, default_value_t = 0.001)]
+        invalid: f64,
+        /// Fraction of late records (behind the watermark, within allowed lateness).
+        #[arg(long, default_value_t = 0.001)]
+        late: f64,
+        /// Do not plant the two incidents.
+        #[arg(long)]
+        no_incidents: bool,
+    },
+    /// Run the pipeline from Kafka, or from files with --input.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// JSONL files (plain or .gz): process them to the end and exit.
+        #[arg(long, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        brokers: Option<String>,
+        #[arg(long)]
+        topic: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        redis: Option<String>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Exit after the Kafka source was idle this many milliseconds.
+        #[arg(long)]
+        idle_exit_ms: Option<u64>,
+    },
+    /// SQL over the Parquet tables (events, minute_stats, dead_letters, top_items).
+    Query {
+        #[arg(long, default_value = "pulse-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "table")]
+        format: String,
+        sql: String,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PULSE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn shutdown_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received, stopping");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    init_tracing();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Demo { events, data_dir, seed } => demo(events, data_dir, seed).await,
+        Cmd::Gen {
+            events,
+            seed,
+            out,
+            brokers,
+            topic,
+            partitions,
+            rate,
+            invalid,
+            late,
+            no_incidents,
+        } => {
+            let p = GenParams {
+                events,
+                seed,
+                rate_per_sec: rate,
+                invalid_fraction: invalid,
+                late_fraction: late,
+                incidents: !no_incidents,
+                ..GenParams::default()
+            };
+            gen(p, out, brokers, topic, partitions).await
+        }
+        Cmd::Run {
+            config,
+            input,
+            brokers,
+            topic,
+            group,
+            redis,
+            data_dir,
+            idle_exit_ms,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(b) = brokers {
+                cfg.kafka.brokers = b;
+            }
+            if let Some(t) = topic {
+                cfg.kafka.topic = t;
+            }
+            if let Some(g) = group {
+                cfg.kafka.group = g;
+            }
+            if let Some(r) = redis {
+                cfg.redis.url = r;
+            }
+            if let Some(d) = data_dir {
+                cfg.parquet.data_dir = d;
+            }
+            if let Some(i) = idle_exit_ms {
+                cfg.pipeline.idle_exit_ms = i;
+            }
+            cfg.validate()?;
+            let source = if input.is_empty() { SourceSpec::Kafka } else { SourceSpec::Files(input) };
+            run(cfg, source).await
+        }
+        Cmd::Query { data_dir, format, sql } => {
+            let batches = pulse::query::run_sql(&data_dir, &sql).await?;
+            let text = pulse::query::render(&batches, &format)?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", text.trim_end())?;
+            Ok(())
+        }
+    }
+}
+
+async fn run(cfg: Config, source: SourceSpec) -> Result<()> {
+    let secrets = Secrets::from_env();
+    let store = if cfg.redis.url.is_empty() {
+        Store::Memory(MemoryStore::default())
+    } else {
+        Store::Redis(
+            RedisStore::connect(&cfg.redis.url, secrets.redis_password.as_deref(), &cfg.redis.prefix, cfg.redis.ttl_secs)
+                .await
+                .context("connecting to Redis")?,
+        )
+    };
+    let s = app::run(&cfg, &secrets, source, store, shutdown_on_signals()).await?;
+    print_summary(&s, &cfg.parquet.data_dir, 0);
+    Ok(())
+}
+
+async fn demo(events: u64, data_dir: PathBuf, seed: u64) -> Result<()> {
+    let mut cfg = Config::load(None)?;
+    cfg.parquet.data_dir = data_dir.clone();
+    let p = GenParams {
+        events,
+        seed,
+        ..GenParams::default()
+    };
+    let incidents = Generator::new(p.clone()).incidents;
+    let mem = MemoryStore::default();
+    let s = app::run(&cfg, &Secrets::default(), SourceSpec::Generator(p), Store::Memory(mem.clone()), shutdown_on_signals()).await?;
+    print_summary(&s, &data_dir, 8);
+    println!("planted incidents:");
+    for i in incidents {
+        println!(
+            "  {:<13} on {:<8} {} .. {}",
+            i.kind,
+            i.service,
+            pulse::source::gen::fmt_ts(i.start_ms),
+            pulse::source::gen::fmt_ts(i.end_ms)
+        );
+    }
+    let snap = mem.snapshot();
+    println!("in-process store: {} per-minute rows, {} windows of top items", snap.stats.len(), snap.top.len());
+    println!("query it: pulse query --data-dir {} \"SELECT service, sum(requests) FROM minute_stats GROUP BY service\"", data_dir.display());
+    Ok(())
+}
+
+fn print_summary(s: &Summary, data_dir: &std::path::Path, sample_rows: usize) {
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    println!("pulse: {} records in {:.2}s ({:.0} records/s)", s.records, secs, s.records as f64 / secs);
+    println!("  events (valid)      {}", s.events);
+    println!("  invalid -> dead_letters {}", s.invalid);
+    println!("  late (window re-emitted) {}", s.late);
+    println!("  too late (kept, not aggregated) {}", s.too_late);
+    println!("  windows emitted     {}", s.windows_emitted);
+    println!("  minute_stats rows   {}", s.minute_rows_final);
+    let bytes: u64 = s.files.iter().map(|f| f.1.bytes).sum();
+    println!("  files written       {} ({:.1} MB) under {}", s.files.len(), bytes as f64 / 1e6, data_dir.display());
+    for t in ["events", "dead_letters", "minute_stats", "top_items"] {
+        let (n, rows) = s.files.iter().filter(|f| f.0 == t).fold((0, 0), |(n, r), f| (n + 1, r + f.1.rows));
+        println!("    {t:<13} {n} files, {rows} rows");
+    }
+    if sample_rows > 0 && !s.final_rows.is_empty() {
+        println!("  a few per-minute rows:");
+        println!("    {:<24} {:<9} {:>8} {:>7} {:>9} {:>8} {:>8} {:>8}", "window_start", "service", "requests", "errors", "err_rate", "p50_ms", "p95_ms", "p99_ms");
+        let mid = s.final_rows.len() / 2;
+        for r in s.final_rows.iter().skip(mid).take(sample_rows) {
+            println!(
+                "    {:<24} {:<9} {:>8} {:>7} {:>9.4} {:>8.1} {:>8.1} {:>8.1}",
+                pulse::source::gen::fmt_ts(r.window_start_ms),
+                r.service,
+                r.requests,
+                r.errors,
+                r.error_rate,
+                r.latency_p50_ms.unwrap_or(f64::NAN),
+                r.latency_p95_ms.unwrap_or(f64::NAN),
+                r.latency_p99_ms.unwrap_or(f64::NAN)
+            );
+        }
+    }
+}
+
+async fn gen(p: GenParams, out: Option<PathBuf>, brokers: Option<String>, topic: Option<String>, partitions: i32) -> Result<()> {
+    let n = p.events;
+    if let Some(path) = out {
+        let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut w: Box<dyn Write> = if path.extension().is_some_and(|e| e == "gz") {
+            Box::new(flate2::write::GzEncoder::new(std::io::BufWriter::new(f), flate2::Compression::fast()))
+        } else {
+            Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
+        };
+        let mut g = Generator::new(p);
+        let mut line = Vec::with_capacity(512);
+        loop {
+            line.clear();
+            if g.next_into(&mut line).is_none() {
+                break;
+            }
+            line.push(b'\n');
+            w.write_all(&line)?;
+        }
+        w.flush()?;
+        drop(w);
+        println!("wrote {n} events to {}", path.display());
+        return Ok(());
+    }
+    let (Some(brokers), Some(topic)) = (brokers, topic) else {
+        bail!("pulse gen needs --out FILE or --brokers HOST:PORT --topic T");
+    };
+    let mut kcfg = pulse::config::KafkaConfig::default();
+    kcfg.brokers = brokers;
+    let secrets = Secrets::from_env();
+    pulse::source::kafka::create_topic(&kcfg, &secrets, &topic, partitions).await?;
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let prod = pulse::source::kafka::EventProducer::new(&kcfg, &secrets, &topic)?;
+        let mut g = Generator::new(p);
+        let mut line = Vec::with_capacity(512);
+        let mut i = 0u64;
+        loop {
+            line.clear();
+            if g.next_into(&mut line).is_none() {
+                break;
+            }
+            i += 1;
+            // Key by user so one user's events stay in order within a partition.
+            let key = user_key(&line).unwrap_or(i);
+            prod.send(&key.to_le_bytes(), &line)?;
+        }
+        prod.finish()?;
+        println!("produced {n} events to {topic}");
+        Ok(())
+    })
+    .await??;
+    Ok(())
+}
+
+/// The `user_id` of a generated line, found without parsing the whole object.
+fn user_key(line: &[u8]) -> Option<u64> {
+    let pat = b"\"user_id\":";
+    let at = line.windows(pat.len()).position(|w| w == pat)? + pat.len();
+    let digits: Vec<u8> = line[at..].iter().take_while(|c| c.is_ascii_digit()).copied().collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}

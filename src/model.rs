@@ -1,0 +1,130 @@
+//! The schemas of pulse's tables and the typed messages its stages exchange.
+//! Pure definitions: no I/O. Every stage consumes and produces Arrow
+//! `RecordBatch`es with these schemas, tagged with the source positions they cover.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+/// Timestamps are UTC milliseconds.
+pub fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// Lateness classes stored in `events.lateness`.
+pub const ON_TIME: &str = "on_time";
+/// Behind the watermark but within allowed lateness: its window was updated and re-emitted.
+pub const LATE: &str = "late";
+/// Beyond allowed lateness: kept in `events`, not counted in `minute_stats`.
+pub const TOO_LATE: &str = "too_late";
+
+/// `events`: one row per valid event, plus where it came from.
+pub fn events_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::UInt64, false),
+        Field::new("ts", ts_type(), false),
+        Field::new("user_id", DataType::UInt64, true),
+        Field::new("item_id", DataType::UInt64, true),
+        Field::new("event_type", DataType::Utf8, true),
+        Field::new("rating", DataType::Float32, true),
+        Field::new("price", DataType::Float64, true),
+        Field::new("session_id", DataType::Utf8, true),
+        Field::new("service", DataType::Utf8, false),
+        Field::new("endpoint", DataType::Utf8, true),
+        Field::new("status", DataType::UInt16, true),
+        Field::new("latency_ms", DataType::Float64, true),
+        Field::new("src_partition", DataType::Int32, false),
+        Field::new("src_offset", DataType::Int64, false),
+        Field::new("lateness", DataType::Utf8, false),
+    ]))
+}
+
+/// What the decoder produces: `events` without the `lateness` column, which the
+/// window stage appends once it has compared each event with the watermark.
+pub fn decoded_schema() -> SchemaRef {
+    let full = events_schema();
+    let fields: Vec<_> = full.fields().iter().take(full.fields().len() - 1).cloned().collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// `dead_letters`: every record that failed decoding or validation.
+pub fn dead_letters_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("received_at", ts_type(), false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("src_partition", DataType::Int32, false),
+        Field::new("src_offset", DataType::Int64, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("raw", DataType::Utf8, false),
+    ]))
+}
+
+/// `minute_stats`: one final row per (window_start, service).
+pub fn minute_stats_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("window_start", ts_type(), false),
+        Field::new("service", DataType::Utf8, false),
+        Field::new("requests", DataType::Int64, false),
+        Field::new("errors", DataType::Int64, false),
+        Field::new("client_errors", DataType::Int64, false),
+        Field::new("error_rate", DataType::Float64, false),
+        Field::new("latency_mean_ms", DataType::Float64, true),
+        Field::new("latency_p50_ms", DataType::Float64, true),
+        Field::new("latency_p95_ms", DataType::Float64, true),
+        Field::new("latency_p99_ms", DataType::Float64, true),
+        Field::new("latency_max_ms", DataType::Float64, true),
+        Field::new("unique_users", DataType::Int64, false),
+    ]))
+}
+
+/// `top_items`: the most requested items per window.
+pub fn top_items_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("window_start", ts_type(), false),
+        Field::new("rank", DataType::UInt64, false),
+        Field::new("item_id", DataType::UInt64, false),
+        Field::new("requests", DataType::Int64, false),
+    ]))
+}
+
+/// Where a record came from: a Kafka topic-partition-offset, or a file's index and line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A chunk of raw records from one source, in source order.
+#[derive(Debug, Default)]
+pub struct RawChunk {
+    /// Topic name or file path.
+    pub source: Arc<str>,
+    /// Concatenated payloads; record `i` is `data[ends[i-1]..ends[i]]`.
+    pub data: Vec<u8>,
+    pub ends: Vec<usize>,
+    pub positions: Vec<Position>,
+}
+
+impl RawChunk {
+    pub fn new(source: Arc<str>) -> Self {
+        RawChunk {
+            source,
+            ..Default::default()
+        }
+    }
+    pub fn push(&mut self, payload: &[u8], pos: Position) {
+        self.data.extend_from_slice(payload);
+        self.ends.push(self.data.len());
+        self.positions.push(pos);
+    }
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+    pub fn record(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.data[start..self.ends[i]]
+    }
+}

@@ -1,0 +1,169 @@
+//! Mergeable sketches used by the per-minute aggregates: an HDR latency
+//! histogram (the `hdrhistogram` crate, values in microseconds, 3 significant
+//! digits) and a HyperLogLog distinct counter for unique users. Both serialise
+//! to bytes so partial aggregates can cross SQL, Redis and instances, and merge
+//! exactly (HDR) or losslessly for the sketch (HLL). Pure code.
+
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+
+/// Latency histogram in microseconds.
+pub type LatencyHist = Histogram<u64>;
+
+/// Highest trackable latency: one hour, in microseconds.
+const MAX_US: u64 = 3_600_000_000;
+
+pub fn new_hist() -> LatencyHist {
+    // Bounds are constants within what the crate accepts, so this cannot fail.
+    Histogram::new_with_bounds(1, MAX_US, 3).expect("valid HDR bounds")
+}
+
+/// Records a latency given in milliseconds (clamped into the trackable range).
+pub fn record_ms(h: &mut LatencyHist, ms: f64) {
+    let us = (ms * 1000.0).round().clamp(1.0, MAX_US as f64) as u64;
+    h.saturating_record(us);
+}
+
+/// Quantile in milliseconds, `None` for an empty histogram.
+pub fn quantile_ms(h: &LatencyHist, q: f64) -> Option<f64> {
+    (h.len() > 0).then(|| h.value_at_quantile(q) as f64 / 1000.0)
+}
+
+pub fn hist_to_bytes(h: &LatencyHist) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail for a well-formed histogram.
+    V2Serializer::new()
+        .serialize(h, &mut out)
+        .expect("serialize HDR histogram into memory");
+    out
+}
+
+pub fn hist_from_bytes(b: &[u8]) -> Option<LatencyHist> {
+    let h: LatencyHist = Deserializer::new().deserialize(&mut &b[..]).ok()?;
+    Some(h)
+}
+
+/// Merges `other` into `h`; values beyond the bounds are clamped, never lost.
+pub fn hist_merge(h: &mut LatencyHist, other: &LatencyHist) {
+    if h.add(other).is_err() {
+        for v in other.iter_recorded() {
+            h.saturating_record_n(v.value_iterated_to().min(MAX_US), v.count_at_value());
+        }
+    }
+}
+
+/// HyperLogLog with 2^12 registers (≈1.6% standard error), small-range corrected.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hll {
+    regs: Vec<u8>,
+}
+
+const HLL_P: u32 = 12;
+const HLL_M: usize = 1 << HLL_P;
+
+impl Default for Hll {
+    fn default() -> Self {
+        Hll {
+            regs: vec![0; HLL_M],
+        }
+    }
+}
+
+/// splitmix64: a fixed, well-mixed hash so sketches agree across processes.
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Hll {
+    pub fn add(&mut self, v: u64) {
+        let h = mix64(v);
+        let idx = (h >> (64 - HLL_P)) as usize;
+        let rest = h << HLL_P;
+        let rank = (rest.leading_zeros() + 1).min(64 - HLL_P + 1) as u8;
+        if self.regs[idx] < rank {
+            self.regs[idx] = rank;
+        }
+    }
+
+    pub fn merge(&mut self, o: &Hll) {
+        for (a, b) in self.regs.iter_mut().zip(&o.regs) {
+            *a = (*a).max(*b);
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        let m = HLL_M as f64;
+        let alpha = 0.7213 / (1.0 + 1.079 / m);
+        let (sum, zeros) = self.regs.iter().fold((0.0, 0usize), |(s, z), &r| {
+            (s + 2f64.powi(-(r as i32)), z + usize::from(r == 0))
+        });
+        let est = alpha * m * m / sum;
+        let est = if est <= 2.5 * m && zeros > 0 {
+            m * (m / zeros as f64).ln()
+        } else {
+            est
+        };
+        est.round() as u64
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.regs.clone()
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Hll> {
+        (b.len() == HLL_M).then(|| Hll { regs: b.to_vec() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hist_roundtrip_and_merge_is_exact() {
+        let mut a = new_hist();
+        let mut b = new_hist();
+        for i in 1..=1000 {
+            record_ms(&mut a, i as f64);
+            record_ms(&mut b, (i + 1000) as f64);
+        }
+        let a2 = hist_from_bytes(&hist_to_bytes(&a)).unwrap();
+        assert_eq!(a2.len(), 1000);
+        let mut m = a2;
+        hist_merge(&mut m, &b);
+        assert_eq!(m.len(), 2000);
+        let p50 = quantile_ms(&m, 0.5).unwrap();
+        assert!((p50 - 1000.0).abs() <= 1.0, "{p50}");
+        let p99 = quantile_ms(&m, 0.99).unwrap();
+        assert!((p99 - 1980.0).abs() <= 2.5, "{p99}");
+        assert_eq!(quantile_ms(&new_hist(), 0.5), None);
+    }
+
+    #[test]
+    fn hll_counts_within_error_and_merges() {
+        let mut a = Hll::default();
+        for v in 0..50 {
+            a.add(v);
+        }
+        assert_eq!(a.count(), 50);
+        let mut b = Hll::default();
+        for v in 0..100_000u64 {
+            b.add(v);
+        }
+        let c = b.count() as f64;
+        assert!((c - 100_000.0).abs() / 100_000.0 < 0.05, "{c}");
+        let mut x = Hll::default();
+        let mut y = Hll::default();
+        for v in 0..1000 {
+            x.add(v);
+            y.add(v + 500);
+        }
+        x.merge(&y);
+        let c = x.count() as f64;
+        assert!((c - 1500.0).abs() < 45.0, "{c}");
+        assert_eq!(Hll::from_bytes(&x.to_bytes()).unwrap(), x);
+    }
+}

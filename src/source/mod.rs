@@ -1,0 +1,7 @@
+//! Sources of raw records: Kafka (consumer group), JSONL files, and the
+//! deterministic generator. Each produces [`crate::model::RawChunk`]s with the
+//! source position of every record.
+
+pub mod file;
+pub mod gen;
+pub mod kafka;

@@ -1,0 +1,481 @@
+//! The per-window computation, in DataFusion SQL kept in `sql/`. Consumes
+//! decoded event batches (with their window bins) and merged partial
+//! aggregates; produces partial aggregates per (window_start, service), item
+//! counts per window, and final `minute_stats` rows. Registers the sketch
+//! functions the SQL uses: `hdr_sketch`, `hdr_merge`, `hdr_quantile`,
+//! `hll_sketch`, `hll_merge`, `hll_count`. Deterministic; no I/O.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, Float64Array, Float64Builder,
+    Int64Array, StringArray, TimestampMillisecondArray, UInt64Array,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::{DataFusionError, ScalarValue};
+use datafusion::logical_expr::{create_udaf, create_udf, Accumulator, ColumnarValue, Volatility};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::model::ts_type;
+use crate::sketch::{
+    hist_from_bytes, hist_merge, hist_to_bytes, new_hist, quantile_ms, record_ms, Hll,
+    LatencyHist,
+};
+use crate::window::Partial;
+
+pub const MINUTE_PARTIALS_SQL: &str = include_str!("../sql/minute_partials.sql");
+pub const TOP_ITEMS_PARTIAL_SQL: &str = include_str!("../sql/top_items_partial.sql");
+pub const MINUTE_STATS_SQL: &str = include_str!("../sql/minute_stats.sql");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    #[error("query failed: {0}")]
+    DataFusion(#[from] DataFusionError),
+    #[error("unexpected result shape: {0}")]
+    Shape(String),
+}
+
+/// Schema of `minute_partials.sql`'s output and `minute_stats.sql`'s input.
+pub fn partials_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("window_start", ts_type(), false),
+        Field::new("service", DataType::Utf8, false),
+        Field::new("requests", DataType::Int64, false),
+        Field::new("errors", DataType::Int64, false),
+        Field::new("client_errors", DataType::Int64, false),
+        Field::new("latency_sum_ms", DataType::Float64, false),
+        Field::new("latency_count", DataType::Int64, false),
+        Field::new("latency_max_ms", DataType::Float64, true),
+        Field::new("latency_hist", DataType::Binary, true),
+        Field::new("users_hll", DataType::Binary, true),
+    ]))
+}
+
+/// A DataFusion session with pulse's functions registered.
+pub struct SqlEngine {
+    ctx: SessionContext,
+}
+
+impl Default for SqlEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SqlEngine {
+    pub fn new() -> Self {
+        // Batches are small and already in memory: one partition avoids
+        // repartitioning overhead that would dominate such queries.
+        let cfg = SessionConfig::new().with_target_partitions(1);
+        let ctx = SessionContext::new_with_config(cfg);
+        register_functions(&ctx);
+        SqlEngine { ctx }
+    }
+
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    async fn run(&self, table: &str, input: RecordBatch, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
+        let _ = self.ctx.deregister_table(table)?;
+        self.ctx.register_batch(table, input)?;
+        let out = self.ctx.sql(sql).await?.collect().await;
+        let _ = self.ctx.deregister_table(table)?;
+        Ok(out?)
+    }
+
+    /// Runs `minute_partials.sql` on `batch` (events + `window_start`).
+    pub async fn partials(&self, batch: RecordBatch) -> Result<Vec<(i64, String, Partial)>, SqlError> {
+        let out = self.run("batch", batch, MINUTE_PARTIALS_SQL).await?;
+        let mut res = Vec::new();
+        for b in out {
+            res.extend(batch_to_partials(&b)?);
+        }
+        Ok(res)
+    }
+
+    /// Runs `top_items_partial.sql`: (window_start, item_id, requests).
+    pub async fn item_counts(&self, batch: RecordBatch) -> Result<Vec<(i64, u64, i64)>, SqlError> {
+        let out = self.run("batch", batch, TOP_ITEMS_PARTIAL_SQL).await?;
+        let mut res = Vec::new();
+        for b in out {
+            let ws = col_i64(&b, "window_start", &DataType::Int64)?;
+            let item = b
+                .column_by_name("item_id")
+                .ok_or_else(|| SqlError::Shape("item_id".into()))?;
+            let item = cast(item, &DataType::UInt64).map_err(DataFusionError::from)?;
+            let item = item.as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
+            let n = col_i64(&b, "requests", &DataType::Int64)?;
+            for i in 0..b.num_rows() {
+                res.push((ws.value(i), item.value(i), n.value(i)));
+            }
+        }
+        Ok(res)
+    }
+
+    /// Runs `minute_stats.sql` over partial rows; output has [`crate::model::minute_stats_schema`].
+    pub async fn minute_stats(&self, partials: RecordBatch) -> Result<RecordBatch, SqlError> {
+        let schema = crate::model::minute_stats_schema();
+        if partials.num_rows() == 0 {
+            return Ok(RecordBatch::new_empty(schema));
+        }
+        let out = self.run("partials", partials, MINUTE_STATS_SQL).await?;
+        let merged = datafusion::arrow::compute::concat_batches(
+            &out.first().map(|b| b.schema()).unwrap_or_else(|| schema.clone()),
+            &out,
+        )
+        .map_err(DataFusionError::from)?;
+        conform(&merged, &schema)
+    }
+}
+
+/// Casts a result batch to `schema` by column name (SQL output types can vary
+/// with DataFusion's coercions; the table schemas must not).
+pub fn conform(b: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, SqlError> {
+    let mut cols = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        let c = b
+            .column_by_name(f.name())
+            .ok_or_else(|| SqlError::Shape(format!("missing column {}", f.name())))?;
+        cols.push(cast(c, f.data_type()).map_err(DataFusionError::from)?);
+    }
+    RecordBatch::try_new(schema.clone(), cols)
+        .map_err(|e| SqlError::Shape(format!("result does not fit its schema: {e}")))
+}
+
+fn col_i64(b: &RecordBatch, name: &str, _t: &DataType) -> Result<Int64Array, SqlError> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| SqlError::Shape(format!("missing column {name}")))?;
+    let c = cast(c, &DataType::Int64).map_err(DataFusionError::from)?;
+    Ok(c.as_primitive::<datafusion::arrow::datatypes::Int64Type>().clone())
+}
+
+fn col_f64(b: &RecordBatch, name: &str) -> Result<Float64Array, SqlError> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| SqlError::Shape(format!("missing column {name}")))?;
+    let c = cast(c, &DataType::Float64).map_err(DataFusionError::from)?;
+    Ok(c.as_primitive::<datafusion::arrow::datatypes::Float64Type>().clone())
+}
+
+fn col_binary(b: &RecordBatch, name: &str) -> Result<BinaryArray, SqlError> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| SqlError::Shape(format!("missing column {name}")))?;
+    let c = cast(c, &DataType::Binary).map_err(DataFusionError::from)?;
+    Ok(c.as_binary::<i32>().clone())
+}
+
+/// Parses partial rows (the output of `minute_partials.sql`).
+pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<(i64, String, Partial)>, SqlError> {
+    let ws = col_i64(b, "window_start", &DataType::Int64)?;
+    let svc = b
+        .column_by_name("service")
+        .ok_or_else(|| SqlError::Shape("service".into()))?;
+    let svc = cast(svc, &DataType::Utf8).map_err(DataFusionError::from)?;
+    let svc = svc.as_string::<i32>();
+    let req = col_i64(b, "requests", &DataType::Int64)?;
+    let err = col_i64(b, "errors", &DataType::Int64)?;
+    let cerr = col_i64(b, "client_errors", &DataType::Int64)?;
+    let lsum = col_f64(b, "latency_sum_ms")?;
+    let lcnt = col_i64(b, "latency_count", &DataType::Int64)?;
+    let lmax = col_f64(b, "latency_max_ms")?;
+    let hist = col_binary(b, "latency_hist")?;
+    let hll = col_binary(b, "users_hll")?;
+    let mut out = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        let p = Partial {
+            requests: req.value(i),
+            errors: err.value(i),
+            client_errors: cerr.value(i),
+            latency_sum_ms: if lsum.is_null(i) { 0.0 } else { lsum.value(i) },
+            latency_count: lcnt.value(i),
+            latency_max_ms: (!lmax.is_null(i)).then(|| lmax.value(i)),
+            hist: if hist.is_null(i) {
+                new_hist()
+            } else {
+                hist_from_bytes(hist.value(i))
+                    .ok_or_else(|| SqlError::Shape("bad latency_hist".into()))?
+            },
+            users: if hll.is_null(i) {
+                Hll::default()
+            } else {
+                Hll::from_bytes(hll.value(i)).ok_or_else(|| SqlError::Shape("bad users_hll".into()))?
+            },
+        };
+        out.push((ws.value(i), svc.value(i).to_string(), p));
+    }
+    Ok(out)
+}
+
+/// Builds a `partials` batch from merged window state.
+pub fn partials_to_batch(rows: &[(i64, &str, &Partial)]) -> RecordBatch {
+    let ws = TimestampMillisecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+        .with_timezone("UTC");
+    let svc = StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+    let i64s = |f: fn(&Partial) -> i64| Int64Array::from(rows.iter().map(|r| f(r.2)).collect::<Vec<_>>());
+    let mut hist = BinaryBuilder::new();
+    let mut hll = BinaryBuilder::new();
+    let mut lmax = Float64Builder::new();
+    for r in rows {
+        hist.append_value(hist_to_bytes(&r.2.hist));
+        hll.append_value(r.2.users.to_bytes());
+        lmax.append_option(r.2.latency_max_ms);
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(ws),
+        Arc::new(svc),
+        Arc::new(i64s(|p| p.requests)),
+        Arc::new(i64s(|p| p.errors)),
+        Arc::new(i64s(|p| p.client_errors)),
+        Arc::new(Float64Array::from(rows.iter().map(|r| r.2.latency_sum_ms).collect::<Vec<_>>())),
+        Arc::new(i64s(|p| p.latency_count)),
+        Arc::new(lmax.finish()),
+        Arc::new(hist.finish()),
+        Arc::new(hll.finish()),
+    ];
+    RecordBatch::try_new(partials_schema(), cols).expect("partial columns match partials_schema")
+}
+
+// ---- sketch functions -------------------------------------------------------
+
+#[derive(Debug)]
+enum SketchAcc {
+    Hist(LatencyHist),
+    Hll(Hll),
+}
+
+/// Accumulator for `hdr_sketch`/`hll_sketch` (raw input) and `hdr_merge`/`hll_merge`
+/// (serialised input). The state is always the serialised sketch.
+#[derive(Debug)]
+struct SketchAccumulator {
+    acc: SketchAcc,
+    raw_input: bool,
+}
+
+impl SketchAccumulator {
+    fn bytes(&self) -> Vec<u8> {
+        match &self.acc {
+            SketchAcc::Hist(h) => hist_to_bytes(h),
+            SketchAcc::Hll(h) => h.to_bytes(),
+        }
+    }
+
+    fn merge_serialised(&mut self, arr: &ArrayRef) -> datafusion::common::Result<()> {
+        let arr = cast(arr, &DataType::Binary)?;
+        let arr = arr.as_binary::<i32>();
+        for v in arr.iter().flatten() {
+            match &mut self.acc {
+                SketchAcc::Hist(h) => {
+                    let o = hist_from_bytes(v)
+                        .ok_or_else(|| DataFusionError::Execution("corrupt HDR histogram".into()))?;
+                    hist_merge(h, &o);
+                }
+                SketchAcc::Hll(h) => {
+                    let o = Hll::from_bytes(v)
+                        .ok_or_else(|| DataFusionError::Execution("corrupt HLL sketch".into()))?;
+                    h.merge(&o);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Accumulator for SketchAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> datafusion::common::Result<()> {
+        let v = &values[0];
+        if !self.raw_input {
+            return self.merge_serialised(v);
+        }
+        match &mut self.acc {
+            SketchAcc::Hist(h) => {
+                let v = cast(v, &DataType::Float64)?;
+                for x in v.as_primitive::<datafusion::arrow::datatypes::Float64Type>().iter().flatten() {
+                    record_ms(h, x);
+                }
+            }
+            SketchAcc::Hll(h) => {
+                let v = cast(v, &DataType::UInt64)?;
+                let v: &UInt64Array = v.as_primitive();
+                for x in v.iter().flatten() {
+                    h.add(x);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> datafusion::common::Result<ScalarValue> {
+        Ok(ScalarValue::Binary(Some(self.bytes())))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self)
+            + match &self.acc {
+                SketchAcc::Hist(h) => h.distinct_values() * 8,
+                SketchAcc::Hll(_) => 4096,
+            }
+    }
+
+    fn state(&mut self) -> datafusion::common::Result<Vec<ScalarValue>> {
+        Ok(vec![ScalarValue::Binary(Some(self.bytes()))])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> datafusion::common::Result<()> {
+        self.merge_serialised(&states[0])
+    }
+}
+
+fn sketch_udaf(name: &str, input: DataType, hist: bool, raw_input: bool) -> datafusion::logical_expr::AggregateUDF {
+    create_udaf(
+        name,
+        vec![input],
+        Arc::new(DataType::Binary),
+        Volatility::Immutable,
+        Arc::new(move |_| {
+            Ok(Box::new(SketchAccumulator {
+                acc: if hist {
+                    SketchAcc::Hist(new_hist())
+                } else {
+                    SketchAcc::Hll(Hll::default())
+                },
+                raw_input,
+            }))
+        }),
+        Arc::new(vec![DataType::Binary]),
+    )
+}
+
+fn register_functions(ctx: &SessionContext) {
+    ctx.register_udaf(sketch_udaf("hdr_sketch", DataType::Float64, true, true));
+    ctx.register_udaf(sketch_udaf("hdr_merge", DataType::Binary, true, false));
+    ctx.register_udaf(sketch_udaf("hll_sketch", DataType::UInt64, false, true));
+    ctx.register_udaf(sketch_udaf("hll_merge", DataType::Binary, false, false));
+
+    let quantile = create_udf(
+        "hdr_quantile",
+        vec![DataType::Binary, DataType::Float64],
+        DataType::Float64,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let n = args
+                .iter()
+                .find_map(|a| match a {
+                    ColumnarValue::Array(a) => Some(a.len()),
+                    _ => None,
+                })
+                .unwrap_or(1);
+            let hists = args[0].clone().into_array(n)?;
+            let hists = hists.as_binary::<i32>();
+            let qs = args[1].clone().into_array(n)?;
+            let qs = qs.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+            let mut out = Float64Builder::with_capacity(n);
+            for i in 0..n {
+                if hists.is_null(i) || qs.is_null(i) {
+                    out.append_null();
+                    continue;
+                }
+                let h = hist_from_bytes(hists.value(i))
+                    .ok_or_else(|| DataFusionError::Execution("corrupt HDR histogram".into()))?;
+                out.append_option(quantile_ms(&h, qs.value(i).clamp(0.0, 1.0)));
+            }
+            Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        }),
+    );
+    ctx.register_udf(quantile);
+
+    let count = create_udf(
+        "hll_count",
+        vec![DataType::Binary],
+        DataType::Int64,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let n = match &args[0] {
+                ColumnarValue::Array(a) => a.len(),
+                _ => 1,
+            };
+            let a = args[0].clone().into_array(n)?;
+            let a = a.as_binary::<i32>();
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n {
+                if a.is_null(i) {
+                    out.push(Some(0));
+                    continue;
+                }
+                let h = Hll::from_bytes(a.value(i))
+                    .ok_or_else(|| DataFusionError::Execution("corrupt HLL sketch".into()))?;
+                out.push(Some(h.count() as i64));
+            }
+            Ok(ColumnarValue::Array(Arc::new(Int64Array::from(out))))
+        }),
+    );
+    ctx.register_udf(count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{StringArray, UInt16Array};
+    use datafusion::arrow::util::pretty::pretty_format_batches;
+
+    fn batch(rows: &[(i64, &str, u16, f64, u64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("window_start", ts_type(), false),
+            Field::new("service", DataType::Utf8, false),
+            Field::new("status", DataType::UInt16, true),
+            Field::new("latency_ms", DataType::Float64, true),
+            Field::new("user_id", DataType::UInt64, true),
+            Field::new("item_id", DataType::UInt64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(
+                    TimestampMillisecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                Arc::new(UInt16Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+                Arc::new(Float64Array::from(rows.iter().map(|r| r.3).collect::<Vec<_>>())),
+                Arc::new(UInt64Array::from(rows.iter().map(|r| r.4).collect::<Vec<_>>())),
+                Arc::new(UInt64Array::from(rows.iter().map(|r| r.4 % 3).collect::<Vec<_>>())),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn partials_then_stats_golden() {
+        let e = SqlEngine::new();
+        let rows: Vec<(i64, &str, u16, f64, u64)> = (0..100u64)
+            .map(|i| {
+                let status = if i % 10 == 0 { 503 } else if i % 25 == 1 { 404 } else { 200 };
+                (0, "a", status, (i + 1) as f64, i % 7)
+            })
+            .chain([(60_000, "b", 200, 5.0, 1)])
+            .collect();
+        // split into two batches to exercise merging of partials
+        let b1 = batch(&rows[..50]);
+        let b2 = batch(&rows[50..]);
+        let mut parts = e.partials(b1).await.unwrap();
+        parts.extend(e.partials(b2).await.unwrap());
+        let refs: Vec<(i64, &str, &Partial)> = parts.iter().map(|(w, s, p)| (*w, s.as_str(), p)).collect();
+        let stats = e.minute_stats(partials_to_batch(&refs)).await.unwrap();
+        let printed = pretty_format_batches(&[stats]).unwrap().to_string();
+        let expected = "\
++----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+
+| window_start         | service | requests | errors | client_errors | error_rate | latency_mean_ms | latency_p50_ms | latency_p95_ms | latency_p99_ms | latency_max_ms | unique_users |
++----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+
+| 1970-01-01T00:00:00Z | a       | 100      | 10     | 4             | 0.1        | 50.5            | 50.0           | 95.0           | 99.0           | 100.0          | 7            |
+| 1970-01-01T00:01:00Z | b       | 1        | 0      | 0             | 0.0        | 5.0             | 5.0            | 5.0            | 5.0            | 5.0            | 1            |
++----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+";
+        assert_eq!(printed, expected, "\n{printed}");
+        let items = e.item_counts(batch(&rows)).await.unwrap();
+        let total: i64 = items.iter().map(|r| r.2).sum();
+        assert_eq!(total, 101);
+    }
+}

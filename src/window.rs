@@ -1,0 +1,334 @@
+//! Event-time tumbling windows. Consumes event timestamps (to assign bins and
+//! classify lateness) and partial aggregates per (window_start, service)
+//! computed by the SQL stage; produces window emissions: an *update* when the
+//! watermark passes a window's end (and again, as an upsert, whenever a late
+//! event within the allowed lateness changes it) and a *final* when the
+//! watermark passes end + allowed lateness, after which the state is purged.
+//! At end of input every window is emitted and finalised. Pure code.
+//!
+//! Watermark = max event time seen − out-of-orderness bound, advanced per event
+//! in source order. An event whose window end + allowed lateness is at or
+//! behind the watermark is *too late*: it is kept in `events` and counted, but
+//! changes no window, so a finalised window never reopens.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::sketch::{hist_merge, new_hist, Hll, LatencyHist};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowParams {
+    pub size_ms: i64,
+    pub out_of_orderness_ms: i64,
+    pub allowed_lateness_ms: i64,
+}
+
+impl WindowParams {
+    pub fn from_config(c: &crate::config::WindowConfig) -> Self {
+        WindowParams {
+            size_ms: (c.size_secs * 1000) as i64,
+            out_of_orderness_ms: c.out_of_orderness_ms as i64,
+            allowed_lateness_ms: c.allowed_lateness_ms as i64,
+        }
+    }
+    pub fn bin(&self, ts: i64) -> i64 {
+        ts.div_euclid(self.size_ms) * self.size_ms
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lateness {
+    OnTime,
+    Late,
+    TooLate,
+}
+
+impl Lateness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lateness::OnTime => crate::model::ON_TIME,
+            Lateness::Late => crate::model::LATE,
+            Lateness::TooLate => crate::model::TOO_LATE,
+        }
+    }
+}
+
+/// Watermark tracking and bin assignment.
+#[derive(Debug, Clone)]
+pub struct Windower {
+    pub params: WindowParams,
+    max_ts: Option<i64>,
+}
+
+impl Windower {
+    pub fn new(params: WindowParams) -> Self {
+        Windower {
+            params,
+            max_ts: None,
+        }
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.max_ts
+            .map_or(i64::MIN, |m| m.saturating_sub(self.params.out_of_orderness_ms))
+    }
+
+    pub fn max_event_time(&self) -> Option<i64> {
+        self.max_ts
+    }
+
+    /// Classifies one event against the watermark as it stands, then advances it.
+    pub fn observe(&mut self, ts: i64) -> (i64, Lateness) {
+        let ws = self.params.bin(ts);
+        let end = ws + self.params.size_ms;
+        let wm = self.watermark();
+        let class = if end > wm {
+            Lateness::OnTime
+        } else if end + self.params.allowed_lateness_ms > wm {
+            Lateness::Late
+        } else {
+            Lateness::TooLate
+        };
+        self.max_ts = Some(self.max_ts.map_or(ts, |m| m.max(ts)));
+        (ws, class)
+    }
+}
+
+/// A mergeable partial aggregate of one (window, service).
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub requests: i64,
+    pub errors: i64,
+    pub client_errors: i64,
+    pub latency_sum_ms: f64,
+    pub latency_count: i64,
+    pub latency_max_ms: Option<f64>,
+    pub hist: LatencyHist,
+    pub users: Hll,
+}
+
+impl Default for Partial {
+    fn default() -> Self {
+        Partial {
+            requests: 0,
+            errors: 0,
+            client_errors: 0,
+            latency_sum_ms: 0.0,
+            latency_count: 0,
+            latency_max_ms: None,
+            hist: new_hist(),
+            users: Hll::default(),
+        }
+    }
+}
+
+impl Partial {
+    pub fn merge(&mut self, o: &Partial) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.client_errors += o.client_errors;
+        self.latency_sum_ms += o.latency_sum_ms;
+        self.latency_count += o.latency_count;
+        self.latency_max_ms = match (self.latency_max_ms, o.latency_max_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        hist_merge(&mut self.hist, &o.hist);
+        self.users.merge(&o.users);
+    }
+}
+
+#[derive(Debug, Default)]
+struct WindowState {
+    services: BTreeMap<String, Partial>,
+    items: HashMap<u64, i64>,
+    /// Emitted at least once.
+    emitted: bool,
+    /// Changed since the last emission.
+    dirty: bool,
+}
+
+/// One window's current aggregate, as emitted.
+#[derive(Debug, Clone)]
+pub struct WindowEmit {
+    pub window_start: i64,
+    pub services: Vec<(String, Partial)>,
+    /// Top items by requests, ties by item id.
+    pub top_items: Vec<(u64, i64)>,
+    /// No later change is possible: the window was purged.
+    pub is_final: bool,
+}
+
+/// Open windows, keyed by start; bins below the watermark are popped.
+#[derive(Debug)]
+pub struct WindowTable {
+    params: WindowParams,
+    top_n: usize,
+    open: BTreeMap<i64, WindowState>,
+    finalised_upto: i64,
+}
+
+impl WindowTable {
+    pub fn new(params: WindowParams, top_n: usize) -> Self {
+        WindowTable {
+            params,
+            top_n,
+            open: BTreeMap::new(),
+            finalised_upto: i64::MIN,
+        }
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Adds a partial for (window, service). Partials of finalised windows are a
+    /// logic error upstream (too-late events are filtered) and are refused.
+    pub fn add_partial(&mut self, window_start: i64, service: &str, p: &Partial) -> bool {
+        if window_start < self.finalised_upto {
+            return false;
+        }
+        let w = self.open.entry(window_start).or_default();
+        w.dirty = true;
+        match w.services.get_mut(service) {
+            Some(cur) => cur.merge(p),
+            None => {
+                w.services.insert(service.to_string(), p.clone());
+            }
+        }
+        true
+    }
+
+    pub fn add_item_counts(&mut self, window_start: i64, item: u64, n: i64) {
+        if window_start < self.finalised_upto {
+            return;
+        }
+        let w = self.open.entry(window_start).or_default();
+        w.dirty = true;
+        *w.items.entry(item).or_default() += n;
+    }
+
+    /// Emissions due at `watermark`: updates for windows that closed or changed
+    /// after closing, finals (and purge) for windows past allowed lateness.
+    /// `end_of_input` closes and finalises everything.
+    pub fn advance(&mut self, watermark: i64, end_of_input: bool) -> Vec<WindowEmit> {
+        let size = self.params.size_ms;
+        let lateness = self.params.allowed_lateness_ms;
+        let mut out = Vec::new();
+        let mut purge = Vec::new();
+        for (&ws, w) in self.open.iter_mut() {
+            let end = ws + size;
+            if !end_of_input && end > watermark {
+                break; // BTreeMap order: every later window is open too
+            }
+            let is_final = end_of_input || end + lateness <= watermark;
+            if w.dirty || !w.emitted || is_final {
+                out.push(WindowEmit {
+                    window_start: ws,
+                    services: w.services.iter().map(|(s, p)| (s.clone(), p.clone())).collect(),
+                    top_items: top_n(&w.items, self.top_n),
+                    is_final,
+                });
+                w.emitted = true;
+                w.dirty = false;
+            }
+            if is_final {
+                purge.push(ws);
+            }
+        }
+        for ws in purge {
+            self.open.remove(&ws);
+            self.finalised_upto = self.finalised_upto.max(ws + size);
+        }
+        out
+    }
+}
+
+fn top_n(items: &HashMap<u64, i64>, n: usize) -> Vec<(u64, i64)> {
+    let mut v: Vec<(u64, i64)> = items.iter().map(|(&k, &c)| (k, c)).collect();
+    v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn params() -> WindowParams {
+        WindowParams {
+            size_ms: 60_000,
+            out_of_orderness_ms: 5_000,
+            allowed_lateness_ms: 60_000,
+        }
+    }
+
+    fn one(n: i64) -> Partial {
+        Partial {
+            requests: n,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn classifies_on_time_late_too_late() {
+        let mut w = Windower::new(params());
+        assert_eq!(w.observe(61_000), (60_000, Lateness::OnTime));
+        assert_eq!(w.observe(125_000), (120_000, Lateness::OnTime)); // wm = 120_000
+        // window [60s,120s) ended at 120s <= wm: late, still within lateness
+        assert_eq!(w.observe(119_000), (60_000, Lateness::Late));
+        assert_eq!(w.observe(200_000).1, Lateness::OnTime); // wm = 195_000
+        // end 120s + lateness 60s = 180s <= wm 195s: too late
+        assert_eq!(w.observe(100_000), (60_000, Lateness::TooLate));
+    }
+
+    #[test]
+    fn emits_update_then_upsert_then_final() {
+        let mut t = WindowTable::new(params(), 3);
+        t.add_partial(0, "a", &one(2));
+        assert!(t.advance(59_999, false).is_empty());
+        let e = t.advance(60_000, false);
+        assert_eq!(e.len(), 1);
+        assert!(!e[0].is_final);
+        assert_eq!(e[0].services[0].1.requests, 2);
+        assert!(t.advance(70_000, false).is_empty(), "unchanged windows are not re-emitted");
+        t.add_partial(0, "a", &one(1)); // late event within lateness
+        let e = t.advance(80_000, false);
+        assert_eq!(e[0].services[0].1.requests, 3);
+        let e = t.advance(120_000, false);
+        assert!(e[0].is_final);
+        assert_eq!(t.open_windows(), 0);
+        assert!(!t.add_partial(0, "a", &one(1)), "a finalised window never reopens");
+    }
+
+    proptest! {
+        /// Each event lands in exactly one bin, the bin contains it, and the sum
+        /// over final emissions equals the number of events not too late.
+        #[test]
+        fn every_event_counted_once(ts in proptest::collection::vec(0i64..3_600_000, 1..400)) {
+            let p = params();
+            let mut w = Windower::new(p);
+            let mut t = WindowTable::new(p, 5);
+            let mut counted = 0i64;
+            let mut finals: BTreeMap<i64, i64> = BTreeMap::new();
+            for &x in &ts {
+                let (ws, class) = w.observe(x);
+                prop_assert!(ws <= x && x < ws + p.size_ms);
+                if class != Lateness::TooLate {
+                    prop_assert!(t.add_partial(ws, "s", &one(1)));
+                    counted += 1;
+                }
+                for e in t.advance(w.watermark(), false) {
+                    if e.is_final {
+                        prop_assert!(finals.insert(e.window_start, e.services[0].1.requests).is_none());
+                    }
+                }
+            }
+            for e in t.advance(w.watermark(), true) {
+                prop_assert!(e.is_final);
+                prop_assert!(finals.insert(e.window_start, e.services[0].1.requests).is_none());
+            }
+            prop_assert_eq!(finals.values().sum::<i64>(), counted);
+        }
+    }
+}

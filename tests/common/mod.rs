@@ -1,0 +1,213 @@
+//! Shared helpers of the integration tests: real services from the
+//! environment (started by scripts/test.sh), generated input, and an
+//! independent recomputation of what the pipeline should have produced.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType, UInt64Type};
+use pulse::source::gen::{GenParams, Generator};
+
+/// Address of a service the test script started; a missing one is a setup error.
+pub fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the suite with scripts/test.sh, which starts redis-server and tansu")
+    })
+}
+
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// Generated lines plus hand-made invalid records of every kind.
+pub fn input_lines(events: u64, seed: u64) -> Vec<Vec<u8>> {
+    let mut g = Generator::new(GenParams {
+        events,
+        seed,
+        rate_per_sec: 100.0,
+        invalid_fraction: 0.002,
+        late_fraction: 0.003,
+        ..GenParams::default()
+    });
+    let mut out = Vec::new();
+    loop {
+        let mut l = Vec::new();
+        if g.next_into(&mut l).is_none() {
+            break;
+        }
+        out.push(l);
+    }
+    out.push(b"\xff\xfe not utf8".to_vec());
+    out.push(br#"{"event_id": 99999999, "ts": "2026-11-22T00:10:00Z"}"#.to_vec());
+    out.push(br#"[1,2,3]"#.to_vec());
+    out
+}
+
+/// What a valid event is, decided independently of the pipeline's decoder.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub valid: BTreeMap<u64, (i64, String, u16, f64)>,
+    pub invalid: usize,
+}
+
+pub fn expected(lines: &[Vec<u8>]) -> Expected {
+    let mut valid = BTreeMap::new();
+    let mut invalid = 0;
+    for l in lines {
+        match check(l) {
+            Some((id, rest)) => {
+                assert!(valid.insert(id, rest).is_none(), "generator repeated id {id}");
+            }
+            None => invalid += 1,
+        }
+    }
+    Expected { valid, invalid }
+}
+
+fn check(l: &[u8]) -> Option<(u64, (i64, String, u16, f64))> {
+    let v: serde_json::Value = serde_json::from_slice(l).ok()?;
+    let o = v.as_object()?;
+    let id = o.get("event_id")?.as_u64()?;
+    let ts = o.get("ts")?;
+    let ts = match ts {
+        serde_json::Value::Number(n) => n.as_i64()?,
+        serde_json::Value::String(s) => chrono::DateTime::parse_from_rfc3339(s).ok()?.timestamp_millis(),
+        _ => return None,
+    };
+    o.get("user_id")?.as_u64()?;
+    o.get("item_id")?.as_u64()?;
+    let et = o.get("event_type")?.as_str()?;
+    if !["view", "cart", "purchase", "rating"].contains(&et) {
+        return None;
+    }
+    let svc = o.get("service")?.as_str()?.to_string();
+    let status = o.get("status")?.as_u64()?;
+    if !(100..=599).contains(&status) {
+        return None;
+    }
+    let lat = o.get("latency_ms")?.as_f64()?;
+    if lat < 0.0 {
+        return None;
+    }
+    let rating = o.get("rating").and_then(|r| r.as_f64());
+    match (et == "rating", rating) {
+        (true, Some(r)) if (1.0..=5.0).contains(&r) => {}
+        (false, None) => {}
+        _ => return None,
+    }
+    Some((id, (ts, svc, status as u16, lat)))
+}
+
+pub async fn sql(dir: &Path, q: &str) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
+    pulse::query::run_sql(dir, q).await.unwrap()
+}
+
+/// event_ids in `events` (with duplicates, if any).
+pub async fn event_ids(dir: &Path) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for b in sql(dir, "SELECT event_id FROM events").await {
+        ids.extend(b.column(0).as_primitive::<UInt64Type>().values().iter().copied());
+    }
+    ids.sort_unstable();
+    ids
+}
+
+/// (window_start, service) -> (requests, errors, client_errors, p95) from minute_stats.
+pub type StatRows = BTreeMap<(i64, String), (i64, i64, i64, f64)>;
+
+pub async fn minute_stats(dir: &Path) -> StatRows {
+    let mut m = StatRows::new();
+    let q = "SELECT window_start, service, requests, errors, client_errors, latency_p95_ms FROM minute_stats";
+    for b in sql(dir, q).await {
+        let ws = b.column(0).as_primitive::<TimestampMillisecondType>();
+        let svc = b.column(1).as_string::<i32>();
+        let r = b.column(2).as_primitive::<Int64Type>();
+        let e = b.column(3).as_primitive::<Int64Type>();
+        let c = b.column(4).as_primitive::<Int64Type>();
+        let p = b.column(5).as_primitive::<Float64Type>();
+        for i in 0..b.num_rows() {
+            let prev = m.insert(
+                (ws.value(i), svc.value(i).to_string()),
+                (r.value(i), e.value(i), c.value(i), p.value(i)),
+            );
+            assert!(prev.is_none(), "minute_stats holds a window twice");
+        }
+    }
+    m
+}
+
+/// Recomputes minute_stats from the events the pipeline stored (all but
+/// too-late ones), with exact percentiles.
+pub async fn recompute(dir: &Path) -> StatRows {
+    let q = "SELECT ts, service, status, latency_ms FROM events WHERE lateness <> 'too_late'";
+    let mut groups: BTreeMap<(i64, String), (i64, i64, i64, Vec<f64>)> = BTreeMap::new();
+    for b in sql(dir, q).await {
+        let ts = b.column(0).as_primitive::<TimestampMillisecondType>();
+        let svc = b.column(1).as_string::<i32>();
+        let st = b.column(2).as_primitive::<datafusion::arrow::datatypes::UInt16Type>();
+        let lat = b.column(3).as_primitive::<Float64Type>();
+        for i in 0..b.num_rows() {
+            let ws = ts.value(i).div_euclid(60_000) * 60_000;
+            let g = groups.entry((ws, svc.value(i).to_string())).or_default();
+            g.0 += 1;
+            let s = st.value(i);
+            g.1 += i64::from(s >= 500);
+            g.2 += i64::from((400..500).contains(&s));
+            if !lat.is_null(i) {
+                g.3.push(lat.value(i));
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(k, (r, e, c, mut l))| {
+            l.sort_by(f64::total_cmp);
+            let rank = ((0.95 * l.len() as f64).ceil() as usize).clamp(1, l.len()) - 1;
+            (k, (r, e, c, l[rank]))
+        })
+        .collect()
+}
+
+/// Asserts counts are equal and p95 agrees within HDR precision (+ one rank).
+pub fn assert_stats_match(got: &StatRows, want: &StatRows) {
+    assert_eq!(got.len(), want.len(), "number of (window, service) rows");
+    for (k, w) in want {
+        let g = got.get(k).unwrap_or_else(|| panic!("minute_stats lacks {k:?}"));
+        assert_eq!((g.0, g.1, g.2), (w.0, w.1, w.2), "counts of {k:?}");
+        let tol = w.3 * 0.05 + 1.0;
+        assert!((g.3 - w.3).abs() <= tol, "p95 of {k:?}: {} vs exact {}", g.3, w.3);
+    }
+}
+
+/// Row counts read by pyarrow, an independent Parquet reader.
+pub fn pyarrow_counts(dir: &Path) -> (u64, u64, u64) {
+    let script = r#"
+import sys, pyarrow.dataset as ds
+root = sys.argv[1]
+ev = ds.dataset(root + "/events", format="parquet", partitioning="hive")
+ms = ds.dataset(root + "/minute_stats", format="parquet", partitioning="hive")
+dl = ds.dataset(root + "/dead_letters", format="parquet", partitioning="hive")
+req = ms.to_table(columns=["requests"]).column("requests").to_pylist()
+print(ev.count_rows(), sum(req), dl.count_rows())
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "pyarrow failed: {}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8(out.stdout).unwrap();
+    let v: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[0], v[1], v[2])
+}
+
+pub fn ids_set(e: &Expected) -> BTreeSet<u64> {
+    e.valid.keys().copied().collect()
+}

@@ -1,0 +1,187 @@
+//! End-to-end runs of the spine against real services: the file source, and
+//! the Kafka source (tansu broker) with the Redis store (redis-server).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+
+use common::*;
+use datafusion::arrow::array::{Array, AsArray};
+use pulse::app::{self, SourceSpec};
+use pulse::config::{Config, Secrets};
+use pulse::sink::store::{MemoryStore, RedisStore, Store};
+use redis::AsyncCommands;
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut cfg = Config::load_with_env(None, &[]).unwrap();
+    cfg.parquet.data_dir = dir.to_path_buf();
+    cfg.pipeline.batch_size = 4096;
+    cfg
+}
+
+async fn check_dead_letters(dir: &std::path::Path, expect_invalid: usize) {
+    let b = sql(dir, "SELECT reason, raw, src_offset FROM dead_letters").await;
+    let n: usize = b.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(n, expect_invalid, "dead letters");
+    for b in &b {
+        let reason = b.column(0).as_string::<i32>();
+        for i in 0..b.num_rows() {
+            assert!(!reason.value(i).is_empty(), "every dead letter has a reason");
+        }
+    }
+    let reasons = sql(dir, "SELECT reason FROM dead_letters WHERE raw LIKE '%\"status\":999%'").await;
+    let r = reasons[0].column(0).as_string::<i32>().value(0).to_string();
+    assert!(r.contains("status 999"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_source_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let lines = input_lines(30_000, 11);
+    let exp = expected(&lines);
+    // one plain file and one gzip file
+    let (a, b) = lines.split_at(lines.len() / 2);
+    let pa = dir.path().join("a.jsonl");
+    let pb = dir.path().join("b.jsonl.gz");
+    let mut fa = std::fs::File::create(&pa).unwrap();
+    for l in a {
+        fa.write_all(l).unwrap();
+        fa.write_all(b"\n").unwrap();
+    }
+    let mut fb = flate2::write::GzEncoder::new(std::fs::File::create(&pb).unwrap(), flate2::Compression::fast());
+    for l in b {
+        fb.write_all(l).unwrap();
+        fb.write_all(b"\n").unwrap();
+    }
+    fb.finish().unwrap();
+
+    let cfg = config(&data);
+    let mem = MemoryStore::default();
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let s = app::run(&cfg, &Secrets::default(), SourceSpec::Files(vec![pa, pb]), Store::Memory(mem.clone()), rx)
+        .await
+        .unwrap();
+    assert_eq!(s.records as usize, lines.len());
+    assert_eq!(s.invalid as usize, exp.invalid);
+    assert!(s.late > 0, "the input has late events within allowed lateness");
+
+    let ids = event_ids(&data).await;
+    assert_eq!(ids.iter().copied().collect::<BTreeSet<_>>(), ids_set(&exp));
+    assert_eq!(ids.len(), exp.valid.len(), "no duplicates");
+    check_dead_letters(&data, exp.invalid).await;
+
+    let got = minute_stats(&data).await;
+    let want = recompute(&data).await;
+    assert_stats_match(&got, &want);
+    // nothing was too late here, so every valid event is counted
+    let total: i64 = got.values().map(|v| v.0).sum();
+    assert_eq!(total as usize, exp.valid.len());
+    // the in-process store holds the same numbers
+    let snap = mem.snapshot();
+    for ((ws, svc), v) in &got {
+        let r = &snap.stats[&(svc.clone(), *ws)];
+        assert_eq!((r.requests, r.errors), (v.0, v.1));
+        assert!(r.is_final);
+    }
+    // an independent reader agrees
+    let (ev, req, dl) = pyarrow_counts(&data);
+    assert_eq!((ev as usize, req as i64, dl as usize), (exp.valid.len(), total, exp.invalid));
+    // no in-progress file is left behind
+    let leftovers = walk(&data).into_iter().filter(|p| p.contains(".inprogress")).count();
+    assert_eq!(leftovers, 0);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_source_to_parquet_and_redis() {
+    let brokers = service("PULSE_TEST_BROKERS");
+    let redis_url = service("PULSE_TEST_REDIS");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let topic = unique("events");
+    let prefix = unique("t");
+
+    let lines = input_lines(20_000, 5);
+    let exp = expected(&lines);
+    let mut cfg = config(&data);
+    cfg.kafka.brokers = brokers;
+    cfg.kafka.topic = topic.clone();
+    cfg.kafka.group = unique("g");
+    cfg.pipeline.idle_exit_ms = 4000;
+    cfg.redis.url = redis_url.clone();
+    cfg.redis.prefix = prefix.clone();
+    let secrets = Secrets::default();
+    pulse::source::kafka::create_topic(&cfg.kafka, &secrets, &topic, 4).await.unwrap();
+    {
+        let kc = cfg.kafka.clone();
+        let t = topic.clone();
+        let lines = lines.clone();
+        tokio::task::spawn_blocking(move || {
+            let p = pulse::source::kafka::EventProducer::new(&kc, &Secrets::default(), &t).unwrap();
+            for (i, l) in lines.iter().enumerate() {
+                p.send(&(i as u64 % 97).to_le_bytes(), l).unwrap();
+            }
+            p.finish().unwrap();
+        })
+        .await
+        .unwrap();
+    }
+
+    let store = Store::Redis(RedisStore::connect(&redis_url, None, &prefix, 3600).await.unwrap());
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let s = app::run(&cfg, &secrets, SourceSpec::Kafka, store, rx).await.unwrap();
+    assert_eq!(s.records as usize, lines.len(), "every produced record was consumed");
+
+    let ids = event_ids(&data).await;
+    assert_eq!(ids.len(), exp.valid.len());
+    assert_eq!(ids.iter().copied().collect::<BTreeSet<_>>(), ids_set(&exp));
+    check_dead_letters(&data, exp.invalid).await;
+    // dead letters carry their Kafka position
+    let pos = sql(&data, "SELECT count(DISTINCT src_partition) FROM dead_letters").await;
+    assert!(pos[0].column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0) > 1);
+
+    let got = minute_stats(&data).await;
+    let want = recompute(&data).await;
+    assert_stats_match(&got, &want);
+
+    // Redis holds the same numbers, in the documented layout
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let services: BTreeSet<String> = con.smembers(format!("{prefix}:services")).await.unwrap();
+    let want_services: BTreeSet<String> = got.keys().map(|k| k.1.clone()).collect();
+    assert_eq!(services, want_services);
+    for ((ws, svc), v) in &got {
+        let key = format!("{prefix}:stats:{svc}:{}", ws / 1000);
+        let h: std::collections::HashMap<String, String> = con.hgetall(&key).await.unwrap();
+        assert_eq!(h["requests"].parse::<i64>().unwrap(), v.0, "{key}");
+        assert_eq!(h["errors"].parse::<i64>().unwrap(), v.1, "{key}");
+        assert_eq!(h["final"], "1");
+        let p95: f64 = h["latency_p95_ms"].parse().unwrap();
+        assert!((p95 - v.3).abs() < 1e-9);
+    }
+    let minutes: Vec<i64> = con.zrange(format!("{prefix}:minutes:checkout"), 0, -1).await.unwrap();
+    assert_eq!(minutes.len(), got.keys().filter(|k| k.1 == "checkout").count());
+    let top: Vec<(String, f64)> = con
+        .zrevrange_withscores(format!("{prefix}:top:{}", got.keys().next().unwrap().0 / 1000), 0, 2)
+        .await
+        .unwrap();
+    assert!(!top.is_empty() && top[0].1 >= 1.0);
+    let (ev, _, dl) = pyarrow_counts(&data);
+    assert_eq!((ev as usize, dl as usize), (exp.valid.len(), exp.invalid));
+}
