@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray, StringBuilder, TimestampMillisecondArray};
+use datafusion::arrow::array::{
+    ArrayRef, AsArray, BooleanArray, StringBuilder, TimestampMillisecondArray,
+};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimestampMillisecondType};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -25,7 +27,8 @@ use crate::config::{Config, Secrets};
 use crate::decode::{Decoded, Decoder};
 use crate::model::{events_schema, RawChunk};
 use crate::sink::parquet::{
-    dead_letters_spec, events_spec, minute_stats_spec, remove_in_progress, top_items_spec, TableWriter, WrittenFile,
+    dead_letters_spec, events_spec, minute_stats_spec, remove_in_progress, top_items_spec,
+    TableWriter, WrittenFile,
 };
 use crate::sink::store::{minute_rows, Emission, MinuteRow, Store, StoreError};
 use crate::source::gen::{GenParams, Generator};
@@ -84,13 +87,24 @@ enum ParquetMsg {
 }
 
 /// The parquet stage: owns one writer per table.
-fn parquet_stage(cfg: &Config, mut rx: mpsc::Receiver<ParquetMsg>) -> Result<Vec<(String, WrittenFile)>, PipelineError> {
+fn parquet_stage(
+    cfg: &Config,
+    mut rx: mpsc::Receiver<ParquetMsg>,
+) -> Result<Vec<(String, WrittenFile)>, PipelineError> {
     let pc = &cfg.parquet;
     let removed = remove_in_progress(&pc.data_dir).unwrap_or(0);
     if removed > 0 {
         tracing::info!(removed, "removed leftovers of interrupted writes");
     }
-    let mk = |spec| TableWriter::new(&pc.data_dir, spec, pc.row_group_rows, pc.max_file_rows, pc.zstd_level);
+    let mk = |spec| {
+        TableWriter::new(
+            &pc.data_dir,
+            spec,
+            pc.row_group_rows,
+            pc.max_file_rows,
+            pc.zstd_level,
+        )
+    };
     let mut events = mk(events_spec())?;
     let mut dead = mk(dead_letters_spec())?;
     let mut stats = mk(minute_stats_spec())?;
@@ -113,7 +127,12 @@ fn parquet_stage(cfg: &Config, mut rx: mpsc::Receiver<ParquetMsg>) -> Result<Vec
     for w in [&mut events, &mut dead, &mut stats, &mut top] {
         w.close_all()?;
     }
-    for (name, w) in [("events", &events), ("dead_letters", &dead), ("minute_stats", &stats), ("top_items", &top)] {
+    for (name, w) in [
+        ("events", &events),
+        ("dead_letters", &dead),
+        ("minute_stats", &stats),
+        ("top_items", &top),
+    ] {
         out.extend(w.written().iter().map(|f| (name.to_string(), f.clone())));
     }
     Ok(out)
@@ -140,77 +159,85 @@ pub async fn run(
 
     // source stage
     let batch = cfg.pipeline.batch_size;
-    let src_handle: tokio::task::JoinHandle<Result<Option<KafkaSource>, PipelineError>> = match source {
-        SourceSpec::Files(paths) => tokio::task::spawn_blocking(move || {
-            let total = crate::source::file::total_bytes(&paths);
-            let bar = progress_bar(total);
-            let done = |n: u64| {
-                if let Some(b) = &bar {
-                    b.inc(n)
-                }
-            };
-            crate::source::file::read_files(&paths, batch, &chunk_tx, &done)?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            Ok(None)
-        }),
-        SourceSpec::Generator(p) => tokio::task::spawn_blocking(move || {
-            let mut g = Generator::new(p);
-            let source: Arc<str> = "generator".into();
-            let mut line = Vec::with_capacity(512);
-            let mut n = 0i64;
-            loop {
-                let mut chunk = RawChunk::new(source.clone());
-                while chunk.len() < batch {
-                    line.clear();
-                    if g.next_into(&mut line).is_none() {
-                        break;
+    let src_handle: tokio::task::JoinHandle<Result<Option<KafkaSource>, PipelineError>> =
+        match source {
+            SourceSpec::Files(paths) => tokio::task::spawn_blocking(move || {
+                let total = crate::source::file::total_bytes(&paths);
+                let bar = progress_bar(total);
+                let done = |n: u64| {
+                    if let Some(b) = &bar {
+                        b.inc(n)
                     }
-                    n += 1;
-                    chunk.push(&line, crate::model::Position { partition: 0, offset: n });
+                };
+                crate::source::file::read_files(&paths, batch, &chunk_tx, &done)?;
+                if let Some(b) = bar {
+                    b.finish_and_clear();
                 }
-                let last = chunk.len() < batch;
-                if !chunk.is_empty() && chunk_tx.blocking_send(chunk).is_err() {
-                    break;
-                }
-                if last {
-                    break;
-                }
-            }
-            Ok(None)
-        }),
-        SourceSpec::Kafka => {
-            let mut src = KafkaSource::new(&cfg.kafka, secrets)?;
-            let linger = Duration::from_millis(cfg.pipeline.batch_timeout_ms);
-            let idle = (cfg.pipeline.idle_exit_ms > 0).then(|| Duration::from_millis(cfg.pipeline.idle_exit_ms));
-            let mut stop = shutdown.clone();
-            tokio::spawn(async move {
+                Ok(None)
+            }),
+            SourceSpec::Generator(p) => tokio::task::spawn_blocking(move || {
+                let mut g = Generator::new(p);
+                let source: Arc<str> = "generator".into();
+                let mut line = Vec::with_capacity(512);
+                let mut n = 0i64;
                 loop {
-                    if *stop.borrow() {
+                    let mut chunk = RawChunk::new(source.clone());
+                    while chunk.len() < batch {
+                        line.clear();
+                        if g.next_into(&mut line).is_none() {
+                            break;
+                        }
+                        n += 1;
+                        chunk.push(
+                            &line,
+                            crate::model::Position {
+                                partition: 0,
+                                offset: n,
+                            },
+                        );
+                    }
+                    let last = chunk.len() < batch;
+                    if !chunk.is_empty() && chunk_tx.blocking_send(chunk).is_err() {
                         break;
                     }
-                    let next = tokio::select! {
-                        r = src.next_chunk(batch, linger, idle) => r?,
-                        _ = stop.changed() => continue,
-                    };
-                    match next {
-                        Some(c) => {
-                            metrics::counter!("pulse_records_consumed_total", "source" => "kafka").increment(c.len() as u64);
-                            if chunk_tx.send(c).await.is_err() {
+                    if last {
+                        break;
+                    }
+                }
+                Ok(None)
+            }),
+            SourceSpec::Kafka => {
+                let mut src = KafkaSource::new(&cfg.kafka, secrets)?;
+                let linger = Duration::from_millis(cfg.pipeline.batch_timeout_ms);
+                let idle = (cfg.pipeline.idle_exit_ms > 0)
+                    .then(|| Duration::from_millis(cfg.pipeline.idle_exit_ms));
+                let mut stop = shutdown.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if *stop.borrow() {
+                            break;
+                        }
+                        let next = tokio::select! {
+                            r = src.next_chunk(batch, linger, idle) => r?,
+                            _ = stop.changed() => continue,
+                        };
+                        match next {
+                            Some(c) => {
+                                metrics::counter!("pulse_records_consumed_total", "source" => "kafka").increment(c.len() as u64);
+                                if chunk_tx.send(c).await.is_err() {
+                                    break;
+                                }
+                            }
+                            None => {
+                                tracing::info!("kafka source idle, draining");
                                 break;
                             }
                         }
-                        None => {
-                            tracing::info!("kafka source idle, draining");
-                            break;
-                        }
                     }
-                }
-                Ok(Some(src))
-            })
-        }
-    };
+                    Ok(Some(src))
+                })
+            }
+        };
 
     // decode stage
     let rules = cfg.validation.clone();
@@ -246,9 +273,13 @@ pub async fn run(
     .await;
     drop(pq_tx);
     drop(dec_rx);
-    let src = src_handle.await.map_err(|e| PipelineError::Stage(e.to_string()))?;
+    let src = src_handle
+        .await
+        .map_err(|e| PipelineError::Stage(e.to_string()))?;
     let _ = dec_handle.await;
-    let files = pq_handle.await.map_err(|e| PipelineError::Stage(e.to_string()))??;
+    let files = pq_handle
+        .await
+        .map_err(|e| PipelineError::Stage(e.to_string()))??;
     core_result?;
     // Only now are the consumed records durable in Parquet: commit the hint.
     if let Some(k) = src? {
@@ -257,7 +288,10 @@ pub async fn run(
     let mut s = core.summary;
     s.files = files;
     s.elapsed = started.elapsed();
-    s.watermark_ms = core.windower.max_event_time().map(|_| core.windower.watermark());
+    s.watermark_ms = core
+        .windower
+        .max_event_time()
+        .map(|_| core.windower.watermark());
     Ok(s)
 }
 
@@ -267,7 +301,9 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
         return None;
     }
     let b = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
         b.set_style(style);
     }
     Some(b)
@@ -296,7 +332,11 @@ impl Core {
         }
     }
 
-    async fn on_batch(&mut self, d: Decoded, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
+    async fn on_batch(
+        &mut self,
+        d: Decoded,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
         let t0 = Instant::now();
         let n_dead = d.dead_letters.num_rows() as u64;
         self.summary.records += n_dead + d.events.num_rows() as u64;
@@ -305,7 +345,10 @@ impl Core {
             metrics::counter!("pulse_dead_letters_total", "reason" => *kind).increment(*n);
         }
         if n_dead > 0 {
-            tracing::debug!(dead_letters = n_dead, "invalid records sent to dead_letters");
+            tracing::debug!(
+                dead_letters = n_dead,
+                "invalid records sent to dead_letters"
+            );
             send(pq, ParquetMsg::Dead(d.dead_letters)).await?;
         }
         let ev = d.events;
@@ -351,10 +394,21 @@ impl Core {
         ]));
         let sql_in = RecordBatch::try_new(
             schema,
-            vec![ws_arr, pick("service")?, pick("status")?, pick("latency_ms")?, pick("user_id")?, pick("item_id")?],
+            vec![
+                ws_arr,
+                pick("service")?,
+                pick("status")?,
+                pick("latency_ms")?,
+                pick("user_id")?,
+                pick("item_id")?,
+            ],
         )?;
         let mask = BooleanArray::from(counted);
-        let sql_in = if mask.true_count() == n { sql_in } else { filter_record_batch(&sql_in, &mask)? };
+        let sql_in = if mask.true_count() == n {
+            sql_in
+        } else {
+            filter_record_batch(&sql_in, &mask)?
+        };
         send(pq, ParquetMsg::Events(full)).await?;
 
         if sql_in.num_rows() > 0 {
@@ -370,40 +424,70 @@ impl Core {
         let emits = self.table.advance(wm, false);
         self.emit(emits, pq).await?;
         // Hours whose events can no longer change their windows are complete.
-        send(pq, ParquetMsg::CloseHoursBefore(wm.saturating_sub(self.lateness_ms))).await?;
+        send(
+            pq,
+            ParquetMsg::CloseHoursBefore(wm.saturating_sub(self.lateness_ms)),
+        )
+        .await?;
         metrics::histogram!("pulse_batch_seconds").record(t0.elapsed().as_secs_f64());
         Ok(())
     }
 
-    async fn emit(&mut self, emits: Vec<WindowEmit>, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
+    async fn emit(
+        &mut self,
+        emits: Vec<WindowEmit>,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
         if emits.is_empty() {
             return Ok(());
         }
         self.summary.windows_emitted += emits.len() as u64;
         let rows: Vec<(i64, &str, &crate::window::Partial)> = emits
             .iter()
-            .flat_map(|e| e.services.iter().map(move |(s, p)| (e.window_start, s.as_str(), p)))
+            .flat_map(|e| {
+                e.services
+                    .iter()
+                    .map(move |(s, p)| (e.window_start, s.as_str(), p))
+            })
             .collect();
         let stats = self.sql.minute_stats(partials_to_batch(&rows)).await?;
-        let finals: std::collections::HashSet<i64> = emits.iter().filter(|e| e.is_final).map(|e| e.window_start).collect();
+        let finals: std::collections::HashSet<i64> = emits
+            .iter()
+            .filter(|e| e.is_final)
+            .map(|e| e.window_start)
+            .collect();
         let mut mrows = minute_rows(&stats, false);
         for r in &mut mrows {
             r.is_final = finals.contains(&r.window_start_ms);
         }
         let emission = Emission {
             rows: mrows,
-            top_items: emits.iter().map(|e| (e.window_start, e.top_items.clone())).collect(),
+            top_items: emits
+                .iter()
+                .map(|e| (e.window_start, e.top_items.clone()))
+                .collect(),
             watermark_ms: self.windower.watermark(),
         };
         self.apply_with_retry(&emission).await?;
         if !finals.is_empty() {
             let ws = stats.column(0).as_primitive::<TimestampMillisecondType>();
-            let mask = BooleanArray::from(ws.values().iter().map(|w| finals.contains(w)).collect::<Vec<_>>());
+            let mask = BooleanArray::from(
+                ws.values()
+                    .iter()
+                    .map(|w| finals.contains(w))
+                    .collect::<Vec<_>>(),
+            );
             let final_stats = filter_record_batch(&stats, &mask)?;
             self.summary.minute_rows_final += final_stats.num_rows() as u64;
-            self.summary.final_rows.extend(emission.rows.iter().filter(|r| r.is_final).cloned());
+            self.summary
+                .final_rows
+                .extend(emission.rows.iter().filter(|r| r.is_final).cloned());
             send(pq, ParquetMsg::MinuteStats(final_stats)).await?;
-            send(pq, ParquetMsg::TopItems(top_items_batch(emits.iter().filter(|e| e.is_final))?)).await?;
+            send(
+                pq,
+                ParquetMsg::TopItems(top_items_batch(emits.iter().filter(|e| e.is_final))?),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -431,7 +515,9 @@ impl Core {
     }
 }
 
-fn top_items_batch<'a>(emits: impl Iterator<Item = &'a WindowEmit>) -> Result<RecordBatch, PipelineError> {
+fn top_items_batch<'a>(
+    emits: impl Iterator<Item = &'a WindowEmit>,
+) -> Result<RecordBatch, PipelineError> {
     let (mut ws, mut rank, mut item, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for e in emits {
         for (r, (i, c)) in e.top_items.iter().enumerate() {

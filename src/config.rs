@@ -26,7 +26,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub kafka: KafkaConfig,
@@ -119,19 +119,6 @@ pub struct ParquetConfig {
     pub max_file_rows: usize,
     /// zstd level.
     pub zstd_level: i32,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            kafka: KafkaConfig::default(),
-            pipeline: PipelineConfig::default(),
-            validation: ValidationConfig::default(),
-            window: WindowConfig::default(),
-            redis: RedisConfig::default(),
-            parquet: ParquetConfig::default(),
-        }
-    }
 }
 
 impl Default for KafkaConfig {
@@ -285,15 +272,19 @@ impl Config {
             ),
             None => (DEFAULT_TOML.to_string(), " (embedded defaults)".to_string()),
         };
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin: origin.clone(),
-            message: e.to_string(),
-        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
         apply_env(&mut table, env)?;
-        let cfg: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin,
-            message: e.to_string(),
-        })?;
+        let cfg: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin,
+                message: e.to_string(),
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -325,8 +316,15 @@ impl Config {
         if self.validation.status_min > self.validation.status_max {
             return bad("validation.status_min > status_max".into());
         }
-        if self.kafka.properties.keys().any(|k| k == "enable.auto.commit") {
-            return bad("kafka.properties may not set enable.auto.commit: pulse owns its offsets".into());
+        if self
+            .kafka
+            .properties
+            .keys()
+            .any(|k| k == "enable.auto.commit")
+        {
+            return bad(
+                "kafka.properties may not set enable.auto.commit: pulse owns its offsets".into(),
+            );
         }
         Ok(())
     }
@@ -367,7 +365,9 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
 fn parse_env_value(value: &str) -> toml::Value {
     let probe = format!("v = {value}");
     match probe.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(value.into())),
         Err(_) => toml::Value::String(value.to_string()),
     }
 }
@@ -387,7 +387,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "[window]\nsize_sec = 30\n").unwrap();
-        let err = Config::load_with_env(Some(&p), &[]).unwrap_err().to_string();
+        let err = Config::load_with_env(Some(&p), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("size_sec"), "{err}");
     }
 

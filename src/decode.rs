@@ -71,7 +71,9 @@ impl<'de> Deserialize<'de> for Ts {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Ts, E> {
                 parse_ts(v).map(Ts).ok_or_else(|| {
-                    E::custom(format!("cannot parse timestamp {v:?} (RFC 3339 or epoch ms)"))
+                    E::custom(format!(
+                        "cannot parse timestamp {v:?} (RFC 3339 or epoch ms)"
+                    ))
                 })
             }
         }
@@ -102,8 +104,14 @@ fn parse_rfc3339_utc_fast(b: &[u8]) -> Option<i64> {
         let c = *b.get(i)?;
         c.is_ascii_digit().then_some((c - b'0') as i64)
     };
-    let num = |i: usize, n: usize| -> Option<i64> { (i..i + n).try_fold(0, |a, j| Some(a * 10 + d(j)?)) };
-    if b[4] != b'-' || b[7] != b'-' || (b[10] != b'T' && b[10] != b' ') || b[13] != b':' || b[16] != b':' {
+    let num =
+        |i: usize, n: usize| -> Option<i64> { (i..i + n).try_fold(0, |a, j| Some(a * 10 + d(j)?)) };
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || (b[10] != b'T' && b[10] != b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let (y, mo, da) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
@@ -258,8 +266,14 @@ impl Decoder {
                     Some((_, n)) => *n += 1,
                     None => rejected.push((r.kind, 1)),
                 }
-                self.dead
-                    .push(received_at_ms, &chunk.source, pos.partition, pos.offset, &r, raw);
+                self.dead.push(
+                    received_at_ms,
+                    &chunk.source,
+                    pos.partition,
+                    pos.offset,
+                    &r,
+                    raw,
+                );
             } else {
                 self.partition.append_value(pos.partition);
                 self.offset.append_value(pos.offset);
@@ -277,7 +291,11 @@ impl Decoder {
         if raw.len() > self.rules.max_payload_bytes {
             return Err(reject(
                 "too_large",
-                format!("payload of {} bytes exceeds {}", raw.len(), self.rules.max_payload_bytes),
+                format!(
+                    "payload of {} bytes exceeds {}",
+                    raw.len(),
+                    self.rules.max_payload_bytes
+                ),
             ));
         }
         let ev: RawEvent = serde_json::from_slice(trim_ascii(raw)).map_err(|e| {
@@ -307,11 +325,18 @@ impl Decoder {
     fn validate(&self, ev: &RawEvent) -> Result<(), Rejection> {
         let r = &self.rules;
         let q = &self.required;
-        let missing = |f: &str| Err(reject("missing_field", format!("missing required field {f}")));
+        let missing = |f: &str| {
+            Err(reject(
+                "missing_field",
+                format!("missing required field {f}"),
+            ))
+        };
         if ev.event_id.is_none() {
             return missing("event_id");
         }
-        let Some(ts) = ev.ts else { return missing("ts") };
+        let Some(ts) = ev.ts else {
+            return missing("ts");
+        };
         match ev.service.as_deref() {
             None => return missing("service"),
             Some("") => return Err(reject("range", "service is empty")),
@@ -331,7 +356,10 @@ impl Decoder {
             return missing(f);
         }
         if ts.0 < r.ts_min_ms || ts.0 > r.ts_max_ms {
-            return Err(reject("range", format!("ts {} ms outside the accepted range", ts.0)));
+            return Err(reject(
+                "range",
+                format!("ts {} ms outside the accepted range", ts.0),
+            ));
         }
         if let Some(t) = ev.event_type.as_deref() {
             if !r.event_types.iter().any(|e| e == t) {
@@ -350,12 +378,15 @@ impl Decoder {
             if !(l >= r.latency_min_ms && l <= r.latency_max_ms) {
                 return Err(reject(
                     "range",
-                    format!("latency_ms {l} outside {}..={}", r.latency_min_ms, r.latency_max_ms),
+                    format!(
+                        "latency_ms {l} outside {}..={}",
+                        r.latency_min_ms, r.latency_max_ms
+                    ),
                 ));
             }
         }
         if let Some(p) = ev.price {
-            if !(p >= r.price_min) {
+            if p.is_nan() || p < r.price_min {
                 return Err(reject("range", format!("price {p} below {}", r.price_min)));
             }
         }
@@ -399,8 +430,14 @@ impl Decoder {
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -496,12 +533,18 @@ mod tests {
         let out = d.decode(&chunk(&[GOOD]), 0);
         assert_eq!(out.dead_letters.num_rows(), 0, "{:?}", out.dead_letters);
         assert_eq!(out.events.num_rows(), 1);
-        let ts = out.events.column(1).as_primitive::<TimestampMillisecondType>();
+        let ts = out
+            .events
+            .column(1)
+            .as_primitive::<TimestampMillisecondType>();
         let expect = chrono::DateTime::parse_from_rfc3339("2026-11-22T01:23:45.123Z")
             .unwrap()
             .timestamp_millis();
         assert_eq!(ts.value(0), expect);
-        assert_eq!(out.events.column(0).as_primitive::<UInt64Type>().value(0), 123);
+        assert_eq!(
+            out.events.column(0).as_primitive::<UInt64Type>().value(0),
+            123
+        );
         assert!(out.events.column(5).is_null(0));
         assert_eq!(out.events.column(8).as_string::<i32>().value(0), "catalog");
     }
@@ -512,7 +555,10 @@ mod tests {
         let mut d = Decoder::new(ValidationConfig::default());
         let out = d.decode(&chunk(&[line]), 0);
         assert_eq!(out.events.num_rows(), 1, "{:?}", out.dead_letters);
-        let ts = out.events.column(1).as_primitive::<TimestampMillisecondType>();
+        let ts = out
+            .events
+            .column(1)
+            .as_primitive::<TimestampMillisecondType>();
         assert_eq!(ts.value(0), 1_763_774_625_123);
         assert_eq!(out.events.column(8).as_string::<i32>().value(0), "ca\"t");
     }
@@ -521,14 +567,38 @@ mod tests {
     fn every_bad_record_becomes_a_dead_letter_with_a_reason() {
         let bad = [
             ("{not json", "json"),
-            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":999,"latency_ms":1}"#, "status 999"),
-            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":-1}"#, "latency_ms -1"),
-            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#, "missing required field user_id"),
-            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","rating":3,"service":"a","status":200,"latency_ms":1}"#, "only allowed on rating"),
-            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"rating","rating":9,"service":"a","status":200,"latency_ms":1}"#, "rating 9"),
-            (r#"{"event_id":"x","ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#, "invalid type"),
-            (r#"{"event_id":1,"ts":"yesterday","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#, "cannot parse timestamp"),
-            (r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"click","service":"a","status":200,"latency_ms":1}"#, "unknown event_type"),
+            (
+                r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":999,"latency_ms":1}"#,
+                "status 999",
+            ),
+            (
+                r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":-1}"#,
+                "latency_ms -1",
+            ),
+            (
+                r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#,
+                "missing required field user_id",
+            ),
+            (
+                r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","rating":3,"service":"a","status":200,"latency_ms":1}"#,
+                "only allowed on rating",
+            ),
+            (
+                r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"rating","rating":9,"service":"a","status":200,"latency_ms":1}"#,
+                "rating 9",
+            ),
+            (
+                r#"{"event_id":"x","ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#,
+                "invalid type",
+            ),
+            (
+                r#"{"event_id":1,"ts":"yesterday","user_id":1,"item_id":1,"event_type":"view","service":"a","status":200,"latency_ms":1}"#,
+                "cannot parse timestamp",
+            ),
+            (
+                r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"click","service":"a","status":200,"latency_ms":1}"#,
+                "unknown event_type",
+            ),
             ("", "json"),
         ];
         let lines: Vec<&str> = bad.iter().map(|(l, _)| *l).chain([GOOD]).collect();
@@ -537,15 +607,25 @@ mod tests {
         assert_eq!(out.events.num_rows(), 1);
         assert_eq!(out.dead_letters.num_rows(), bad.len());
         let reasons = out.dead_letters.column(4).as_string::<i32>();
-        let offsets = out.dead_letters.column(3).as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        let offsets = out
+            .dead_letters
+            .column(3)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
         for (i, (_, want)) in bad.iter().enumerate() {
-            assert!(reasons.value(i).contains(want), "row {i}: {} lacks {want}", reasons.value(i));
+            assert!(
+                reasons.value(i).contains(want),
+                "row {i}: {} lacks {want}",
+                reasons.value(i)
+            );
             assert_eq!(offsets.value(i), i as i64 + 1);
         }
         let total: u64 = out.rejected.iter().map(|(_, n)| n).sum();
         assert_eq!(total, bad.len() as u64);
         // the good record keeps its own position
-        let off = out.events.column(13).as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        let off = out
+            .events
+            .column(13)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
         assert_eq!(off.value(0), bad.len() as i64 + 1);
     }
 
@@ -557,13 +637,20 @@ mod tests {
             "1999-12-31T00:00:00.5Z",
             "2026-01-01T00:00:00.123456Z",
         ] {
-            let want = chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis();
+            let want = chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .timestamp_millis();
             assert_eq!(parse_rfc3339_utc_fast(s.as_bytes()), Some(want), "{s}");
         }
         assert_eq!(parse_rfc3339_utc_fast(b"2023-02-29T00:00:00Z"), None);
-        assert_eq!(parse_ts("2026-11-22T01:23:45+01:00"), Some(
-            chrono::DateTime::parse_from_rfc3339("2026-11-22T01:23:45+01:00").unwrap().timestamp_millis()
-        ));
+        assert_eq!(
+            parse_ts("2026-11-22T01:23:45+01:00"),
+            Some(
+                chrono::DateTime::parse_from_rfc3339("2026-11-22T01:23:45+01:00")
+                    .unwrap()
+                    .timestamp_millis()
+            )
+        );
     }
 
     proptest::proptest! {

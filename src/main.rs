@@ -14,7 +14,11 @@ use pulse::sink::store::{MemoryStore, RedisStore, Store};
 use pulse::source::gen::{GenParams, Generator};
 
 #[derive(Parser)]
-#[command(name = "pulse", version, about = "Streaming event pipeline: Kafka/files -> per-minute stats, anomalies, factors -> Redis + Parquet")]
+#[command(
+    name = "pulse",
+    version,
+    about = "Streaming event pipeline: Kafka/files -> per-minute stats, anomalies, factors -> Redis + Parquet"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -93,19 +97,23 @@ enum Cmd {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PULSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn shutdown_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -121,7 +129,11 @@ async fn main() -> Result<()> {
     init_tracing();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Demo { events, data_dir, seed } => demo(events, data_dir, seed).await,
+        Cmd::Demo {
+            events,
+            data_dir,
+            seed,
+        } => demo(events, data_dir, seed).await,
         Cmd::Gen {
             events,
             seed,
@@ -175,10 +187,18 @@ async fn main() -> Result<()> {
                 cfg.pipeline.idle_exit_ms = i;
             }
             cfg.validate()?;
-            let source = if input.is_empty() { SourceSpec::Kafka } else { SourceSpec::Files(input) };
+            let source = if input.is_empty() {
+                SourceSpec::Kafka
+            } else {
+                SourceSpec::Files(input)
+            };
             run(cfg, source).await
         }
-        Cmd::Query { data_dir, format, sql } => {
+        Cmd::Query {
+            data_dir,
+            format,
+            sql,
+        } => {
             let batches = pulse::query::run_sql(&data_dir, &sql).await?;
             let text = pulse::query::render(&batches, &format)?;
             let mut out = std::io::stdout().lock();
@@ -194,9 +214,14 @@ async fn run(cfg: Config, source: SourceSpec) -> Result<()> {
         Store::Memory(MemoryStore::default())
     } else {
         Store::Redis(
-            RedisStore::connect(&cfg.redis.url, secrets.redis_password.as_deref(), &cfg.redis.prefix, cfg.redis.ttl_secs)
-                .await
-                .context("connecting to Redis")?,
+            RedisStore::connect(
+                &cfg.redis.url,
+                secrets.redis_password.as_deref(),
+                &cfg.redis.prefix,
+                cfg.redis.ttl_secs,
+            )
+            .await
+            .context("connecting to Redis")?,
         )
     };
     let s = app::run(&cfg, &secrets, source, store, shutdown_on_signals()).await?;
@@ -214,7 +239,14 @@ async fn demo(events: u64, data_dir: PathBuf, seed: u64) -> Result<()> {
     };
     let incidents = Generator::new(p.clone()).incidents;
     let mem = MemoryStore::default();
-    let s = app::run(&cfg, &Secrets::default(), SourceSpec::Generator(p), Store::Memory(mem.clone()), shutdown_on_signals()).await?;
+    let s = app::run(
+        &cfg,
+        &Secrets::default(),
+        SourceSpec::Generator(p),
+        Store::Memory(mem.clone()),
+        shutdown_on_signals(),
+    )
+    .await?;
     print_summary(&s, &data_dir, 8);
     println!("planted incidents:");
     for i in incidents {
@@ -227,14 +259,23 @@ async fn demo(events: u64, data_dir: PathBuf, seed: u64) -> Result<()> {
         );
     }
     let snap = mem.snapshot();
-    println!("in-process store: {} per-minute rows, {} windows of top items", snap.stats.len(), snap.top.len());
+    println!(
+        "in-process store: {} per-minute rows, {} windows of top items",
+        snap.stats.len(),
+        snap.top.len()
+    );
     println!("query it: pulse query --data-dir {} \"SELECT service, sum(requests) FROM minute_stats GROUP BY service\"", data_dir.display());
     Ok(())
 }
 
 fn print_summary(s: &Summary, data_dir: &std::path::Path, sample_rows: usize) {
     let secs = s.elapsed.as_secs_f64().max(1e-9);
-    println!("pulse: {} records in {:.2}s ({:.0} records/s)", s.records, secs, s.records as f64 / secs);
+    println!(
+        "pulse: {} records in {:.2}s ({:.0} records/s)",
+        s.records,
+        secs,
+        s.records as f64 / secs
+    );
     println!("  events (valid)      {}", s.events);
     println!("  invalid -> dead_letters {}", s.invalid);
     println!("  late (window re-emitted) {}", s.late);
@@ -242,14 +283,33 @@ fn print_summary(s: &Summary, data_dir: &std::path::Path, sample_rows: usize) {
     println!("  windows emitted     {}", s.windows_emitted);
     println!("  minute_stats rows   {}", s.minute_rows_final);
     let bytes: u64 = s.files.iter().map(|f| f.1.bytes).sum();
-    println!("  files written       {} ({:.1} MB) under {}", s.files.len(), bytes as f64 / 1e6, data_dir.display());
+    println!(
+        "  files written       {} ({:.1} MB) under {}",
+        s.files.len(),
+        bytes as f64 / 1e6,
+        data_dir.display()
+    );
     for t in ["events", "dead_letters", "minute_stats", "top_items"] {
-        let (n, rows) = s.files.iter().filter(|f| f.0 == t).fold((0, 0), |(n, r), f| (n + 1, r + f.1.rows));
+        let (n, rows) = s
+            .files
+            .iter()
+            .filter(|f| f.0 == t)
+            .fold((0, 0), |(n, r), f| (n + 1, r + f.1.rows));
         println!("    {t:<13} {n} files, {rows} rows");
     }
     if sample_rows > 0 && !s.final_rows.is_empty() {
         println!("  a few per-minute rows:");
-        println!("    {:<24} {:<9} {:>8} {:>7} {:>9} {:>8} {:>8} {:>8}", "window_start", "service", "requests", "errors", "err_rate", "p50_ms", "p95_ms", "p99_ms");
+        println!(
+            "    {:<24} {:<9} {:>8} {:>7} {:>9} {:>8} {:>8} {:>8}",
+            "window_start",
+            "service",
+            "requests",
+            "errors",
+            "err_rate",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms"
+        );
         let mid = s.final_rows.len() / 2;
         for r in s.final_rows.iter().skip(mid).take(sample_rows) {
             println!(
@@ -267,12 +327,22 @@ fn print_summary(s: &Summary, data_dir: &std::path::Path, sample_rows: usize) {
     }
 }
 
-async fn gen(p: GenParams, out: Option<PathBuf>, brokers: Option<String>, topic: Option<String>, partitions: i32) -> Result<()> {
+async fn gen(
+    p: GenParams,
+    out: Option<PathBuf>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    partitions: i32,
+) -> Result<()> {
     let n = p.events;
     if let Some(path) = out {
-        let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let f =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut w: Box<dyn Write> = if path.extension().is_some_and(|e| e == "gz") {
-            Box::new(flate2::write::GzEncoder::new(std::io::BufWriter::new(f), flate2::Compression::fast()))
+            Box::new(flate2::write::GzEncoder::new(
+                std::io::BufWriter::new(f),
+                flate2::Compression::fast(),
+            ))
         } else {
             Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
         };
@@ -294,8 +364,10 @@ async fn gen(p: GenParams, out: Option<PathBuf>, brokers: Option<String>, topic:
     let (Some(brokers), Some(topic)) = (brokers, topic) else {
         bail!("pulse gen needs --out FILE or --brokers HOST:PORT --topic T");
     };
-    let mut kcfg = pulse::config::KafkaConfig::default();
-    kcfg.brokers = brokers;
+    let kcfg = pulse::config::KafkaConfig {
+        brokers,
+        ..Default::default()
+    };
     let secrets = Secrets::from_env();
     pulse::source::kafka::create_topic(&kcfg, &secrets, &topic, partitions).await?;
     tokio::task::spawn_blocking(move || -> Result<()> {
@@ -325,6 +397,10 @@ async fn gen(p: GenParams, out: Option<PathBuf>, brokers: Option<String>, topic:
 fn user_key(line: &[u8]) -> Option<u64> {
     let pat = b"\"user_id\":";
     let at = line.windows(pat.len()).position(|w| w == pat)? + pat.len();
-    let digits: Vec<u8> = line[at..].iter().take_while(|c| c.is_ascii_digit()).copied().collect();
+    let digits: Vec<u8> = line[at..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .copied()
+        .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }

@@ -43,7 +43,12 @@ pub fn events_schema() -> SchemaRef {
 /// window stage appends once it has compared each event with the watermark.
 pub fn decoded_schema() -> SchemaRef {
     let full = events_schema();
-    let fields: Vec<_> = full.fields().iter().take(full.fields().len() - 1).cloned().collect();
+    let fields: Vec<_> = full
+        .fields()
+        .iter()
+        .take(full.fields().len() - 1)
+        .cloned()
+        .collect();
     Arc::new(Schema::new(fields))
 }
 

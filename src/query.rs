@@ -48,9 +48,13 @@ pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
         std::fs::create_dir_all(&dir).ok();
         let opts = ListingOptions::new(Arc::new(ParquetFormat::default()))
             .with_file_extension(".parquet")
-            .with_table_partition_cols(vec![("dt".to_string(), DataType::Utf8), ("hour".to_string(), DataType::Utf8)]);
+            .with_table_partition_cols(vec![
+                ("dt".to_string(), DataType::Utf8),
+                ("hour".to_string(), DataType::Utf8),
+            ]);
         let url = format!("{}/", dir.display());
-        ctx.register_listing_table(name, url, opts, Some(schema), None).await?;
+        ctx.register_listing_table(name, url, opts, Some(schema), None)
+            .await?;
     }
     Ok(ctx)
 }
@@ -67,7 +71,9 @@ pub fn render(batches: &[RecordBatch], format: &str) -> Result<String, QueryErro
         "csv" => {
             let mut buf = Vec::new();
             {
-                let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
                 for b in batches {
                     w.write(b)?;
                 }

@@ -26,7 +26,7 @@ pub fn record_ms(h: &mut LatencyHist, ms: f64) {
 
 /// Quantile in milliseconds, `None` for an empty histogram.
 pub fn quantile_ms(h: &LatencyHist, q: f64) -> Option<f64> {
-    (h.len() > 0).then(|| h.value_at_quantile(q) as f64 / 1000.0)
+    (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0)
 }
 
 pub fn hist_to_bytes(h: &LatencyHist) -> Vec<u8> {

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, Float64Array, Float64Builder,
-    Int64Array, StringArray, TimestampMillisecondArray, UInt64Array,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, Float64Array, Float64Builder, Int64Array,
+    StringArray, TimestampMillisecondArray, UInt64Array,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -20,8 +20,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::model::ts_type;
 use crate::sketch::{
-    hist_from_bytes, hist_merge, hist_to_bytes, new_hist, quantile_ms, record_ms, Hll,
-    LatencyHist,
+    hist_from_bytes, hist_merge, hist_to_bytes, new_hist, quantile_ms, record_ms, Hll, LatencyHist,
 };
 use crate::window::Partial;
 
@@ -78,7 +77,12 @@ impl SqlEngine {
         &self.ctx
     }
 
-    async fn run(&self, table: &str, input: RecordBatch, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
+    async fn run(
+        &self,
+        table: &str,
+        input: RecordBatch,
+        sql: &str,
+    ) -> Result<Vec<RecordBatch>, SqlError> {
         let _ = self.ctx.deregister_table(table)?;
         self.ctx.register_batch(table, input)?;
         let out = self.ctx.sql(sql).await?.collect().await;
@@ -87,7 +91,10 @@ impl SqlEngine {
     }
 
     /// Runs `minute_partials.sql` on `batch` (events + `window_start`).
-    pub async fn partials(&self, batch: RecordBatch) -> Result<Vec<(i64, String, Partial)>, SqlError> {
+    pub async fn partials(
+        &self,
+        batch: RecordBatch,
+    ) -> Result<Vec<(i64, String, Partial)>, SqlError> {
         let out = self.run("batch", batch, MINUTE_PARTIALS_SQL).await?;
         let mut res = Vec::new();
         for b in out {
@@ -123,7 +130,9 @@ impl SqlEngine {
         }
         let out = self.run("partials", partials, MINUTE_STATS_SQL).await?;
         let merged = datafusion::arrow::compute::concat_batches(
-            &out.first().map(|b| b.schema()).unwrap_or_else(|| schema.clone()),
+            &out.first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| schema.clone()),
             &out,
         )
         .map_err(DataFusionError::from)?;
@@ -150,7 +159,8 @@ fn col_i64(b: &RecordBatch, name: &str, _t: &DataType) -> Result<Int64Array, Sql
         .column_by_name(name)
         .ok_or_else(|| SqlError::Shape(format!("missing column {name}")))?;
     let c = cast(c, &DataType::Int64).map_err(DataFusionError::from)?;
-    Ok(c.as_primitive::<datafusion::arrow::datatypes::Int64Type>().clone())
+    Ok(c.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+        .clone())
 }
 
 fn col_f64(b: &RecordBatch, name: &str) -> Result<Float64Array, SqlError> {
@@ -158,7 +168,10 @@ fn col_f64(b: &RecordBatch, name: &str) -> Result<Float64Array, SqlError> {
         .column_by_name(name)
         .ok_or_else(|| SqlError::Shape(format!("missing column {name}")))?;
     let c = cast(c, &DataType::Float64).map_err(DataFusionError::from)?;
-    Ok(c.as_primitive::<datafusion::arrow::datatypes::Float64Type>().clone())
+    Ok(
+        c.as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+            .clone(),
+    )
 }
 
 fn col_binary(b: &RecordBatch, name: &str) -> Result<BinaryArray, SqlError> {
@@ -203,7 +216,8 @@ pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<(i64, String, Partial)>,
             users: if hll.is_null(i) {
                 Hll::default()
             } else {
-                Hll::from_bytes(hll.value(i)).ok_or_else(|| SqlError::Shape("bad users_hll".into()))?
+                Hll::from_bytes(hll.value(i))
+                    .ok_or_else(|| SqlError::Shape("bad users_hll".into()))?
             },
         };
         out.push((ws.value(i), svc.value(i).to_string(), p));
@@ -216,7 +230,8 @@ pub fn partials_to_batch(rows: &[(i64, &str, &Partial)]) -> RecordBatch {
     let ws = TimestampMillisecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())
         .with_timezone("UTC");
     let svc = StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
-    let i64s = |f: fn(&Partial) -> i64| Int64Array::from(rows.iter().map(|r| f(r.2)).collect::<Vec<_>>());
+    let i64s =
+        |f: fn(&Partial) -> i64| Int64Array::from(rows.iter().map(|r| f(r.2)).collect::<Vec<_>>());
     let mut hist = BinaryBuilder::new();
     let mut hll = BinaryBuilder::new();
     let mut lmax = Float64Builder::new();
@@ -231,7 +246,9 @@ pub fn partials_to_batch(rows: &[(i64, &str, &Partial)]) -> RecordBatch {
         Arc::new(i64s(|p| p.requests)),
         Arc::new(i64s(|p| p.errors)),
         Arc::new(i64s(|p| p.client_errors)),
-        Arc::new(Float64Array::from(rows.iter().map(|r| r.2.latency_sum_ms).collect::<Vec<_>>())),
+        Arc::new(Float64Array::from(
+            rows.iter().map(|r| r.2.latency_sum_ms).collect::<Vec<_>>(),
+        )),
         Arc::new(i64s(|p| p.latency_count)),
         Arc::new(lmax.finish()),
         Arc::new(hist.finish()),
@@ -270,8 +287,9 @@ impl SketchAccumulator {
         for v in arr.iter().flatten() {
             match &mut self.acc {
                 SketchAcc::Hist(h) => {
-                    let o = hist_from_bytes(v)
-                        .ok_or_else(|| DataFusionError::Execution("corrupt HDR histogram".into()))?;
+                    let o = hist_from_bytes(v).ok_or_else(|| {
+                        DataFusionError::Execution("corrupt HDR histogram".into())
+                    })?;
                     hist_merge(h, &o);
                 }
                 SketchAcc::Hll(h) => {
@@ -294,7 +312,11 @@ impl Accumulator for SketchAccumulator {
         match &mut self.acc {
             SketchAcc::Hist(h) => {
                 let v = cast(v, &DataType::Float64)?;
-                for x in v.as_primitive::<datafusion::arrow::datatypes::Float64Type>().iter().flatten() {
+                for x in v
+                    .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                    .iter()
+                    .flatten()
+                {
                     record_ms(h, x);
                 }
             }
@@ -330,7 +352,12 @@ impl Accumulator for SketchAccumulator {
     }
 }
 
-fn sketch_udaf(name: &str, input: DataType, hist: bool, raw_input: bool) -> datafusion::logical_expr::AggregateUDF {
+fn sketch_udaf(
+    name: &str,
+    input: DataType,
+    hist: bool,
+    raw_input: bool,
+) -> datafusion::logical_expr::AggregateUDF {
     create_udaf(
         name,
         vec![input],
@@ -438,11 +465,21 @@ mod tests {
                     TimestampMillisecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())
                         .with_timezone("UTC"),
                 ),
-                Arc::new(StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-                Arc::new(UInt16Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
-                Arc::new(Float64Array::from(rows.iter().map(|r| r.3).collect::<Vec<_>>())),
-                Arc::new(UInt64Array::from(rows.iter().map(|r| r.4).collect::<Vec<_>>())),
-                Arc::new(UInt64Array::from(rows.iter().map(|r| r.4 % 3).collect::<Vec<_>>())),
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+                Arc::new(UInt16Array::from(
+                    rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(
+                    rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+                )),
+                Arc::new(UInt64Array::from(
+                    rows.iter().map(|r| r.4).collect::<Vec<_>>(),
+                )),
+                Arc::new(UInt64Array::from(
+                    rows.iter().map(|r| r.4 % 3).collect::<Vec<_>>(),
+                )),
             ],
         )
         .unwrap()
@@ -453,7 +490,13 @@ mod tests {
         let e = SqlEngine::new();
         let rows: Vec<(i64, &str, u16, f64, u64)> = (0..100u64)
             .map(|i| {
-                let status = if i % 10 == 0 { 503 } else if i % 25 == 1 { 404 } else { 200 };
+                let status = if i % 10 == 0 {
+                    503
+                } else if i % 25 == 1 {
+                    404
+                } else {
+                    200
+                };
                 (0, "a", status, (i + 1) as f64, i % 7)
             })
             .chain([(60_000, "b", 200, 5.0, 1)])
@@ -463,15 +506,17 @@ mod tests {
         let b2 = batch(&rows[50..]);
         let mut parts = e.partials(b1).await.unwrap();
         parts.extend(e.partials(b2).await.unwrap());
-        let refs: Vec<(i64, &str, &Partial)> = parts.iter().map(|(w, s, p)| (*w, s.as_str(), p)).collect();
+        let refs: Vec<(i64, &str, &Partial)> =
+            parts.iter().map(|(w, s, p)| (*w, s.as_str(), p)).collect();
         let stats = e.minute_stats(partials_to_batch(&refs)).await.unwrap();
         let printed = pretty_format_batches(&[stats]).unwrap().to_string();
+        // HDR reports the highest value equivalent to the quantile's bucket (3 significant digits).
         let expected = "\
 +----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+
 | window_start         | service | requests | errors | client_errors | error_rate | latency_mean_ms | latency_p50_ms | latency_p95_ms | latency_p99_ms | latency_max_ms | unique_users |
 +----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+
-| 1970-01-01T00:00:00Z | a       | 100      | 10     | 4             | 0.1        | 50.5            | 50.0           | 95.0           | 99.0           | 100.0          | 7            |
-| 1970-01-01T00:01:00Z | b       | 1        | 0      | 0             | 0.0        | 5.0             | 5.0            | 5.0            | 5.0            | 5.0            | 1            |
+| 1970-01-01T00:00:00Z | a       | 100      | 10     | 4             | 0.1        | 50.5            | 50.015         | 95.039         | 99.007         | 100.0          | 7            |
+| 1970-01-01T00:01:00Z | b       | 1        | 0      | 0             | 0.0        | 5.0             | 5.003          | 5.003          | 5.003          | 5.0            | 1            |
 +----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+";
         assert_eq!(printed, expected, "\n{printed}");
         let items = e.item_counts(batch(&rows)).await.unwrap();

@@ -68,8 +68,9 @@ impl Windower {
     }
 
     pub fn watermark(&self) -> i64 {
-        self.max_ts
-            .map_or(i64::MIN, |m| m.saturating_sub(self.params.out_of_orderness_ms))
+        self.max_ts.map_or(i64::MIN, |m| {
+            m.saturating_sub(self.params.out_of_orderness_ms)
+        })
     }
 
     pub fn max_event_time(&self) -> Option<i64> {
@@ -224,7 +225,11 @@ impl WindowTable {
             if w.dirty || !w.emitted || is_final {
                 out.push(WindowEmit {
                     window_start: ws,
-                    services: w.services.iter().map(|(s, p)| (s.clone(), p.clone())).collect(),
+                    services: w
+                        .services
+                        .iter()
+                        .map(|(s, p)| (s.clone(), p.clone()))
+                        .collect(),
                     top_items: top_n(&w.items, self.top_n),
                     is_final,
                 });
@@ -275,10 +280,10 @@ mod tests {
         let mut w = Windower::new(params());
         assert_eq!(w.observe(61_000), (60_000, Lateness::OnTime));
         assert_eq!(w.observe(125_000), (120_000, Lateness::OnTime)); // wm = 120_000
-        // window [60s,120s) ended at 120s <= wm: late, still within lateness
+                                                                     // window [60s,120s) ended at 120s <= wm: late, still within lateness
         assert_eq!(w.observe(119_000), (60_000, Lateness::Late));
         assert_eq!(w.observe(200_000).1, Lateness::OnTime); // wm = 195_000
-        // end 120s + lateness 60s = 180s <= wm 195s: too late
+                                                            // end 120s + lateness 60s = 180s <= wm 195s: too late
         assert_eq!(w.observe(100_000), (60_000, Lateness::TooLate));
     }
 
@@ -291,14 +296,20 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert!(!e[0].is_final);
         assert_eq!(e[0].services[0].1.requests, 2);
-        assert!(t.advance(70_000, false).is_empty(), "unchanged windows are not re-emitted");
+        assert!(
+            t.advance(70_000, false).is_empty(),
+            "unchanged windows are not re-emitted"
+        );
         t.add_partial(0, "a", &one(1)); // late event within lateness
         let e = t.advance(80_000, false);
         assert_eq!(e[0].services[0].1.requests, 3);
         let e = t.advance(120_000, false);
         assert!(e[0].is_final);
         assert_eq!(t.open_windows(), 0);
-        assert!(!t.add_partial(0, "a", &one(1)), "a finalised window never reopens");
+        assert!(
+            !t.add_partial(0, "a", &one(1)),
+            "a finalised window never reopens"
+        );
     }
 
     proptest! {

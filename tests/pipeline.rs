@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 
 use common::*;
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::AsArray;
 use pulse::app::{self, SourceSpec};
 use pulse::config::{Config, Secrets};
 use pulse::sink::store::{MemoryStore, RedisStore, Store};
@@ -27,10 +27,17 @@ async fn check_dead_letters(dir: &std::path::Path, expect_invalid: usize) {
     for b in &b {
         let reason = b.column(0).as_string::<i32>();
         for i in 0..b.num_rows() {
-            assert!(!reason.value(i).is_empty(), "every dead letter has a reason");
+            assert!(
+                !reason.value(i).is_empty(),
+                "every dead letter has a reason"
+            );
         }
     }
-    let reasons = sql(dir, "SELECT reason FROM dead_letters WHERE raw LIKE '%\"status\":999%'").await;
+    let reasons = sql(
+        dir,
+        "SELECT reason FROM dead_letters WHERE raw LIKE '%\"status\":999%'",
+    )
+    .await;
     let r = reasons[0].column(0).as_string::<i32>().value(0).to_string();
     assert!(r.contains("status 999"), "{r}");
 }
@@ -50,7 +57,10 @@ async fn file_source_end_to_end() {
         fa.write_all(l).unwrap();
         fa.write_all(b"\n").unwrap();
     }
-    let mut fb = flate2::write::GzEncoder::new(std::fs::File::create(&pb).unwrap(), flate2::Compression::fast());
+    let mut fb = flate2::write::GzEncoder::new(
+        std::fs::File::create(&pb).unwrap(),
+        flate2::Compression::fast(),
+    );
     for l in b {
         fb.write_all(l).unwrap();
         fb.write_all(b"\n").unwrap();
@@ -60,12 +70,21 @@ async fn file_source_end_to_end() {
     let cfg = config(&data);
     let mem = MemoryStore::default();
     let (_tx, rx) = tokio::sync::watch::channel(false);
-    let s = app::run(&cfg, &Secrets::default(), SourceSpec::Files(vec![pa, pb]), Store::Memory(mem.clone()), rx)
-        .await
-        .unwrap();
+    let s = app::run(
+        &cfg,
+        &Secrets::default(),
+        SourceSpec::Files(vec![pa, pb]),
+        Store::Memory(mem.clone()),
+        rx,
+    )
+    .await
+    .unwrap();
     assert_eq!(s.records as usize, lines.len());
     assert_eq!(s.invalid as usize, exp.invalid);
-    assert!(s.late > 0, "the input has late events within allowed lateness");
+    assert!(
+        s.late > 0,
+        "the input has late events within allowed lateness"
+    );
 
     let ids = event_ids(&data).await;
     assert_eq!(ids.iter().copied().collect::<BTreeSet<_>>(), ids_set(&exp));
@@ -87,9 +106,15 @@ async fn file_source_end_to_end() {
     }
     // an independent reader agrees
     let (ev, req, dl) = pyarrow_counts(&data);
-    assert_eq!((ev as usize, req as i64, dl as usize), (exp.valid.len(), total, exp.invalid));
+    assert_eq!(
+        (ev as usize, req as i64, dl as usize),
+        (exp.valid.len(), total, exp.invalid)
+    );
     // no in-progress file is left behind
-    let leftovers = walk(&data).into_iter().filter(|p| p.contains(".inprogress")).count();
+    let leftovers = walk(&data)
+        .into_iter()
+        .filter(|p| p.contains(".inprogress"))
+        .count();
     assert_eq!(leftovers, 0);
 }
 
@@ -127,7 +152,9 @@ async fn kafka_source_to_parquet_and_redis() {
     cfg.redis.url = redis_url.clone();
     cfg.redis.prefix = prefix.clone();
     let secrets = Secrets::default();
-    pulse::source::kafka::create_topic(&cfg.kafka, &secrets, &topic, 4).await.unwrap();
+    pulse::source::kafka::create_topic(&cfg.kafka, &secrets, &topic, 4)
+        .await
+        .unwrap();
     {
         let kc = cfg.kafka.clone();
         let t = topic.clone();
@@ -143,18 +170,38 @@ async fn kafka_source_to_parquet_and_redis() {
         .unwrap();
     }
 
-    let store = Store::Redis(RedisStore::connect(&redis_url, None, &prefix, 3600).await.unwrap());
+    let store = Store::Redis(
+        RedisStore::connect(&redis_url, None, &prefix, 3600)
+            .await
+            .unwrap(),
+    );
     let (_tx, rx) = tokio::sync::watch::channel(false);
-    let s = app::run(&cfg, &secrets, SourceSpec::Kafka, store, rx).await.unwrap();
-    assert_eq!(s.records as usize, lines.len(), "every produced record was consumed");
+    let s = app::run(&cfg, &secrets, SourceSpec::Kafka, store, rx)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.records as usize,
+        lines.len(),
+        "every produced record was consumed"
+    );
 
     let ids = event_ids(&data).await;
     assert_eq!(ids.len(), exp.valid.len());
     assert_eq!(ids.iter().copied().collect::<BTreeSet<_>>(), ids_set(&exp));
     check_dead_letters(&data, exp.invalid).await;
     // dead letters carry their Kafka position
-    let pos = sql(&data, "SELECT count(DISTINCT src_partition) FROM dead_letters").await;
-    assert!(pos[0].column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0) > 1);
+    let pos = sql(
+        &data,
+        "SELECT count(DISTINCT src_partition) FROM dead_letters",
+    )
+    .await;
+    assert!(
+        pos[0]
+            .column(0)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+            .value(0)
+            > 1
+    );
 
     let got = minute_stats(&data).await;
     let want = recompute(&data).await;
@@ -175,10 +222,20 @@ async fn kafka_source_to_parquet_and_redis() {
         let p95: f64 = h["latency_p95_ms"].parse().unwrap();
         assert!((p95 - v.3).abs() < 1e-9);
     }
-    let minutes: Vec<i64> = con.zrange(format!("{prefix}:minutes:checkout"), 0, -1).await.unwrap();
-    assert_eq!(minutes.len(), got.keys().filter(|k| k.1 == "checkout").count());
+    let minutes: Vec<i64> = con
+        .zrange(format!("{prefix}:minutes:checkout"), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(
+        minutes.len(),
+        got.keys().filter(|k| k.1 == "checkout").count()
+    );
     let top: Vec<(String, f64)> = con
-        .zrevrange_withscores(format!("{prefix}:top:{}", got.keys().next().unwrap().0 / 1000), 0, 2)
+        .zrevrange_withscores(
+            format!("{prefix}:top:{}", got.keys().next().unwrap().0 / 1000),
+            0,
+            2,
+        )
         .await
         .unwrap();
     assert!(!top.is_empty() && top[0].1 >= 1.0);

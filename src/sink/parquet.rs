@@ -15,7 +15,7 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray, UInt32Array};
+use datafusion::arrow::array::{AsArray, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::{Int32Type, Int64Type, SchemaRef, TimestampMillisecondType};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -171,7 +171,10 @@ impl TableWriter {
                         .column_by_name("src_offset")
                         .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
                         .ok_or_else(|| ParquetError::Column("src_offset".into()))?;
-                    let (mn, mx) = o.values().iter().fold((i64::MAX, i64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                    let (mn, mx) = o
+                        .values()
+                        .iter()
+                        .fold((i64::MAX, i64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
                     (mn, mx)
                 }
                 None => {
@@ -179,7 +182,10 @@ impl TableWriter {
                         .column_by_name(self.spec.time_column)
                         .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>().cloned())
                         .ok_or_else(|| ParquetError::Column(self.spec.time_column.into()))?;
-                    let (mn, mx) = t.values().iter().fold((i64::MAX, i64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                    let (mn, mx) = t
+                        .values()
+                        .iter()
+                        .fold((i64::MAX, i64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
                     (mn, mx)
                 }
             };
@@ -188,7 +194,13 @@ impl TableWriter {
         Ok(())
     }
 
-    fn append(&mut self, key: (i64, i32), part: &RecordBatch, first: i64, last: i64) -> Result<(), ParquetError> {
+    fn append(
+        &mut self,
+        key: (i64, i32),
+        part: &RecordBatch,
+        first: i64,
+        last: i64,
+    ) -> Result<(), ParquetError> {
         if !self.open.contains_key(&key) {
             let dir = self.root.join(partition_dir(key.0));
             std::fs::create_dir_all(&dir).map_err(|source| ParquetError::Io {
@@ -196,7 +208,12 @@ impl TableWriter {
                 source,
             })?;
             self.seq += 1;
-            let tmp = dir.join(format!(".inprogress-{}-{}-{}.tmp", std::process::id(), key.1, self.seq));
+            let tmp = dir.join(format!(
+                ".inprogress-{}-{}-{}.tmp",
+                std::process::id(),
+                key.1,
+                self.seq
+            ));
             let file = File::create(&tmp).map_err(|source| ParquetError::Io {
                 path: tmp.clone(),
                 source,
@@ -237,7 +254,12 @@ impl TableWriter {
 
     /// Closes the files of hours that end at or before `ms`.
     pub fn close_hours_before(&mut self, ms: i64) -> Result<(), ParquetError> {
-        let keys: Vec<_> = self.open.keys().filter(|k| k.0 + HOUR_MS <= ms).copied().collect();
+        let keys: Vec<_> = self
+            .open
+            .keys()
+            .filter(|k| k.0 + HOUR_MS <= ms)
+            .copied()
+            .collect();
         for k in keys {
             let f = self.open.remove(&k).expect("key listed");
             self.commit(k, f)?;
@@ -257,14 +279,20 @@ impl TableWriter {
             format!("part-{:020}-{:020}.parquet", f.first, f.last)
         };
         let kv = |k: &str, v: String| KeyValue::new(format!("pulse.{k}"), v);
-        f.writer.append_key_value_metadata(kv("table", self.spec.name.to_string()));
+        f.writer
+            .append_key_value_metadata(kv("table", self.spec.name.to_string()));
         if self.spec.positioned {
-            f.writer.append_key_value_metadata(kv("partition", key.1.to_string()));
-            f.writer.append_key_value_metadata(kv("first_offset", f.first.to_string()));
-            f.writer.append_key_value_metadata(kv("last_offset", f.last.to_string()));
+            f.writer
+                .append_key_value_metadata(kv("partition", key.1.to_string()));
+            f.writer
+                .append_key_value_metadata(kv("first_offset", f.first.to_string()));
+            f.writer
+                .append_key_value_metadata(kv("last_offset", f.last.to_string()));
         } else {
-            f.writer.append_key_value_metadata(kv("first_time_ms", f.first.to_string()));
-            f.writer.append_key_value_metadata(kv("last_time_ms", f.last.to_string()));
+            f.writer
+                .append_key_value_metadata(kv("first_time_ms", f.first.to_string()));
+            f.writer
+                .append_key_value_metadata(kv("last_time_ms", f.last.to_string()));
         }
         let inner = f.writer.into_inner()?;
         let io = |path: &Path| {
@@ -368,13 +396,19 @@ pub fn list_files(data_dir: &Path, table: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![data_dir.join(table)];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "parquet")
-                && !p.file_name().and_then(|n| n.to_str()).unwrap_or("").starts_with(['.', '_'])
+                && !p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("")
+                    .starts_with(['.', '_'])
             {
                 out.push(p);
             }
@@ -398,10 +432,17 @@ mod tests {
         RecordBatch::try_new(
             crate::model::dead_letters_schema(),
             vec![
-                Arc::new(TimestampMillisecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()).with_timezone("UTC")),
+                Arc::new(
+                    TimestampMillisecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+                        .with_timezone("UTC"),
+                ),
                 Arc::new(StringArray::from(vec!["t"; n])),
-                Arc::new(datafusion::arrow::array::Int32Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-                Arc::new(Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+                Arc::new(datafusion::arrow::array::Int32Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
                 Arc::new(StringArray::from(vec!["why"; n])),
                 Arc::new(StringArray::from(vec!["{}"; n])),
             ],
@@ -414,14 +455,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = TableWriter::new(dir.path(), dead_letters_spec(), 2, 1000, 3).unwrap();
         // two hours on partition 0, one row on partition 1
-        w.write(&dead(&[(0, 0, 10), (1000, 0, 11), (HOUR_MS + 5, 0, 12), (2000, 1, 7)])).unwrap();
+        w.write(&dead(&[
+            (0, 0, 10),
+            (1000, 0, 11),
+            (HOUR_MS + 5, 0, 12),
+            (2000, 1, 7),
+        ]))
+        .unwrap();
         assert_eq!(w.open_files(), 3);
         // nothing visible before commit
         assert!(list_files(dir.path(), "dead_letters").is_empty());
         w.close_hours_before(HOUR_MS).unwrap();
         let files = list_files(dir.path(), "dead_letters");
         assert_eq!(files.len(), 2, "{files:?}");
-        let names: Vec<String> = files.iter().map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string()).collect();
+        let names: Vec<String> = files
+            .iter()
+            .map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string())
+            .collect();
         assert!(names.contains(&"dead_letters/dt=1970-01-01/hour=00/part-00000-00000000000000000010-00000000000000000011.parquet".to_string()), "{names:?}");
         w.close_all().unwrap();
         assert_eq!(list_files(dir.path(), "dead_letters").len(), 3);
@@ -432,8 +482,15 @@ mod tests {
         assert_eq!(list_files(dir.path(), "dead_letters").len(), 3);
         let f = File::open(&files[0]).unwrap();
         let r = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
-        let kv = r.metadata().file_metadata().key_value_metadata().unwrap().clone();
-        assert!(kv.iter().any(|k| k.key == "pulse.first_offset" && k.value.as_deref() == Some("10")));
+        let kv = r
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap()
+            .clone();
+        assert!(kv
+            .iter()
+            .any(|k| k.key == "pulse.first_offset" && k.value.as_deref() == Some("10")));
         let rows: usize = r.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
         assert_eq!(rows, 2);
         assert_eq!(remove_in_progress(dir.path()).unwrap(), 0);
@@ -449,6 +506,9 @@ mod tests {
         }
         w.close_all().unwrap();
         let files = w.written().to_vec();
-        assert_eq!(files.iter().map(|f| f.rows).collect::<Vec<_>>(), vec![3, 3, 1]);
+        assert_eq!(
+            files.iter().map(|f| f.rows).collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
     }
 }

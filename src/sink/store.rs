@@ -63,7 +63,8 @@ pub fn minute_rows(b: &RecordBatch, is_final: bool) -> Vec<MinuteRow> {
     let f = |c: usize| b.column(c).as_primitive::<Float64Type>().clone();
     let (req, err, cerr, users) = (i(2), i(3), i(4), i(11));
     let (rate, mean, p50, p95, p99, max) = (f(5), f(6), f(7), f(8), f(9), f(10));
-    let opt = |a: &datafusion::arrow::array::Float64Array, r: usize| (!a.is_null(r)).then(|| a.value(r));
+    let opt =
+        |a: &datafusion::arrow::array::Float64Array, r: usize| (!a.is_null(r)).then(|| a.value(r));
     (0..b.num_rows())
         .map(|r| MinuteRow {
             window_start_ms: ws.value(r),
@@ -122,10 +123,16 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    pub async fn connect(url: &str, password: Option<&str>, prefix: &str, ttl_secs: u64) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        password: Option<&str>,
+        prefix: &str,
+        ttl_secs: u64,
+    ) -> Result<Self, StoreError> {
         let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
         if let Some(p) = password {
-            info = info.set_password(p);
+            let settings = info.redis_settings().clone().set_password(p);
+            info = info.set_redis_settings(settings);
         }
         let client = redis::Client::open(info)?;
         let conn = redis::aio::ConnectionManager::new(client).await?;
@@ -158,7 +165,8 @@ impl Store {
             Store::Memory(m) => {
                 let mut g = m.snapshot();
                 for r in &e.rows {
-                    g.stats.insert((r.service.clone(), r.window_start_ms), r.clone());
+                    g.stats
+                        .insert((r.service.clone(), r.window_start_ms), r.clone());
                 }
                 for (ws, items) in &e.top_items {
                     g.top.insert(*ws, items.clone());
@@ -205,8 +213,12 @@ impl Store {
                     let key = format!("{p}:top:{m}");
                     pipe.del(&key).ignore();
                     if !items.is_empty() {
-                        let members: Vec<(i64, u64)> = items.iter().map(|(i, n)| (*n, *i)).collect();
-                        pipe.zadd_multiple(&key, &members).ignore().expire(&key, ttl).ignore();
+                        let members: Vec<(i64, u64)> =
+                            items.iter().map(|(i, n)| (*n, *i)).collect();
+                        pipe.zadd_multiple(&key, &members)
+                            .ignore()
+                            .expire(&key, ttl)
+                            .ignore();
                     }
                 }
                 if e.watermark_ms > i64::MIN {
@@ -214,7 +226,8 @@ impl Store {
                 }
                 let mut conn = r.conn.clone();
                 pipe.exec_async(&mut conn).await?;
-                metrics::histogram!("pulse_redis_write_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("pulse_redis_write_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 Ok(())
             }
         }

@@ -130,7 +130,8 @@ mod tests {
         let plain = dir.path().join("a.jsonl");
         std::fs::write(&plain, "{\"a\":1}\n\n{\"a\":2}\r\n{\"a\":3}").unwrap();
         let gz = dir.path().join("b.jsonl.gz");
-        let mut enc = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
+        let mut enc =
+            flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
         for i in 0..5 {
             writeln!(enc, "{{\"b\":{i}}}").unwrap();
         }
@@ -146,7 +147,15 @@ mod tests {
         }
         let all: Vec<(i32, i64, String)> = chunks
             .iter()
-            .flat_map(|c| (0..c.len()).map(move |i| (c.positions[i].partition, c.positions[i].offset, String::from_utf8(c.record(i).to_vec()).unwrap())))
+            .flat_map(|c| {
+                (0..c.len()).map(move |i| {
+                    (
+                        c.positions[i].partition,
+                        c.positions[i].offset,
+                        String::from_utf8(c.record(i).to_vec()).unwrap(),
+                    )
+                })
+            })
             .collect();
         assert_eq!(all[0], (0, 1, "{\"a\":1}".to_string()));
         assert_eq!(all[1], (0, 3, "{\"a\":2}".to_string()));

@@ -93,9 +93,16 @@ impl Generator {
         let rng = StdRng::seed_from_u64(p.seed);
         // Zipf parameters within range by construction (n >= 1, s > 0).
         let user_zipf = Zipf::new(p.users.max(1) as f64, 1.05).expect("valid zipf");
-        let item_zipf = Zipf::new((p.items / p.genres.max(1)).max(1) as f64, 1.1).expect("valid zipf");
+        let item_zipf =
+            Zipf::new((p.items / p.genres.max(1)).max(1) as f64, 1.1).expect("valid zipf");
         let ln = |mu: f64, s: f64| LogNormal::new(mu, s).expect("valid lognormal");
-        let latency = [ln(3.3, 0.5), ln(3.8, 0.6), ln(3.0, 0.4), ln(4.3, 0.5), ln(3.6, 0.5)];
+        let latency = [
+            ln(3.3, 0.5),
+            ln(3.8, 0.6),
+            ln(3.0, 0.4),
+            ln(4.3, 0.5),
+            ln(3.6, 0.5),
+        ];
         let span_ms = p.events as f64 / p.rate_per_sec * 1000.0;
         let incidents = if p.incidents {
             let at = |f: f64| p.start_ms + (span_ms * f) as i64 / 60_000 * 60_000;
@@ -229,7 +236,9 @@ impl Generator {
             let liked = genre == g1 || genre == g2;
             let base = if liked { 4.2 } else { 2.4 };
             let noise: f64 = self.rng.random_range(-0.9..0.9);
-            let rating = (base + noise + ((user % 5) as f64 - 2.0) * 0.15).round().clamp(1.0, 5.0);
+            let rating = (base + noise + ((user % 5) as f64 - 2.0) * 0.15)
+                .round()
+                .clamp(1.0, 5.0);
             let _ = write!(out, "\"rating\":{rating},\"price\":null,");
         } else {
             let _ = write!(out, "\"rating\":null,\"price\":{price:.2},");
@@ -293,7 +302,13 @@ mod tests {
         assert_ne!(a, lines(GenParams { seed: 8, ..p }));
         let mut c = RawChunk::new("gen".into());
         for (i, l) in a.iter().enumerate() {
-            c.push(l, Position { partition: 0, offset: i as i64 });
+            c.push(
+                l,
+                Position {
+                    partition: 0,
+                    offset: i as i64,
+                },
+            );
         }
         let out = Decoder::new(ValidationConfig::default()).decode(&c, 0);
         let bad = out.dead_letters.num_rows();

@@ -42,6 +42,13 @@ fn base_config(cfg: &KafkaConfig, secrets: &Secrets) -> ClientConfig {
     c
 }
 
+/// Sets `k` unless the user's properties already did.
+fn set_default(c: &mut ClientConfig, k: &str, v: &str) {
+    if c.get(k).is_none() {
+        c.set(k, v);
+    }
+}
+
 pub struct KafkaSource {
     consumer: StreamConsumer,
     topic: Arc<str>,
@@ -54,11 +61,15 @@ impl KafkaSource {
         let mut c = base_config(cfg, secrets);
         c.set("group.id", &cfg.group)
             .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set_default("auto.offset.reset", "earliest")
-            .set_default("partition.assignment.strategy", "cooperative-sticky")
-            .set_default("session.timeout.ms", "10000")
-            .set_default("fetch.wait.max.ms", "100");
+            .set("enable.auto.offset.store", "false");
+        set_default(&mut c, "auto.offset.reset", "earliest");
+        set_default(
+            &mut c,
+            "partition.assignment.strategy",
+            "cooperative-sticky",
+        );
+        set_default(&mut c, "session.timeout.ms", "10000");
+        set_default(&mut c, "fetch.wait.max.ms", "100");
         let consumer: StreamConsumer = c.create()?;
         consumer.subscribe(&[&cfg.topic])?;
         Ok(KafkaSource {
@@ -71,21 +82,33 @@ impl KafkaSource {
     /// Waits for the next chunk: up to `max` messages, returning early once
     /// `linger` has passed since the first message. `None` after `idle`
     /// without any message (when `idle` is set).
-    pub async fn next_chunk(&mut self, max: usize, linger: Duration, idle: Option<Duration>) -> Result<Option<RawChunk>, KafkaError> {
+    pub async fn next_chunk(
+        &mut self,
+        max: usize,
+        linger: Duration,
+        idle: Option<Duration>,
+    ) -> Result<Option<RawChunk>, KafkaError> {
         let mut chunk = RawChunk::new(self.topic.clone());
         let mut first_at: Option<Instant> = None;
-        let idle_deadline = idle.map(|d| Instant::now() + d);
+        let mut idle_deadline = idle.map(|d| Instant::now() + d);
         loop {
             let wait = match first_at {
                 Some(t) => linger.saturating_sub(t.elapsed()),
-                None => idle_deadline.map_or(Duration::from_millis(500), |d| d.saturating_duration_since(Instant::now())),
+                None => idle_deadline.map_or(Duration::from_millis(500), |d| {
+                    d.saturating_duration_since(Instant::now())
+                }),
             };
             if wait.is_zero() {
+                if first_at.is_none() && !self.has_assignment() {
+                    // Idle time only counts once the group gave us partitions.
+                    idle_deadline = idle.map(|d| Instant::now() + d);
+                    continue;
+                }
                 break;
             }
             match tokio::time::timeout(wait, self.consumer.recv()).await {
                 Err(_) => {
-                    if first_at.is_some() || idle.is_some() {
+                    if first_at.is_some() {
                         break;
                     }
                 }
@@ -110,6 +133,13 @@ impl KafkaSource {
         Ok((!chunk.is_empty()).then_some(chunk))
     }
 
+    fn has_assignment(&self) -> bool {
+        self.consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    }
+
     /// Commits the consumed positions to the group (a progress hint for lag
     /// monitoring and the restart point of this at-least-once source).
     pub fn commit(&self) -> Result<(), KafkaError> {
@@ -126,17 +156,29 @@ impl KafkaSource {
 }
 
 /// Creates `topic` with `partitions` partitions (an existing topic is fine).
-pub async fn create_topic(cfg: &KafkaConfig, secrets: &Secrets, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+pub async fn create_topic(
+    cfg: &KafkaConfig,
+    secrets: &Secrets,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base_config(cfg, secrets).create()?;
     let nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let res = admin.create_topics(&[nt], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
+    let res = admin
+        .create_topics(
+            &[nt],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
     for r in res {
         match r {
             Ok(_) => {}
             Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => {
                 tracing::error!(topic = %t, error = %code, "create topic failed");
-                return Err(KafkaError::Client(rdkafka::error::KafkaError::AdminOp(code)));
+                return Err(KafkaError::Client(rdkafka::error::KafkaError::AdminOp(
+                    code,
+                )));
             }
         }
     }
@@ -169,12 +211,17 @@ impl EventProducer {
     pub fn new(cfg: &KafkaConfig, secrets: &Secrets, topic: &str) -> Result<Self, KafkaError> {
         let failed = Arc::new(AtomicU64::new(0));
         let mut c = base_config(cfg, secrets);
-        c.set_default("linger.ms", "20")
-            .set_default("batch.num.messages", "10000")
-            .set_default("queue.buffering.max.messages", "500000")
-            .set_default("compression.type", "none")
-            .set_default("enable.idempotence", "false");
-        let producer = c.create_with_context(CountingContext { failed: failed.clone() })?;
+        for (k, v) in [
+            ("linger.ms", "20"),
+            ("batch.num.messages", "10000"),
+            ("queue.buffering.max.messages", "500000"),
+            ("enable.idempotence", "false"),
+        ] {
+            set_default(&mut c, k, v);
+        }
+        let producer = c.create_with_context(CountingContext {
+            failed: failed.clone(),
+        })?;
         Ok(EventProducer {
             producer,
             failed,
@@ -188,7 +235,12 @@ impl EventProducer {
         loop {
             match self.producer.send(rec) {
                 Ok(()) => return Ok(()),
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
                     rec = r;
                     std::thread::sleep(Duration::from_millis(5));
                 }

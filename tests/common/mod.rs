@@ -62,7 +62,10 @@ pub fn expected(lines: &[Vec<u8>]) -> Expected {
     for l in lines {
         match check(l) {
             Some((id, rest)) => {
-                assert!(valid.insert(id, rest).is_none(), "generator repeated id {id}");
+                assert!(
+                    valid.insert(id, rest).is_none(),
+                    "generator repeated id {id}"
+                );
             }
             None => invalid += 1,
         }
@@ -77,7 +80,9 @@ fn check(l: &[u8]) -> Option<(u64, (i64, String, u16, f64))> {
     let ts = o.get("ts")?;
     let ts = match ts {
         serde_json::Value::Number(n) => n.as_i64()?,
-        serde_json::Value::String(s) => chrono::DateTime::parse_from_rfc3339(s).ok()?.timestamp_millis(),
+        serde_json::Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()?
+            .timestamp_millis(),
         _ => return None,
     };
     o.get("user_id")?.as_u64()?;
@@ -112,7 +117,13 @@ pub async fn sql(dir: &Path, q: &str) -> Vec<datafusion::arrow::record_batch::Re
 pub async fn event_ids(dir: &Path) -> Vec<u64> {
     let mut ids = Vec::new();
     for b in sql(dir, "SELECT event_id FROM events").await {
-        ids.extend(b.column(0).as_primitive::<UInt64Type>().values().iter().copied());
+        ids.extend(
+            b.column(0)
+                .as_primitive::<UInt64Type>()
+                .values()
+                .iter()
+                .copied(),
+        );
     }
     ids.sort_unstable();
     ids
@@ -142,15 +153,20 @@ pub async fn minute_stats(dir: &Path) -> StatRows {
     m
 }
 
+/// requests, errors, client errors, latencies of one (window, service).
+type Acc = (i64, i64, i64, Vec<f64>);
+
 /// Recomputes minute_stats from the events the pipeline stored (all but
 /// too-late ones), with exact percentiles.
 pub async fn recompute(dir: &Path) -> StatRows {
     let q = "SELECT ts, service, status, latency_ms FROM events WHERE lateness <> 'too_late'";
-    let mut groups: BTreeMap<(i64, String), (i64, i64, i64, Vec<f64>)> = BTreeMap::new();
+    let mut groups: BTreeMap<(i64, String), Acc> = BTreeMap::new();
     for b in sql(dir, q).await {
         let ts = b.column(0).as_primitive::<TimestampMillisecondType>();
         let svc = b.column(1).as_string::<i32>();
-        let st = b.column(2).as_primitive::<datafusion::arrow::datatypes::UInt16Type>();
+        let st = b
+            .column(2)
+            .as_primitive::<datafusion::arrow::datatypes::UInt16Type>();
         let lat = b.column(3).as_primitive::<Float64Type>();
         for i in 0..b.num_rows() {
             let ws = ts.value(i).div_euclid(60_000) * 60_000;
@@ -178,10 +194,17 @@ pub async fn recompute(dir: &Path) -> StatRows {
 pub fn assert_stats_match(got: &StatRows, want: &StatRows) {
     assert_eq!(got.len(), want.len(), "number of (window, service) rows");
     for (k, w) in want {
-        let g = got.get(k).unwrap_or_else(|| panic!("minute_stats lacks {k:?}"));
+        let g = got
+            .get(k)
+            .unwrap_or_else(|| panic!("minute_stats lacks {k:?}"));
         assert_eq!((g.0, g.1, g.2), (w.0, w.1, w.2), "counts of {k:?}");
         let tol = w.3 * 0.05 + 1.0;
-        assert!((g.3 - w.3).abs() <= tol, "p95 of {k:?}: {} vs exact {}", g.3, w.3);
+        assert!(
+            (g.3 - w.3).abs() <= tol,
+            "p95 of {k:?}: {} vs exact {}",
+            g.3,
+            w.3
+        );
     }
 }
 
@@ -202,7 +225,11 @@ print(ev.count_rows(), sum(req), dl.count_rows())
         .arg(dir)
         .output()
         .expect("python3 runs");
-    assert!(out.status.success(), "pyarrow failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pyarrow failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = String::from_utf8(out.stdout).unwrap();
     let v: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap()).collect();
     (v[0], v[1], v[2])
