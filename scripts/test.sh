@@ -18,5 +18,5 @@ trap 'scripts/services.sh stop "$PULSE_SERVICES_DIR"' EXIT
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets -- --test-threads 2
+cargo test --lib --bins --tests -- --test-threads 2
 echo "test.sh: suite finished in $(( $(date +%s) - start ))s" >&2
