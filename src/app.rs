@@ -324,7 +324,7 @@ impl Core {
         let params = WindowParams::from_config(&cfg.window);
         Core {
             sql: SqlEngine::new(),
-            windower: Windower::new(params),
+            windower: Windower::with_idleness(params, cfg.window.idle_partition_ms as i64),
             table: WindowTable::new(params, cfg.window.top_items),
             store,
             lateness_ms: params.allowed_lateness_ms,
@@ -358,12 +358,29 @@ impl Core {
         }
         self.summary.events += n as u64;
         metrics::counter!("pulse_events_total").increment(n as u64);
+        // Processing time first, so newly assigned partitions start their idleness clock now.
+        self.windower.tick(chrono::Utc::now().timestamp_millis());
+        if let Some(a) = &d.assigned {
+            self.windower.set_partitions(a);
+        }
         let ts = ev.column(1).as_primitive::<TimestampMillisecondType>();
+        let parts = ev
+            .column_by_name("src_partition")
+            .and_then(|c| {
+                c.as_primitive_opt::<datafusion::arrow::datatypes::Int32Type>()
+                    .cloned()
+            })
+            .ok_or_else(|| PipelineError::Stage("missing src_partition".into()))?;
         let mut ws = Vec::with_capacity(n);
         let mut counted = Vec::with_capacity(n);
         let mut lateness = StringBuilder::with_capacity(n, n * 7);
-        for &t in ts.values().iter() {
-            let (w, class) = self.windower.observe(t);
+        for (i, &t) in ts.values().iter().enumerate() {
+            let key = if d.partitioned_time {
+                parts.value(i)
+            } else {
+                0
+            };
+            let (w, class) = self.windower.observe(key, t);
             ws.push(w);
             counted.push(class != Lateness::TooLate);
             lateness.append_value(class.as_str());

@@ -95,6 +95,9 @@ pub struct WindowConfig {
     pub allowed_lateness_ms: u64,
     /// Top items kept per window.
     pub top_items: usize,
+    /// A Kafka partition with no record for this long (processing time, ms)
+    /// stops holding the watermark back.
+    pub idle_partition_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -182,6 +185,7 @@ impl Default for WindowConfig {
             out_of_orderness_ms: 5000,
             allowed_lateness_ms: 60000,
             top_items: 10,
+            idle_partition_ms: 10000,
         }
     }
 }

@@ -218,6 +218,9 @@ pub struct Decoded {
     pub dead_letters: RecordBatch,
     /// Counts of dead letters by rejection kind.
     pub rejected: Vec<(&'static str, u64)>,
+    /// Carried over from the chunk.
+    pub assigned: Option<Vec<i32>>,
+    pub partitioned_time: bool,
 }
 
 impl Decoder {
@@ -283,6 +286,8 @@ impl Decoder {
             events: self.finish_events(),
             dead_letters: self.dead.finish(),
             rejected,
+            assigned: chunk.assigned.clone(),
+            partitioned_time: chunk.partitioned_time,
         }
     }
 

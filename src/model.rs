@@ -108,6 +108,12 @@ pub struct RawChunk {
     pub data: Vec<u8>,
     pub ends: Vec<usize>,
     pub positions: Vec<Position>,
+    /// Kafka: the partitions assigned to this consumer when the chunk was read
+    /// (they take part in the watermark even before they produce data).
+    pub assigned: Option<Vec<i32>>,
+    /// Whether `Position::partition` is an independent stream for watermarks
+    /// (Kafka partitions) or only a position (the index of a file read in turn).
+    pub partitioned_time: bool,
 }
 
 impl RawChunk {

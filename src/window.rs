@@ -52,36 +52,113 @@ impl Lateness {
     }
 }
 
+/// One input partition's progress.
+#[derive(Debug, Clone)]
+struct PartState {
+    key: i32,
+    max_ts: Option<i64>,
+    last_seen_ms: i64,
+    idle: bool,
+}
+
 /// Watermark tracking and bin assignment.
+///
+/// Like Flink's per-partition watermarks: each input partition tracks its own
+/// max event time, and the watermark is the minimum over the partitions that
+/// are not idle (no record for `idle_ms` of processing time), minus the
+/// out-of-orderness bound. A partition that is assigned but has produced
+/// nothing yet holds the watermark back until it turns idle. The watermark
+/// never moves backwards.
 #[derive(Debug, Clone)]
 pub struct Windower {
     pub params: WindowParams,
+    idle_ms: i64,
+    parts: Vec<PartState>,
+    now_ms: i64,
+    wm: i64,
     max_ts: Option<i64>,
 }
 
 impl Windower {
     pub fn new(params: WindowParams) -> Self {
+        Self::with_idleness(params, i64::MAX)
+    }
+
+    /// `idle_ms`: processing time after which a silent partition stops holding the watermark back.
+    pub fn with_idleness(params: WindowParams, idle_ms: i64) -> Self {
         Windower {
             params,
+            idle_ms,
+            parts: Vec::new(),
+            now_ms: 0,
+            wm: i64::MIN,
             max_ts: None,
         }
     }
 
     pub fn watermark(&self) -> i64 {
-        self.max_ts.map_or(i64::MIN, |m| {
-            m.saturating_sub(self.params.out_of_orderness_ms)
-        })
+        self.wm
     }
 
     pub fn max_event_time(&self) -> Option<i64> {
         self.max_ts
     }
 
-    /// Classifies one event against the watermark as it stands, then advances it.
-    pub fn observe(&mut self, ts: i64) -> (i64, Lateness) {
+    fn part(&mut self, key: i32) -> usize {
+        match self.parts.iter().position(|p| p.key == key) {
+            Some(i) => i,
+            None => {
+                self.parts.push(PartState {
+                    key,
+                    max_ts: None,
+                    last_seen_ms: self.now_ms,
+                    idle: false,
+                });
+                self.parts.len() - 1
+            }
+        }
+    }
+
+    /// Declares the partitions currently assigned: new ones hold the watermark
+    /// back until they produce data or turn idle; unassigned ones are dropped.
+    pub fn set_partitions(&mut self, keys: &[i32]) {
+        self.parts.retain(|p| keys.contains(&p.key));
+        for &k in keys {
+            self.part(k);
+        }
+        self.recompute();
+    }
+
+    /// Advances processing time (epoch ms) and re-evaluates idleness.
+    pub fn tick(&mut self, now_ms: i64) {
+        self.now_ms = now_ms;
+        for p in &mut self.parts {
+            p.idle = now_ms.saturating_sub(p.last_seen_ms) >= self.idle_ms;
+        }
+        self.recompute();
+    }
+
+    fn recompute(&mut self) {
+        let active = self.parts.iter().filter(|p| !p.idle);
+        let min_active = if self.parts.iter().any(|p| !p.idle) {
+            // An active partition with no data yet holds the watermark at its minimum.
+            active.map(|p| p.max_ts.unwrap_or(i64::MIN)).min()
+        } else {
+            // Everything idle: follow the most advanced partition.
+            self.parts.iter().filter_map(|p| p.max_ts).max()
+        };
+        if let Some(m) = min_active {
+            let cand = m.saturating_sub(self.params.out_of_orderness_ms);
+            self.wm = self.wm.max(cand);
+        }
+    }
+
+    /// Classifies one event of `partition` against the watermark as it
+    /// stands, then advances that partition (and the watermark).
+    pub fn observe(&mut self, partition: i32, ts: i64) -> (i64, Lateness) {
         let ws = self.params.bin(ts);
         let end = ws + self.params.size_ms;
-        let wm = self.watermark();
+        let wm = self.wm;
         let class = if end > wm {
             Lateness::OnTime
         } else if end + self.params.allowed_lateness_ms > wm {
@@ -90,6 +167,24 @@ impl Windower {
             Lateness::TooLate
         };
         self.max_ts = Some(self.max_ts.map_or(ts, |m| m.max(ts)));
+        let i = self.part(partition);
+        let now = self.now_ms;
+        let p = &mut self.parts[i];
+        p.last_seen_ms = now;
+        let was_idle = std::mem::replace(&mut p.idle, false);
+        let old = p.max_ts;
+        if old.is_none_or(|m| ts > m) {
+            p.max_ts = Some(ts);
+            // Only the partition holding the minimum (or one waking up) can move it.
+            let held = old.map_or(true, |m| {
+                m.saturating_sub(self.params.out_of_orderness_ms) <= self.wm
+            });
+            if held || was_idle || self.parts.len() == 1 {
+                self.recompute();
+            }
+        } else if was_idle {
+            self.recompute();
+        }
         (ws, class)
     }
 }
@@ -278,13 +373,13 @@ mod tests {
     #[test]
     fn classifies_on_time_late_too_late() {
         let mut w = Windower::new(params());
-        assert_eq!(w.observe(61_000), (60_000, Lateness::OnTime));
-        assert_eq!(w.observe(125_000), (120_000, Lateness::OnTime)); // wm = 120_000
-                                                                     // window [60s,120s) ended at 120s <= wm: late, still within lateness
-        assert_eq!(w.observe(119_000), (60_000, Lateness::Late));
-        assert_eq!(w.observe(200_000).1, Lateness::OnTime); // wm = 195_000
-                                                            // end 120s + lateness 60s = 180s <= wm 195s: too late
-        assert_eq!(w.observe(100_000), (60_000, Lateness::TooLate));
+        assert_eq!(w.observe(0, 61_000), (60_000, Lateness::OnTime));
+        assert_eq!(w.observe(0, 125_000), (120_000, Lateness::OnTime)); // wm = 120_000
+                                                                        // window [60s,120s) ended at 120s <= wm: late, still within lateness
+        assert_eq!(w.observe(0, 119_000), (60_000, Lateness::Late));
+        assert_eq!(w.observe(0, 200_000).1, Lateness::OnTime); // wm = 195_000
+                                                               // end 120s + lateness 60s = 180s <= wm 195s: too late
+        assert_eq!(w.observe(0, 100_000), (60_000, Lateness::TooLate));
     }
 
     #[test]
@@ -312,6 +407,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn watermark_is_the_minimum_over_active_partitions() {
+        let mut w = Windower::with_idleness(params(), 10_000);
+        w.set_partitions(&[0, 1]);
+        w.observe(0, 600_000);
+        assert_eq!(
+            w.watermark(),
+            i64::MIN,
+            "partition 1 has produced nothing yet"
+        );
+        w.observe(1, 300_000);
+        assert_eq!(w.watermark(), 295_000);
+        // partition 1's older data is on time although partition 0 is far ahead
+        assert_eq!(w.observe(1, 310_000).1, Lateness::OnTime);
+        assert_eq!(w.watermark(), 305_000);
+        // partition 1 goes quiet: after the idleness timeout partition 0 leads
+        w.tick(20_000);
+        assert_eq!(w.watermark(), 595_000);
+        // the watermark never moves back when partition 1 speaks again
+        assert_eq!(w.observe(1, 320_000).1, Lateness::TooLate);
+        assert_eq!(w.watermark(), 595_000);
+    }
+
     proptest! {
         /// Each event lands in exactly one bin, the bin contains it, and the sum
         /// over final emissions equals the number of events not too late.
@@ -323,7 +441,7 @@ mod tests {
             let mut counted = 0i64;
             let mut finals: BTreeMap<i64, i64> = BTreeMap::new();
             for &x in &ts {
-                let (ws, class) = w.observe(x);
+                let (ws, class) = w.observe((x % 3) as i32, x);
                 prop_assert!(ws <= x && x < ws + p.size_ms);
                 if class != Lateness::TooLate {
                     prop_assert!(t.add_partial(ws, "s", &one(1)));

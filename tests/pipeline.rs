@@ -206,6 +206,13 @@ async fn kafka_source_to_parquet_and_redis() {
     let got = minute_stats(&data).await;
     let want = recompute(&data).await;
     assert_stats_match(&got, &want);
+    // Per-partition watermarks: interleaved partitions do not make each other late.
+    assert_eq!(
+        s.too_late, 0,
+        "no event of the input is beyond allowed lateness"
+    );
+    let total: i64 = got.values().map(|v| v.0).sum();
+    assert_eq!(total as usize, exp.valid.len());
 
     // Redis holds the same numbers, in the documented layout
     let client = redis::Client::open(redis_url.as_str()).unwrap();

@@ -130,6 +130,13 @@ impl KafkaSource {
                 }
             }
         }
+        chunk.partitioned_time = true;
+        chunk.assigned = self.consumer.assignment().ok().map(|tpl| {
+            tpl.elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect()
+        });
         Ok((!chunk.is_empty()).then_some(chunk))
     }
 
