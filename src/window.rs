@@ -176,9 +176,8 @@ impl Windower {
         if old.is_none_or(|m| ts > m) {
             p.max_ts = Some(ts);
             // Only the partition holding the minimum (or one waking up) can move it.
-            let held = old.map_or(true, |m| {
-                m.saturating_sub(self.params.out_of_orderness_ms) <= self.wm
-            });
+            let held =
+                old.is_none_or(|m| m.saturating_sub(self.params.out_of_orderness_ms) <= self.wm);
             if held || was_idle || self.parts.len() == 1 {
                 self.recompute();
             }
