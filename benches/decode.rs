@@ -1,10 +1,10 @@
 //! Decode throughput: JSON lines from the generator -> Arrow batches.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pulse::config::ValidationConfig;
 use pulse::decode::Decoder;
 use pulse::model::{Position, RawChunk};
-use pulse::source::gen::{GenParams, Generator};
+use pulse::source::generator::{GenParams, Generator};
 
 fn chunk(n: u64) -> RawChunk {
     let mut g = Generator::new(GenParams {

@@ -25,15 +25,15 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, Secrets};
 use crate::decode::{Decoded, Decoder};
-use crate::model::{events_schema, RawChunk};
+use crate::model::{RawChunk, events_schema};
 use crate::sink::parquet::{
-    dead_letters_spec, events_spec, minute_stats_spec, remove_in_progress, top_items_spec,
-    TableWriter, WrittenFile,
+    TableWriter, WrittenFile, anomalies_spec, dead_letters_spec, events_spec, minute_stats_spec,
+    remove_in_progress, top_items_spec,
 };
-use crate::sink::store::{minute_rows, Emission, MinuteRow, Store, StoreError};
-use crate::source::gen::{GenParams, Generator};
+use crate::sink::store::{Emission, MinuteRow, Store, StoreError, minute_rows};
+use crate::source::generator::{GenParams, Generator};
 use crate::source::kafka::{KafkaError, KafkaSource};
-use crate::sql::{partials_to_batch, SqlEngine, SqlError};
+use crate::sql::{SqlEngine, SqlError, partials_to_batch};
 use crate::window::{Lateness, WindowEmit, WindowParams, WindowTable, Windower};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,8 @@ pub struct Summary {
     pub windows_emitted: u64,
     pub minute_rows_final: u64,
     pub final_rows: Vec<MinuteRow>,
+    pub anomalies: u64,
+    pub alerts: Vec<crate::alert::Alert>,
     pub files: Vec<(String, WrittenFile)>,
     pub elapsed: Duration,
     pub watermark_ms: Option<i64>,
@@ -83,6 +85,7 @@ enum ParquetMsg {
     Dead(RecordBatch),
     MinuteStats(RecordBatch),
     TopItems(RecordBatch),
+    Anomalies(RecordBatch),
     CloseHoursBefore(i64),
 }
 
@@ -109,22 +112,25 @@ fn parquet_stage(
     let mut dead = mk(dead_letters_spec())?;
     let mut stats = mk(minute_stats_spec())?;
     let mut top = mk(top_items_spec())?;
+    let mut anom = mk(anomalies_spec())?;
     while let Some(m) = rx.blocking_recv() {
         match m {
             ParquetMsg::Events(b) => events.write(&b)?,
             ParquetMsg::Dead(b) => dead.write(&b)?,
             ParquetMsg::MinuteStats(b) => stats.write(&b)?,
             ParquetMsg::TopItems(b) => top.write(&b)?,
+            ParquetMsg::Anomalies(b) => anom.write(&b)?,
             ParquetMsg::CloseHoursBefore(ms) => {
                 events.close_hours_before(ms)?;
                 dead.close_hours_before(ms)?;
                 stats.close_hours_before(ms)?;
                 top.close_hours_before(ms)?;
+                anom.close_hours_before(ms)?;
             }
         }
     }
     let mut out = Vec::new();
-    for w in [&mut events, &mut dead, &mut stats, &mut top] {
+    for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
         w.close_all()?;
     }
     for (name, w) in [
@@ -132,6 +138,7 @@ fn parquet_stage(
         ("dead_letters", &dead),
         ("minute_stats", &stats),
         ("top_items", &top),
+        ("anomalies", &anom),
     ] {
         out.extend(w.written().iter().map(|f| (name.to_string(), f.clone())));
     }
@@ -253,7 +260,7 @@ pub async fn run(
     });
 
     // core stage
-    let mut core = Core::new(cfg, store);
+    let mut core = Core::new(cfg, secrets, store);
     let core_result: Result<(), PipelineError> = async {
         loop {
             let d = tokio::select! {
@@ -317,10 +324,12 @@ struct Core {
     store: Store,
     lateness_ms: i64,
     summary: Summary,
+    tracker: crate::alert::AnomalyTracker,
+    notifier: Option<crate::notify::Notifier>,
 }
 
 impl Core {
-    fn new(cfg: &Config, store: Store) -> Self {
+    fn new(cfg: &Config, secrets: &Secrets, store: Store) -> Self {
         let params = WindowParams::from_config(&cfg.window);
         Core {
             sql: SqlEngine::new(),
@@ -329,6 +338,11 @@ impl Core {
             store,
             lateness_ms: params.allowed_lateness_ms,
             summary: Summary::default(),
+            tracker: crate::alert::AnomalyTracker::new(
+                cfg.detect.detector(),
+                cfg.detect.recover_windows,
+            ),
+            notifier: crate::notify::Notifier::from_config(&cfg.detect, &cfg.kafka, secrets),
         }
     }
 
@@ -477,6 +491,25 @@ impl Core {
         for r in &mut mrows {
             r.is_final = finals.contains(&r.window_start_ms);
         }
+        // Score each window once, at its first emission, in window order.
+        let mut anomalies = Vec::new();
+        let mut alerts = Vec::new();
+        for e in emits.iter().filter(|e| e.first) {
+            let rows: Vec<&MinuteRow> = mrows
+                .iter()
+                .filter(|r| r.window_start_ms == e.window_start)
+                .collect();
+            let (a, al) = self.tracker.observe_window(e.window_start, &rows);
+            anomalies.extend(a);
+            alerts.extend(al);
+        }
+        for a in &alerts {
+            tracing::warn!(kind = a.kind, service = %a.service, metrics = ?a.metrics, score = a.score,
+                window_start = %crate::source::generator::fmt_ts(a.window_start_ms), "incident");
+            metrics::counter!("pulse_alerts_total", "kind" => a.kind).increment(1);
+        }
+        self.summary.anomalies += anomalies.len() as u64;
+        self.summary.alerts.extend(alerts.iter().cloned());
         let emission = Emission {
             rows: mrows,
             top_items: emits
@@ -484,8 +517,22 @@ impl Core {
                 .map(|e| (e.window_start, e.top_items.clone()))
                 .collect(),
             watermark_ms: self.windower.watermark(),
+            anomalies,
+            alerts,
         };
         self.apply_with_retry(&emission).await?;
+        if !emission.anomalies.is_empty() {
+            send(
+                pq,
+                ParquetMsg::Anomalies(anomalies_batch(&emission.anomalies)?),
+            )
+            .await?;
+        }
+        if !emission.alerts.is_empty()
+            && let Some(n) = &self.notifier
+        {
+            n.notify(&emission.alerts);
+        }
         if !finals.is_empty() {
             let ws = stats.column(0).as_primitive::<TimestampMillisecondType>();
             let mask = BooleanArray::from(
@@ -530,6 +577,33 @@ impl Core {
         let emits = self.table.advance(self.windower.watermark(), true);
         self.emit(emits, pq).await
     }
+}
+
+fn anomalies_batch(a: &[crate::alert::Anomaly]) -> Result<RecordBatch, PipelineError> {
+    use datafusion::arrow::array::{Float64Array, StringArray};
+    Ok(RecordBatch::try_new(
+        crate::model::anomalies_schema(),
+        vec![
+            Arc::new(
+                TimestampMillisecondArray::from(
+                    a.iter().map(|x| x.window_start_ms).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from(
+                a.iter().map(|x| x.service.as_str()).collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                a.iter().map(|x| x.metric).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from(
+                a.iter().map(|x| x.value).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from(
+                a.iter().map(|x| x.score).collect::<Vec<_>>(),
+            )),
+        ],
+    )?)
 }
 
 fn top_items_batch<'a>(

@@ -35,6 +35,53 @@ pub struct Config {
     pub window: WindowConfig,
     pub redis: RedisConfig,
     pub parquet: ParquetConfig,
+    pub detect: DetectConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    /// Score in [0,1] at or above which a point is flagged.
+    pub threshold: f64,
+    /// Windows seen before any point is scored.
+    pub warmup_windows: usize,
+    /// Windows in the sliding robust statistics.
+    pub history_windows: usize,
+    /// Windows after a flag during which the same series raises no new flag.
+    pub suppress_windows: usize,
+    /// Quiet windows after which an incident is declared recovered.
+    pub recover_windows: u32,
+    /// Optional webhook (http://) that receives each alert as a JSON POST.
+    pub webhook_url: String,
+    /// Optional Kafka topic that receives each alert as a JSON message.
+    pub alerts_topic: String,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            threshold: 0.5,
+            warmup_windows: 30,
+            history_windows: 120,
+            suppress_windows: 10,
+            recover_windows: 3,
+            webhook_url: String::new(),
+            alerts_topic: String::new(),
+        }
+    }
+}
+
+impl DetectConfig {
+    /// The detector parameters for per-minute series.
+    pub fn detector(&self) -> crate::detect::DetectorConfig {
+        crate::detect::DetectorConfig {
+            threshold: self.threshold,
+            warmup: self.warmup_windows,
+            window: self.history_windows,
+            suppress: self.suppress_windows,
+            ..crate::detect::DetectorConfig::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -319,6 +366,14 @@ impl Config {
         }
         if self.validation.status_min > self.validation.status_max {
             return bad("validation.status_min > status_max".into());
+        }
+        if !(0.0..=1.0).contains(&self.detect.threshold) {
+            return bad("detect.threshold must be within 0..=1".into());
+        }
+        if !self.detect.webhook_url.is_empty() && !self.detect.webhook_url.starts_with("http://") {
+            return bad(
+                "detect.webhook_url must be an http:// URL (put TLS in a local relay)".into(),
+            );
         }
         if self
             .kafka

@@ -16,11 +16,11 @@ use datafusion::arrow::array::{
     TimestampMillisecondBuilder, UInt16Builder, UInt64Builder,
 };
 use datafusion::arrow::record_batch::RecordBatch;
-use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
 use crate::config::ValidationConfig;
-use crate::model::{dead_letters_schema, decoded_schema, RawChunk};
+use crate::model::{RawChunk, dead_letters_schema, decoded_schema};
 
 /// Why a record became a dead letter. `kind` is the low-cardinality metric label.
 #[derive(Debug, Clone, PartialEq)]
@@ -366,46 +366,46 @@ impl Decoder {
                 format!("ts {} ms outside the accepted range", ts.0),
             ));
         }
-        if let Some(t) = ev.event_type.as_deref() {
-            if !r.event_types.iter().any(|e| e == t) {
-                return Err(reject("range", format!("unknown event_type {t:?}")));
-            }
+        if let Some(t) = ev.event_type.as_deref()
+            && !r.event_types.iter().any(|e| e == t)
+        {
+            return Err(reject("range", format!("unknown event_type {t:?}")));
         }
-        if let Some(s) = ev.status {
-            if s < r.status_min || s > r.status_max {
-                return Err(reject(
-                    "range",
-                    format!("status {s} outside {}..={}", r.status_min, r.status_max),
-                ));
-            }
+        if let Some(s) = ev.status
+            && (s < r.status_min || s > r.status_max)
+        {
+            return Err(reject(
+                "range",
+                format!("status {s} outside {}..={}", r.status_min, r.status_max),
+            ));
         }
-        if let Some(l) = ev.latency_ms {
-            if !(l >= r.latency_min_ms && l <= r.latency_max_ms) {
-                return Err(reject(
-                    "range",
-                    format!(
-                        "latency_ms {l} outside {}..={}",
-                        r.latency_min_ms, r.latency_max_ms
-                    ),
-                ));
-            }
+        if let Some(l) = ev.latency_ms
+            && !(l >= r.latency_min_ms && l <= r.latency_max_ms)
+        {
+            return Err(reject(
+                "range",
+                format!(
+                    "latency_ms {l} outside {}..={}",
+                    r.latency_min_ms, r.latency_max_ms
+                ),
+            ));
         }
-        if let Some(p) = ev.price {
-            if p.is_nan() || p < r.price_min {
-                return Err(reject("range", format!("price {p} below {}", r.price_min)));
-            }
+        if let Some(p) = ev.price
+            && (p.is_nan() || p < r.price_min)
+        {
+            return Err(reject("range", format!("price {p} below {}", r.price_min)));
         }
         let is_rating = ev.event_type.as_deref() == Some("rating");
         match (is_rating, ev.rating) {
             (true, None) => return Err(reject("missing_field", "rating event without rating")),
             (false, Some(_)) => {
-                return Err(reject("range", "rating is only allowed on rating events"))
+                return Err(reject("range", "rating is only allowed on rating events"));
             }
             (true, Some(v)) if !(v >= r.rating_min && v <= r.rating_max) => {
                 return Err(reject(
                     "range",
                     format!("rating {v} outside {}..={}", r.rating_min, r.rating_max),
-                ))
+                ));
             }
             _ => {}
         }

@@ -15,6 +15,7 @@
 //! - [`window`]: event-time tumbling windows, watermark, allowed lateness. Pure.
 //! - [`sketch`]: mergeable HDR histograms and HyperLogLog. Pure.
 //! - [`sql`]: the per-window DataFusion SQL and its sketch functions.
+//! - [`detect`]: online anomaly detector (pure); [`alert`]: per-service scoring and incidents.
 //! - [`sink`]: Parquet tables (atomic, deterministically named files) and the aggregate store.
 //! - [`app`]: wires the stages with bounded channels and owns shutdown.
 //! - [`query`]: DataFusion SQL over the Parquet tables.
@@ -23,10 +24,15 @@
 //! are complete or fail; Kafka runs are at-least-once (offsets are committed
 //! after the Parquet files covering them).
 
+pub mod alert;
 pub mod app;
 pub mod config;
 pub mod decode;
+pub mod detect;
+pub mod detect_csv;
 pub mod model;
+pub mod nab;
+pub mod notify;
 pub mod query;
 pub mod sink;
 pub mod sketch;

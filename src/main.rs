@@ -4,14 +4,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use pulse::app::{self, SourceSpec, Summary};
 use pulse::config::{Config, Secrets};
 use pulse::sink::store::{MemoryStore, RedisStore, Store};
-use pulse::source::gen::{GenParams, Generator};
+use pulse::source::generator::{GenParams, Generator};
 
 #[derive(Parser)]
 #[command(
@@ -84,6 +84,20 @@ enum Cmd {
         #[arg(long)]
         idle_exit_ms: Option<u64>,
     },
+    /// Run the anomaly detector over a NAB-format series (timestamp,value CSV).
+    Detect {
+        #[arg(long)]
+        input: PathBuf,
+        /// Output CSV (timestamp,value,anomaly_score,label); standard output when absent.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Score the detector on a NAB corpus (normalised score per profile).
+    Nab {
+        /// Folder with combined_windows.json, profiles.json and the CSV files.
+        #[arg(long, default_value = "../shared/data/nab")]
+        data: PathBuf,
+    },
     /// SQL over the Parquet tables (events, minute_stats, dead_letters, top_items).
     Query {
         #[arg(long, default_value = "pulse-data")]
@@ -155,7 +169,7 @@ async fn main() -> Result<()> {
                 incidents: !no_incidents,
                 ..GenParams::default()
             };
-            gen(p, out, brokers, topic, partitions).await
+            generate(p, out, brokers, topic, partitions).await
         }
         Cmd::Run {
             config,
@@ -193,6 +207,40 @@ async fn main() -> Result<()> {
                 SourceSpec::Files(input)
             };
             run(cfg, source).await
+        }
+        Cmd::Detect { input, output } => {
+            let cfg = pulse::detect::DetectorConfig::default();
+            let inp = std::io::BufReader::new(
+                std::fs::File::open(&input)
+                    .with_context(|| format!("opening {}", input.display()))?,
+            );
+            let n = match output {
+                Some(o) => pulse::detect_csv::detect_csv(
+                    inp,
+                    std::io::BufWriter::new(
+                        std::fs::File::create(&o)
+                            .with_context(|| format!("creating {}", o.display()))?,
+                    ),
+                    &cfg,
+                )?,
+                None => pulse::detect_csv::detect_csv(inp, std::io::stdout().lock(), &cfg)?,
+            };
+            tracing::info!(rows = n, "scored");
+            Ok(())
+        }
+        Cmd::Nab { data } => {
+            let cfg = pulse::detect::DetectorConfig::default();
+            for (name, r) in pulse::detect_csv::nab_scores(&data, &cfg)? {
+                println!(
+                    "{name:<20} {:6.2}  (threshold {:.3}, windows detected {}/{}, false positives {})",
+                    r.normalised,
+                    r.threshold,
+                    r.detected_windows,
+                    r.perfect.round(),
+                    r.false_positives
+                );
+            }
+            Ok(())
         }
         Cmd::Query {
             data_dir,
@@ -232,9 +280,11 @@ async fn run(cfg: Config, source: SourceSpec) -> Result<()> {
 async fn demo(events: u64, data_dir: PathBuf, seed: u64) -> Result<()> {
     let mut cfg = Config::load(None)?;
     cfg.parquet.data_dir = data_dir.clone();
+    // Two hours of event time, so the detectors warm up before the planted incidents.
     let p = GenParams {
         events,
         seed,
+        rate_per_sec: (events as f64 / 7200.0).max(1.0),
         ..GenParams::default()
     };
     let incidents = Generator::new(p.clone()).incidents;
@@ -254,8 +304,19 @@ async fn demo(events: u64, data_dir: PathBuf, seed: u64) -> Result<()> {
             "  {:<13} on {:<8} {} .. {}",
             i.kind,
             i.service,
-            pulse::source::gen::fmt_ts(i.start_ms),
-            pulse::source::gen::fmt_ts(i.end_ms)
+            pulse::source::generator::fmt_ts(i.start_ms),
+            pulse::source::generator::fmt_ts(i.end_ms)
+        );
+    }
+    println!("alerts ({} anomalous points):", s.anomalies);
+    for a in &s.alerts {
+        println!(
+            "  {:<8} {:<9} at {} ({}, score {:.2})",
+            a.kind,
+            a.service,
+            pulse::source::generator::fmt_ts(a.window_start_ms),
+            a.metrics.join(", "),
+            a.score
         );
     }
     let snap = mem.snapshot();
@@ -264,7 +325,10 @@ async fn demo(events: u64, data_dir: PathBuf, seed: u64) -> Result<()> {
         snap.stats.len(),
         snap.top.len()
     );
-    println!("query it: pulse query --data-dir {} \"SELECT service, sum(requests) FROM minute_stats GROUP BY service\"", data_dir.display());
+    println!(
+        "query it: pulse query --data-dir {} \"SELECT service, sum(requests) FROM minute_stats GROUP BY service\"",
+        data_dir.display()
+    );
     Ok(())
 }
 
@@ -314,7 +378,7 @@ fn print_summary(s: &Summary, data_dir: &std::path::Path, sample_rows: usize) {
         for r in s.final_rows.iter().skip(mid).take(sample_rows) {
             println!(
                 "    {:<24} {:<9} {:>8} {:>7} {:>9.4} {:>8.1} {:>8.1} {:>8.1}",
-                pulse::source::gen::fmt_ts(r.window_start_ms),
+                pulse::source::generator::fmt_ts(r.window_start_ms),
                 r.service,
                 r.requests,
                 r.errors,
@@ -327,7 +391,7 @@ fn print_summary(s: &Summary, data_dir: &std::path::Path, sample_rows: usize) {
     }
 }
 
-async fn gen(
+async fn generate(
     p: GenParams,
     out: Option<PathBuf>,
     brokers: Option<String>,

@@ -92,6 +92,17 @@ pub fn top_items_schema() -> SchemaRef {
     ]))
 }
 
+/// `anomalies`: one row per flagged (window, service, metric).
+pub fn anomalies_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("window_start", ts_type(), false),
+        Field::new("service", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, false),
+        Field::new("score", DataType::Float64, false),
+    ]))
+}
+
 /// Where a record came from: a Kafka topic-partition-offset, or a file's index and line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {

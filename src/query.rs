@@ -35,6 +35,7 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef)> {
         ("dead_letters", crate::model::dead_letters_schema()),
         ("minute_stats", crate::model::minute_stats_schema()),
         ("top_items", crate::model::top_items_schema()),
+        ("anomalies", crate::model::anomalies_schema()),
     ]
 }
 

@@ -4,8 +4,8 @@
 //! to bytes so partial aggregates can cross SQL, Redis and instances, and merge
 //! exactly (HDR) or losslessly for the sketch (HLL). Pure code.
 
-use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 
 /// Latency histogram in microseconds.
 pub type LatencyHist = Histogram<u64>;

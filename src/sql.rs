@@ -15,12 +15,12 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, ScalarValue};
-use datafusion::logical_expr::{create_udaf, create_udf, Accumulator, ColumnarValue, Volatility};
+use datafusion::logical_expr::{Accumulator, ColumnarValue, Volatility, create_udaf, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::model::ts_type;
 use crate::sketch::{
-    hist_from_bytes, hist_merge, hist_to_bytes, new_hist, quantile_ms, record_ms, Hll, LatencyHist,
+    Hll, LatencyHist, hist_from_bytes, hist_merge, hist_to_bytes, new_hist, quantile_ms, record_ms,
 };
 use crate::window::Partial;
 

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::sketch::{hist_merge, new_hist, Hll, LatencyHist};
+use crate::sketch::{Hll, LatencyHist, hist_merge, new_hist};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowParams {
@@ -251,6 +251,8 @@ pub struct WindowEmit {
     pub top_items: Vec<(u64, i64)>,
     /// No later change is possible: the window was purged.
     pub is_final: bool,
+    /// The window's first emission.
+    pub first: bool,
 }
 
 /// Open windows, keyed by start; bins below the watermark are popped.
@@ -326,6 +328,7 @@ impl WindowTable {
                         .collect(),
                     top_items: top_n(&w.items, self.top_n),
                     is_final,
+                    first: !w.emitted,
                 });
                 w.emitted = true;
                 w.dirty = false;
@@ -374,10 +377,10 @@ mod tests {
         let mut w = Windower::new(params());
         assert_eq!(w.observe(0, 61_000), (60_000, Lateness::OnTime));
         assert_eq!(w.observe(0, 125_000), (120_000, Lateness::OnTime)); // wm = 120_000
-                                                                        // window [60s,120s) ended at 120s <= wm: late, still within lateness
+        // window [60s,120s) ended at 120s <= wm: late, still within lateness
         assert_eq!(w.observe(0, 119_000), (60_000, Lateness::Late));
         assert_eq!(w.observe(0, 200_000).1, Lateness::OnTime); // wm = 195_000
-                                                               // end 120s + lateness 60s = 180s <= wm 195s: too late
+        // end 120s + lateness 60s = 180s <= wm 195s: too late
         assert_eq!(w.observe(0, 100_000), (60_000, Lateness::TooLate));
     }
 

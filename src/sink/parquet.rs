@@ -391,6 +391,15 @@ pub fn top_items_spec() -> TableSpec {
     }
 }
 
+pub fn anomalies_spec() -> TableSpec {
+    TableSpec {
+        name: "anomalies",
+        schema: crate::model::anomalies_schema(),
+        time_column: "window_start",
+        positioned: false,
+    }
+}
+
 /// Convenience for tests and tools: every committed parquet file under a table.
 pub fn list_files(data_dir: &Path, table: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -488,9 +497,10 @@ mod tests {
             .key_value_metadata()
             .unwrap()
             .clone();
-        assert!(kv
-            .iter()
-            .any(|k| k.key == "pulse.first_offset" && k.value.as_deref() == Some("10")));
+        assert!(
+            kv.iter()
+                .any(|k| k.key == "pulse.first_offset" && k.value.as_deref() == Some("10"))
+        );
         let rows: usize = r.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
         assert_eq!(rows, 2);
         assert_eq!(remove_in_progress(dir.path()).unwrap(), 0);

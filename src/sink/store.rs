@@ -11,6 +11,9 @@
 //!   unique_users, final (0 while late events may still update it, 1 after).
 //! - `{p}:top:{m}` — sorted set item_id → requests (top N of the window).
 //! - `{p}:watermark` — string, epoch ms of the pipeline's watermark.
+//! - `{p}:anomalies` — stream (capped ~10,000): window_start_ms, service, metric, value, score.
+//! - `{p}:alerts` — stream (capped ~10,000): `json`, one entry per incident start or recovery.
+//! - `{p}:status:{service}` — hash: status (ok | anomalous), since_ms, metrics, score.
 //!
 //! Per-minute keys expire after `redis.ttl_secs`; writes are pipelined, one
 //! round trip per emission batch.
@@ -91,6 +94,25 @@ pub struct Emission {
     /// (window_start_ms, top items as (item, requests)).
     pub top_items: Vec<(i64, Vec<(u64, i64)>)>,
     pub watermark_ms: i64,
+    pub anomalies: Vec<crate::alert::Anomaly>,
+    pub alerts: Vec<crate::alert::Alert>,
+}
+
+/// Length the anomaly and alert streams are capped at (approximately).
+pub const STREAM_MAXLEN: usize = 10_000;
+
+/// The JSON form of an alert (webhook body, Kafka alert message, Redis field).
+pub fn alert_json(a: &crate::alert::Alert) -> String {
+    serde_json::json!({
+        "kind": a.kind,
+        "service": a.service,
+        "window_start": crate::source::generator::fmt_ts(a.window_start_ms),
+        "window_start_ms": a.window_start_ms,
+        "metrics": a.metrics,
+        "score": a.score,
+        "text": format!("pulse: {} {} ({}), score {:.2}", a.service, if a.kind == "start" { "anomalous" } else { "recovered" }, a.metrics.join(", "), a.score),
+    })
+    .to_string()
 }
 
 /// In-process store for `pulse demo` and file runs without Redis.
@@ -104,6 +126,8 @@ pub struct MemoryInner {
     pub stats: BTreeMap<(String, i64), MinuteRow>,
     pub top: BTreeMap<i64, Vec<(u64, i64)>>,
     pub watermark_ms: i64,
+    pub anomalies: Vec<crate::alert::Anomaly>,
+    pub alerts: Vec<crate::alert::Alert>,
 }
 
 impl MemoryStore {
@@ -172,6 +196,8 @@ impl Store {
                     g.top.insert(*ws, items.clone());
                 }
                 g.watermark_ms = g.watermark_ms.max(e.watermark_ms);
+                g.anomalies.extend(e.anomalies.iter().cloned());
+                g.alerts.extend(e.alerts.iter().cloned());
                 Ok(())
             }
             Store::Redis(r) => {
@@ -220,6 +246,47 @@ impl Store {
                             .expire(&key, ttl)
                             .ignore();
                     }
+                }
+                for a in &e.anomalies {
+                    pipe.cmd("XADD")
+                        .arg(format!("{p}:anomalies"))
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(STREAM_MAXLEN)
+                        .arg("*")
+                        .arg("window_start_ms")
+                        .arg(a.window_start_ms)
+                        .arg("service")
+                        .arg(&a.service)
+                        .arg("metric")
+                        .arg(a.metric)
+                        .arg("value")
+                        .arg(a.value)
+                        .arg("score")
+                        .arg(a.score)
+                        .ignore();
+                }
+                for a in &e.alerts {
+                    pipe.cmd("XADD")
+                        .arg(format!("{p}:alerts"))
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(STREAM_MAXLEN)
+                        .arg("*")
+                        .arg("json")
+                        .arg(alert_json(a))
+                        .ignore();
+                    let status = if a.kind == "start" { "anomalous" } else { "ok" };
+                    pipe.hset_multiple(
+                        format!("{p}:status:{}", a.service),
+                        &[
+                            ("status", status.to_string()),
+                            ("since_ms", a.window_start_ms.to_string()),
+                            ("metrics", a.metrics.join(",")),
+                            ("score", a.score.to_string()),
+                        ],
+                    )
+                    .ignore();
                 }
                 if e.watermark_ms > i64::MIN {
                     pipe.set(format!("{p}:watermark"), e.watermark_ms).ignore();

@@ -3,5 +3,5 @@
 //! source position of every record.
 
 pub mod file;
-pub mod gen;
+pub mod generator;
 pub mod kafka;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType, UInt64Type};
-use pulse::source::gen::{GenParams, Generator};
+use pulse::source::generator::{GenParams, Generator};
 
 /// Address of a service the test script started; a missing one is a setup error.
 pub fn service(var: &str) -> String {

@@ -168,10 +168,22 @@ impl Generator {
             let kind = self.rng.random_range(0..5);
             let _ = match kind {
                 0 => write!(out, "{{\"event_id\": {event_id}, \"ts\": \"not-a-time\""),
-                1 => write!(out, "{{\"event_id\":{event_id},\"ts\":{t},\"user_id\":1,\"item_id\":1,\"event_type\":\"view\",\"service\":\"{service}\",\"status\":999,\"latency_ms\":5}}"),
-                2 => write!(out, "{{\"event_id\":{event_id},\"ts\":{t},\"user_id\":1,\"item_id\":1,\"event_type\":\"view\",\"service\":\"{service}\",\"status\":200,\"latency_ms\":-3}}"),
-                3 => write!(out, "{{\"event_id\":{event_id},\"ts\":{t},\"item_id\":1,\"event_type\":\"view\",\"service\":\"{service}\",\"status\":200,\"latency_ms\":5}}"),
-                _ => write!(out, "{{\"event_id\":{event_id},\"ts\":{t},\"user_id\":1,\"item_id\":1,\"event_type\":\"view\",\"rating\":4,\"service\":\"{service}\",\"status\":200,\"latency_ms\":5}}"),
+                1 => write!(
+                    out,
+                    "{{\"event_id\":{event_id},\"ts\":{t},\"user_id\":1,\"item_id\":1,\"event_type\":\"view\",\"service\":\"{service}\",\"status\":999,\"latency_ms\":5}}"
+                ),
+                2 => write!(
+                    out,
+                    "{{\"event_id\":{event_id},\"ts\":{t},\"user_id\":1,\"item_id\":1,\"event_type\":\"view\",\"service\":\"{service}\",\"status\":200,\"latency_ms\":-3}}"
+                ),
+                3 => write!(
+                    out,
+                    "{{\"event_id\":{event_id},\"ts\":{t},\"item_id\":1,\"event_type\":\"view\",\"service\":\"{service}\",\"status\":200,\"latency_ms\":5}}"
+                ),
+                _ => write!(
+                    out,
+                    "{{\"event_id\":{event_id},\"ts\":{t},\"user_id\":1,\"item_id\":1,\"event_type\":\"view\",\"rating\":4,\"service\":\"{service}\",\"status\":200,\"latency_ms\":5}}"
+                ),
             };
             return Some(());
         }

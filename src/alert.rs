@@ -1,0 +1,244 @@
+//! Per-minute anomaly scoring of each service and incident tracking. Consumes
+//! the first emission of every window (requests, error rate, p95 latency per
+//! service); produces one [`Anomaly`] per scored (window, service, metric) whose
+//! flag is set, and [`Alert`]s per incident, not per minute: one when a service
+//! turns anomalous, one when it has been quiet for `recover_windows` windows.
+//! A service with no row in a window is scored with zero requests, so traffic
+//! drops are seen. Pure code: detectors are the shared [`crate::detect`] ones.
+
+use std::collections::BTreeMap;
+
+use crate::detect::{Detector, DetectorConfig};
+use crate::sink::store::MinuteRow;
+
+/// The series scored per service.
+pub const METRICS: [&str; 3] = ["requests", "error_rate", "latency_p95_ms"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Anomaly {
+    pub window_start_ms: i64,
+    pub service: String,
+    pub metric: &'static str,
+    pub value: f64,
+    pub score: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    /// "start" or "recover".
+    pub kind: &'static str,
+    pub service: String,
+    /// Window that opened (or closed) the incident.
+    pub window_start_ms: i64,
+    /// The metrics flagged during the incident so far.
+    pub metrics: Vec<&'static str>,
+    /// Highest score seen in the incident.
+    pub score: f64,
+}
+
+#[derive(Debug, Default)]
+struct ServiceState {
+    detectors: Vec<Detector>,
+    incident: Option<Incident>,
+}
+
+#[derive(Debug)]
+struct Incident {
+    metrics: Vec<&'static str>,
+    score: f64,
+    quiet: u32,
+}
+
+/// Detectors and incident state of every service seen.
+#[derive(Debug)]
+pub struct AnomalyTracker {
+    cfg: DetectorConfig,
+    recover_windows: u32,
+    services: BTreeMap<String, ServiceState>,
+    last_window: Option<i64>,
+}
+
+impl AnomalyTracker {
+    pub fn new(cfg: DetectorConfig, recover_windows: u32) -> Self {
+        AnomalyTracker {
+            cfg,
+            recover_windows: recover_windows.max(1),
+            services: BTreeMap::new(),
+            last_window: None,
+        }
+    }
+
+    /// Scores one window's rows (all services of one window_start). Windows
+    /// must come in increasing order; an older or repeated one is ignored.
+    pub fn observe_window(
+        &mut self,
+        window_start_ms: i64,
+        rows: &[&MinuteRow],
+    ) -> (Vec<Anomaly>, Vec<Alert>) {
+        if self.last_window.is_some_and(|w| window_start_ms <= w) {
+            return (Vec::new(), Vec::new());
+        }
+        self.last_window = Some(window_start_ms);
+        for r in rows {
+            if !self.services.contains_key(&r.service) {
+                let st = ServiceState {
+                    detectors: METRICS
+                        .iter()
+                        .map(|_| Detector::new(self.cfg.clone()))
+                        .collect(),
+                    incident: None,
+                };
+                self.services.insert(r.service.clone(), st);
+            }
+        }
+        let mut anomalies = Vec::new();
+        let mut alerts = Vec::new();
+        for (svc, st) in self.services.iter_mut() {
+            let row = rows.iter().find(|r| &r.service == svc);
+            let values: [Option<f64>; 3] = match row {
+                Some(r) => [
+                    Some(r.requests as f64),
+                    Some(r.error_rate),
+                    r.latency_p95_ms,
+                ],
+                None => [Some(0.0), None, None],
+            };
+            let mut flagged = Vec::new();
+            let mut top = 0.0f64;
+            for (i, v) in values.iter().enumerate() {
+                let Some(v) = v else { continue };
+                let p = st.detectors[i].update(window_start_ms, *v);
+                if p.flagged {
+                    flagged.push(METRICS[i]);
+                    top = top.max(p.score);
+                    anomalies.push(Anomaly {
+                        window_start_ms,
+                        service: svc.clone(),
+                        metric: METRICS[i],
+                        value: *v,
+                        score: p.score,
+                    });
+                }
+            }
+            match (&mut st.incident, flagged.is_empty()) {
+                (None, false) => {
+                    alerts.push(Alert {
+                        kind: "start",
+                        service: svc.clone(),
+                        window_start_ms,
+                        metrics: flagged.clone(),
+                        score: top,
+                    });
+                    st.incident = Some(Incident {
+                        metrics: flagged,
+                        score: top,
+                        quiet: 0,
+                    });
+                }
+                (Some(inc), false) => {
+                    inc.quiet = 0;
+                    inc.score = inc.score.max(top);
+                    for m in flagged {
+                        if !inc.metrics.contains(&m) {
+                            inc.metrics.push(m);
+                        }
+                    }
+                }
+                (Some(inc), true) => {
+                    inc.quiet += 1;
+                    if inc.quiet >= self.recover_windows {
+                        alerts.push(Alert {
+                            kind: "recover",
+                            service: svc.clone(),
+                            window_start_ms,
+                            metrics: inc.metrics.clone(),
+                            score: inc.score,
+                        });
+                        st.incident = None;
+                    }
+                }
+                (None, true) => {}
+            }
+        }
+        (anomalies, alerts)
+    }
+
+    /// Services currently in an incident.
+    pub fn open_incidents(&self) -> Vec<&str> {
+        self.services
+            .iter()
+            .filter(|(_, s)| s.incident.is_some())
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(ws: i64, svc: &str, requests: i64, errors: i64) -> MinuteRow {
+        MinuteRow {
+            window_start_ms: ws,
+            service: svc.into(),
+            requests,
+            errors,
+            client_errors: 0,
+            error_rate: errors as f64 / requests.max(1) as f64,
+            latency_mean_ms: Some(30.0),
+            latency_p50_ms: Some(25.0),
+            latency_p95_ms: Some(60.0 + (ws / 60_000 % 3) as f64),
+            latency_p99_ms: Some(90.0),
+            latency_max_ms: Some(120.0),
+            unique_users: 10,
+            is_final: true,
+        }
+    }
+
+    #[test]
+    fn one_alert_per_incident_start_and_recovery_and_missing_rows_count_as_zero() {
+        let cfg = DetectorConfig {
+            warmup: 20,
+            window: 60,
+            suppress: 5,
+            ..DetectorConfig::default()
+        };
+        let mut t = AnomalyTracker::new(cfg, 3);
+        let mut alerts = Vec::new();
+        for m in 0..120i64 {
+            let ws = m * 60_000;
+            let noise = (m * 7919 % 11) - 5;
+            let a = row(ws, "a", 1000 + noise, 5 + noise.abs() % 3);
+            // service b disappears for one minute at 90: a traffic drop
+            let b = row(ws, "b", 500 + noise, 2);
+            let errors_a = if (60..64).contains(&m) { 400 } else { a.errors };
+            let a = MinuteRow {
+                errors: errors_a,
+                error_rate: errors_a as f64 / a.requests as f64,
+                ..a
+            };
+            let rows: Vec<&MinuteRow> = if m == 90 { vec![&a] } else { vec![&a, &b] };
+            let (_, al) = t.observe_window(ws, &rows);
+            alerts.extend(al);
+        }
+        let a_alerts: Vec<_> = alerts.iter().filter(|x| x.service == "a").collect();
+        assert_eq!(a_alerts.len(), 2, "{alerts:?}");
+        assert_eq!(
+            (a_alerts[0].kind, a_alerts[0].window_start_ms),
+            ("start", 60 * 60_000)
+        );
+        assert!(a_alerts[0].metrics.contains(&"error_rate"));
+        assert_eq!(a_alerts[1].kind, "recover");
+        let b_start = alerts
+            .iter()
+            .find(|x| x.service == "b" && x.kind == "start");
+        assert_eq!(
+            b_start.map(|x| x.window_start_ms),
+            Some(90 * 60_000),
+            "{alerts:?}"
+        );
+        // an old window is ignored
+        assert!(t.observe_window(0, &[]).0.is_empty());
+        assert!(t.open_incidents().len() <= 1);
+    }
+}
