@@ -198,12 +198,13 @@ mod tests {
     #[test]
     fn one_alert_per_incident_start_and_recovery_and_missing_rows_count_as_zero() {
         let cfg = DetectorConfig {
+            threshold: 0.8,
             warmup: 20,
             window: 60,
             suppress: 5,
             ..DetectorConfig::default()
         };
-        let mut t = AnomalyTracker::new(cfg, 3);
+        let mut t = AnomalyTracker::new(cfg, 8);
         let mut alerts = Vec::new();
         for m in 0..120i64 {
             let ws = m * 60_000;

@@ -60,11 +60,11 @@ pub struct DetectConfig {
 impl Default for DetectConfig {
     fn default() -> Self {
         DetectConfig {
-            threshold: 0.5,
+            threshold: 0.8,
             warmup_windows: 30,
             history_windows: 120,
             suppress_windows: 10,
-            recover_windows: 3,
+            recover_windows: 12,
             webhook_url: String::new(),
             alerts_topic: String::new(),
         }

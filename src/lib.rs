@@ -34,6 +34,7 @@ pub mod model;
 pub mod nab;
 pub mod notify;
 pub mod query;
+pub mod serve;
 pub mod sink;
 pub mod sketch;
 pub mod source;

@@ -83,6 +83,18 @@ enum Cmd {
         /// Exit after the Kafka source was idle this many milliseconds.
         #[arg(long)]
         idle_exit_ms: Option<u64>,
+        /// Serve /metrics, /healthz and /readyz (and the dashboard API) on this address.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Dashboard, JSON API, /metrics and health over the Redis aggregates.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        redis: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
     },
     /// Run the anomaly detector over a NAB-format series (timestamp,value CSV).
     Detect {
@@ -180,6 +192,7 @@ async fn main() -> Result<()> {
             redis,
             data_dir,
             idle_exit_ms,
+            listen,
         } => {
             let mut cfg = Config::load(config.as_deref())?;
             if let Some(b) = brokers {
@@ -206,7 +219,30 @@ async fn main() -> Result<()> {
             } else {
                 SourceSpec::Files(input)
             };
-            run(cfg, source).await
+            run(cfg, source, listen).await
+        }
+        Cmd::Serve {
+            config,
+            redis,
+            listen,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(r) = redis {
+                cfg.redis.url = r;
+            }
+            let _ = pulse::serve::metrics_handle();
+            let secrets = Secrets::from_env();
+            let state = serve_state(&cfg, &secrets, None).await?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "dashboard at http://{}/", listener.local_addr()?);
+            let mut stop = shutdown_on_signals();
+            pulse::serve::serve(listener, state, async move {
+                let _ = stop.wait_for(|v| *v).await;
+            })
+            .await?;
+            Ok(())
         }
         Cmd::Detect { input, output } => {
             let cfg = pulse::detect::DetectorConfig::default();
@@ -256,8 +292,44 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn run(cfg: Config, source: SourceSpec) -> Result<()> {
+async fn serve_state(
+    cfg: &Config,
+    secrets: &Secrets,
+    kafka: Option<String>,
+) -> Result<pulse::serve::ServeState> {
+    let redis = if cfg.redis.url.is_empty() {
+        None
+    } else {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.redis.url.as_str())?;
+        if let Some(p) = &secrets.redis_password {
+            let settings = info.redis_settings().clone().set_password(p);
+            info = info.set_redis_settings(settings);
+        }
+        Some(redis::aio::ConnectionManager::new(redis::Client::open(info)?).await?)
+    };
+    Ok(pulse::serve::ServeState {
+        redis,
+        prefix: cfg.redis.prefix.clone(),
+        kafka_brokers: kafka,
+    })
+}
+
+async fn run(cfg: Config, source: SourceSpec, listen: Option<String>) -> Result<()> {
     let secrets = Secrets::from_env();
+    let _ = pulse::serve::metrics_handle();
+    if let Some(addr) = listen {
+        let kafka = matches!(source, SourceSpec::Kafka).then(|| cfg.kafka.brokers.clone());
+        let state = serve_state(&cfg, &secrets, kafka).await?;
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+        tokio::spawn(async move {
+            if let Err(e) = pulse::serve::serve(listener, state, std::future::pending()).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let store = if cfg.redis.url.is_empty() {
         Store::Memory(MemoryStore::default())
     } else {

@@ -265,3 +265,14 @@ impl EventProducer {
         }
     }
 }
+
+/// Whether the brokers answer a metadata request within `timeout` (blocking).
+pub fn check_brokers(brokers: &str, timeout: Duration) -> Result<(), String> {
+    let c: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| e.to_string())?;
+    c.fetch_metadata(None, timeout)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
