@@ -11,6 +11,13 @@ if ! python3 -c 'import pyarrow' >/dev/null 2>&1; then
   echo "test.sh: installing pyarrow" >&2
   python3 -m pip install --quiet --disable-pip-version-check pyarrow >&2
 fi
+# Chromium: the dashboard's browser test (Debian package, headless).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "test.sh: installing chromium" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >&2
+fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 eval "$(scripts/services.sh start)"

@@ -1,0 +1,270 @@
+//! `pulse serve` against real Redis filled by a real pipeline run (two
+//! simulated hours with planted incidents): the JSON API, bad parameters,
+//! /metrics, health, and the dashboard rendered by headless Chromium.
+
+mod common;
+
+use std::time::Duration;
+
+use pulse::app::{self, SourceSpec};
+use pulse::config::{Config, Secrets};
+use pulse::serve::{ServeState, metrics_handle, serve};
+use pulse::sink::store::{RedisStore, Store};
+use pulse::source::generator::{GenParams, Generator};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET over a real TCP connection: (status, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    // chunked bodies: keep it simple by stripping chunk-size lines when present
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body.as_str();
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        body
+    };
+    (code, body)
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_metrics_health_and_dashboard_in_a_browser() {
+    let redis_url = common::service("PULSE_TEST_REDIS");
+    let prefix = common::unique("srv");
+    let dir = tempfile::tempdir().unwrap();
+    let _ = metrics_handle();
+    let mut cfg = Config::load_with_env(None, &[]).unwrap();
+    cfg.parquet.data_dir = dir.path().join("data");
+    cfg.redis.url = redis_url.clone();
+    cfg.redis.prefix = prefix.clone();
+    let p = GenParams {
+        events: 100_000,
+        seed: 2,
+        rate_per_sec: 100_000.0 / 7200.0,
+        ..GenParams::default()
+    };
+    let incidents = Generator::new(p.clone()).incidents;
+    let store = Store::Redis(
+        RedisStore::connect(&redis_url, None, &prefix, 3600)
+            .await
+            .unwrap(),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let s = app::run(
+        &cfg,
+        &Secrets::default(),
+        SourceSpec::Generator(p),
+        store,
+        rx,
+    )
+    .await
+    .unwrap();
+    assert!(s.anomalies > 0);
+
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let state = ServeState {
+        redis: Some(redis::aio::ConnectionManager::new(client).await.unwrap()),
+        prefix: prefix.clone(),
+        kafka_brokers: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async move {
+        let _ = stop_rx.await;
+    }));
+
+    // the API
+    let (code, body) = get(addr, "/api/services").await;
+    assert_eq!(code, 200);
+    let v = json(&body);
+    let services: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert_eq!(services, ["cart", "catalog", "checkout", "reco", "search"]);
+    let (code, body) = get(addr, "/api/stats?service=checkout&minutes=180").await;
+    assert_eq!(code, 200, "{body}");
+    let pts = json(&body)["points"].as_array().unwrap().clone();
+    assert!(pts.len() >= 110, "two hours of minutes, got {}", pts.len());
+    let total: f64 = pts.iter().map(|p| p["requests"].as_f64().unwrap()).sum();
+    let want: i64 = s
+        .final_rows
+        .iter()
+        .filter(|r| r.service == "checkout")
+        .map(|r| r.requests)
+        .sum();
+    assert_eq!(total as i64, want, "the API serves the pipeline's numbers");
+    let (_, body) = get(addr, "/api/anomalies?limit=500").await;
+    let anomalies = json(&body)["anomalies"].as_array().unwrap().clone();
+    for inc in &incidents {
+        assert!(
+            anomalies.iter().any(|a| a["service"] == inc.service
+                && a["window_start_ms"].as_i64().unwrap() >= inc.start_ms
+                && a["window_start_ms"].as_i64().unwrap() < inc.end_ms),
+            "{} missing from /api/anomalies",
+            inc.service
+        );
+    }
+    let (_, body) = get(addr, "/api/alerts").await;
+    assert!(
+        json(&body)["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "start")
+    );
+    let (code, body) = get(addr, "/api/top?k=5").await;
+    assert_eq!(code, 200);
+    assert_eq!(json(&body)["items"].as_array().unwrap().len(), 5);
+    let (code, body) = get(addr, "/api/status").await;
+    assert_eq!(code, 200);
+    assert!(json(&body)["services"]["checkout"]["status"].is_string());
+
+    // bad parameters: 400 with a JSON error
+    for path in [
+        "/api/stats",
+        "/api/stats?service=../etc",
+        "/api/stats?service=checkout&minutes=abc",
+        "/api/stats?service=checkout&minutes=999999",
+        "/api/stats?service=checkout&nope=1",
+        "/api/anomalies?limit=0",
+        "/api/top?k=1000",
+    ] {
+        let (code, body) = get(addr, path).await;
+        assert_eq!(code, 400, "{path}: {body}");
+        assert!(json(&body)["error"].is_string(), "{path}: {body}");
+    }
+
+    // metrics and health
+    let (code, body) = get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    for m in [
+        "pulse_events_total",
+        "pulse_batch_seconds_bucket",
+        "pulse_redis_write_seconds_bucket",
+        "pulse_files_written_total",
+    ] {
+        assert!(body.contains(m), "/metrics lacks {m}");
+    }
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["checks"]["redis"], "ok");
+
+    // the dashboard in a real browser
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("chromium is installed by scripts/test.sh");
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard.png");
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{addr}/");
+    let browser = |extra: Vec<String>| {
+        let mut cmd = std::process::Command::new(chromium);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-quic",
+            "--virtual-time-budget=10000",
+            "--window-size=1400,1100",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(&url);
+        cmd
+    };
+    let dom = tokio::task::spawn_blocking({
+        let mut cmd = browser(vec!["--dump-dom".into()]);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    assert!(
+        dom.contains("data-loaded"),
+        "the page finished loading its data"
+    );
+    let points: usize = dom
+        .match_indices("data-points=\"")
+        .map(|(i, m)| {
+            dom[i + m.len()..]
+                .split('"')
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    assert!(points >= 5 * 3 * 100, "charts have data points: {points}");
+    for inc in &incidents {
+        assert!(
+            dom.contains(&format!(
+                "class=\"anomaly\" data-service=\"{}\"",
+                inc.service
+            )),
+            "anomaly marker for {} on the charts",
+            inc.service
+        );
+    }
+    let out = tokio::task::spawn_blocking({
+        let mut cmd = browser(vec![format!("--screenshot={}", shot.display())]);
+        move || cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "screenshot saved"
+    );
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
