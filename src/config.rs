@@ -63,8 +63,8 @@ impl Default for DetectConfig {
             threshold: 0.8,
             warmup_windows: 30,
             history_windows: 120,
-            suppress_windows: 10,
-            recover_windows: 12,
+            suppress_windows: 3,
+            recover_windows: 5,
             webhook_url: String::new(),
             alerts_topic: String::new(),
         }
