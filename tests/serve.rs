@@ -190,7 +190,8 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
                 .is_ok_and(|o| o.status.success())
         })
         .expect("chromium is installed by scripts/test.sh");
-    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard.png");
+    // Saved for people to look at: target/tmp/dashboard.png (README: docs/dashboard.png).
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let profile = tempfile::tempdir().unwrap();
     let url = format!("http://{addr}/");
     let browser = |extra: Vec<String>| {
