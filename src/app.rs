@@ -230,7 +230,6 @@ pub async fn run(
                         };
                         match next {
                             Some(c) => {
-                                metrics::counter!("pulse_records_consumed_total", "source" => "kafka").increment(c.len() as u64);
                                 if chunk_tx.send(c).await.is_err() {
                                     break;
                                 }
@@ -385,6 +384,7 @@ impl Core {
                     .cloned()
             })
             .ok_or_else(|| PipelineError::Stage("missing src_partition".into()))?;
+        let (late0, too_late0) = (self.summary.late, self.summary.too_late);
         let mut ws = Vec::with_capacity(n);
         let mut counted = Vec::with_capacity(n);
         let mut lateness = StringBuilder::with_capacity(n, n * 7);
@@ -452,6 +452,17 @@ impl Core {
         }
         let wm = self.windower.watermark();
         metrics::gauge!("pulse_watermark_ms").set(wm as f64);
+        if wm > i64::MIN {
+            let lag = chrono::Utc::now().timestamp_millis().saturating_sub(wm);
+            metrics::gauge!("pulse_watermark_lag_seconds").set(lag as f64 / 1000.0);
+        }
+        let (late, too_late) = (self.summary.late - late0, self.summary.too_late - too_late0);
+        if late > 0 {
+            metrics::counter!("pulse_late_events_total", "class" => "late").increment(late);
+        }
+        if too_late > 0 {
+            metrics::counter!("pulse_late_events_total", "class" => "too_late").increment(too_late);
+        }
         let emits = self.table.advance(wm, false);
         self.emit(emits, pq).await?;
         // Hours whose events can no longer change their windows are complete.

@@ -170,6 +170,7 @@ async fn kafka_source_to_parquet_and_redis() {
         .unwrap();
     }
 
+    let metrics = pulse::serve::metrics_handle().expect("recorder installed");
     let store = Store::Redis(
         RedisStore::connect(&redis_url, None, &prefix, 3600)
             .await
@@ -179,6 +180,11 @@ async fn kafka_source_to_parquet_and_redis() {
     let s = app::run(&cfg, &secrets, SourceSpec::Kafka, store, rx)
         .await
         .unwrap();
+    let text = metrics.render();
+    for p in 0..4 {
+        let m = format!("pulse_records_consumed_total{{source=\"kafka\",partition=\"{p}\"}}");
+        assert!(text.contains(&m), "/metrics lacks {m}");
+    }
     assert_eq!(
         s.records as usize,
         lines.len(),

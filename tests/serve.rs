@@ -172,6 +172,12 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
         "pulse_batch_seconds_bucket",
         "pulse_redis_write_seconds_bucket",
         "pulse_files_written_total",
+        "pulse_bytes_written_total",
+        "pulse_checkpoint_seconds_bucket",
+        "pulse_late_events_total{class=\"late\"}",
+        "pulse_watermark_lag_seconds",
+        "pulse_dead_letters_total{reason=",
+        "pulse_rows_written_total{table=\"events\",partition=\"0\"}",
     ] {
         assert!(body.contains(m), "/metrics lacks {m}");
     }

@@ -243,6 +243,8 @@ impl TableWriter {
         };
         f.writer.write(&part)?;
         f.rows += part.num_rows();
+        metrics::counter!("pulse_rows_written_total", "table" => self.spec.name, "partition" => key.1.to_string())
+            .increment(part.num_rows() as u64);
         f.first = f.first.min(first);
         f.last = f.last.max(last);
         if f.rows >= self.max_file_rows {
@@ -273,6 +275,7 @@ impl TableWriter {
     }
 
     fn commit(&mut self, key: (i64, i32), mut f: OpenFile) -> Result<(), ParquetError> {
+        let started = std::time::Instant::now();
         let name = if self.spec.positioned {
             format!("part-{:05}-{:020}-{:020}.parquet", key.1, f.first, f.last)
         } else {
@@ -317,6 +320,8 @@ impl TableWriter {
             }
         }
         tracing::debug!(table = self.spec.name, file = %target.display(), rows = f.rows, "parquet file committed");
+        metrics::histogram!("pulse_checkpoint_seconds", "table" => self.spec.name)
+            .record(started.elapsed().as_secs_f64());
         metrics::counter!("pulse_files_written_total", "table" => self.spec.name).increment(1);
         metrics::counter!("pulse_bytes_written_total", "table" => self.spec.name).increment(bytes);
         self.written.push(WrittenFile {

@@ -49,8 +49,26 @@ fn set_default(c: &mut ClientConfig, k: &str, v: &str) {
     }
 }
 
+/// Publishes librdkafka's per-partition consumer lag as a gauge.
+pub struct LagContext;
+
+impl ClientContext for LagContext {
+    fn stats(&self, s: rdkafka::Statistics) {
+        for (topic, t) in &s.topics {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    metrics::gauge!("pulse_consumer_lag", "topic" => topic.clone(), "partition" => p.to_string())
+                        .set(part.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
+
 pub struct KafkaSource {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<LagContext>,
     topic: Arc<str>,
     /// Next offset to consume per partition, for commits.
     consumed: BTreeMap<i32, i64>,
@@ -70,7 +88,8 @@ impl KafkaSource {
         );
         set_default(&mut c, "session.timeout.ms", "10000");
         set_default(&mut c, "fetch.wait.max.ms", "100");
-        let consumer: StreamConsumer = c.create()?;
+        set_default(&mut c, "statistics.interval.ms", "5000");
+        let consumer: StreamConsumer<LagContext> = c.create_with_context(LagContext)?;
         consumer.subscribe(&[&cfg.topic])?;
         Ok(KafkaSource {
             consumer,
@@ -131,6 +150,14 @@ impl KafkaSource {
             }
         }
         chunk.partitioned_time = true;
+        let mut per_part: BTreeMap<i32, u64> = BTreeMap::new();
+        for pos in &chunk.positions {
+            *per_part.entry(pos.partition).or_default() += 1;
+        }
+        for (p, n) in per_part {
+            metrics::counter!("pulse_records_consumed_total", "source" => "kafka", "partition" => p.to_string())
+                .increment(n);
+        }
         chunk.assigned = self.consumer.assignment().ok().map(|tpl| {
             tpl.elements_for_topic(&self.topic)
                 .iter()
