@@ -331,14 +331,7 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
         let digits: String = frac.chars().chain("000".chars()).take(3).collect();
         digits.parse::<i64>().ok()?
     };
-    // Days from civil (proleptic Gregorian), H. Hinnant's algorithm.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::decode::days_from_civil(y, m, day);
     Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms)
 }
 

@@ -236,6 +236,17 @@ fn limit(q: &ListQuery) -> Result<usize, ApiError> {
     Ok(l as usize)
 }
 
+/// (limit, since) of a list query.
+fn list_params(
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(usize, i64), ApiError> {
+    let Query(q) = q.map_err(|e| bad(e.body_text()))?;
+    Ok((
+        limit(&q)?,
+        parse_i64("since", &q.since)?.unwrap_or(i64::MIN),
+    ))
+}
+
 type StreamEntries = Vec<(String, Vec<(String, String)>)>;
 
 async fn read_stream(s: &ServeState, name: &str, n: usize) -> Result<StreamEntries, ApiError> {
@@ -255,9 +266,7 @@ async fn anomalies(
     State(s): State<ServeState>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) = q.map_err(|e| bad(e.body_text()))?;
-    let n = limit(&q)?;
-    let since = parse_i64("since", &q.since)?.unwrap_or(i64::MIN);
+    let (n, since) = list_params(q)?;
     let out: Vec<Value> = read_stream(&s, "anomalies", n)
         .await?
         .into_iter()
@@ -282,9 +291,7 @@ async fn alerts(
     State(s): State<ServeState>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) = q.map_err(|e| bad(e.body_text()))?;
-    let n = limit(&q)?;
-    let since = parse_i64("since", &q.since)?.unwrap_or(i64::MIN);
+    let (n, since) = list_params(q)?;
     let out: Vec<Value> = read_stream(&s, "alerts", n)
         .await?
         .into_iter()
