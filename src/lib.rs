@@ -30,6 +30,7 @@ pub mod config;
 pub mod decode;
 pub mod detect;
 pub mod detect_csv;
+pub mod factors;
 pub mod model;
 pub mod nab;
 pub mod notify;

@@ -307,11 +307,11 @@ async fn serve_state(
         }
         Some(redis::aio::ConnectionManager::new(redis::Client::open(info)?).await?)
     };
-    Ok(pulse::serve::ServeState {
+    Ok(pulse::serve::ServeState::new(
         redis,
-        prefix: cfg.redis.prefix.clone(),
-        kafka_brokers: kafka,
-    })
+        &cfg.redis.prefix,
+        kafka,
+    ))
 }
 
 async fn run(cfg: Config, source: SourceSpec, listen: Option<String>) -> Result<()> {

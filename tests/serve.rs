@@ -88,11 +88,11 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
     assert!(s.anomalies > 0);
 
     let client = redis::Client::open(redis_url.as_str()).unwrap();
-    let state = ServeState {
-        redis: Some(redis::aio::ConnectionManager::new(client).await.unwrap()),
-        prefix: prefix.clone(),
-        kafka_brokers: None,
-    };
+    let state = ServeState::new(
+        Some(redis::aio::ConnectionManager::new(client).await.unwrap()),
+        &prefix,
+        None,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

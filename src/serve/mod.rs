@@ -46,6 +46,41 @@ pub struct ServeState {
     pub prefix: String,
     /// When set, `/readyz` also checks that the brokers answer.
     pub kafka_brokers: Option<String>,
+    /// Item factors cached in process, refreshed by [`serve`] on an interval.
+    pub items: ItemCache,
+}
+
+/// The in-process item factor cache.
+pub type ItemCache =
+    std::sync::Arc<std::sync::RwLock<std::sync::Arc<crate::factors::index::ItemIndex>>>;
+
+/// How often the item factor cache is reloaded from Redis.
+pub const ITEM_REFRESH: Duration = Duration::from_secs(5);
+
+impl ServeState {
+    pub fn new(
+        redis: Option<redis::aio::ConnectionManager>,
+        prefix: &str,
+        kafka_brokers: Option<String>,
+    ) -> Self {
+        ServeState {
+            redis,
+            prefix: prefix.to_string(),
+            kafka_brokers,
+            items: Default::default(),
+        }
+    }
+
+    /// Reloads the item factor cache from Redis.
+    pub async fn refresh_items(&self) -> Result<usize, redis::RedisError> {
+        let Some(mut c) = self.redis.clone() else {
+            return Ok(0);
+        };
+        let idx = crate::factors::store::load_index(&mut c, &self.prefix).await?;
+        let n = idx.len();
+        *self.items.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(idx);
+        Ok(n)
+    }
 }
 
 /// A JSON error with its status.
@@ -76,6 +111,7 @@ pub fn router(state: ServeState) -> Router {
         .route("/api/alerts", get(alerts))
         .route("/api/top", get(top))
         .route("/api/status", get(status))
+        .route("/recommend/{user_id}", get(recommend))
         .route("/metrics", get(metrics_text))
         .route(
             "/healthz",
@@ -91,6 +127,17 @@ pub async fn serve(
     state: ServeState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    if state.redis.is_some() {
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = st.refresh_items().await {
+                    tracing::warn!(error = %e, "item factor refresh failed");
+                }
+                tokio::time::sleep(ITEM_REFRESH).await;
+            }
+        });
+    }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
@@ -432,4 +479,77 @@ async fn readyz(State(s): State<ServeState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(json!({ "ready": ok, "checks": checks }))).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoQuery {
+    k: Option<String>,
+}
+
+async fn recommend(
+    State(s): State<ServeState>,
+    axum::extract::Path(user): axum::extract::Path<String>,
+    q: Result<Query<RecoQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q.map_err(|e| bad(e.body_text()))?;
+    let user: u64 = user.parse().map_err(|_| {
+        bad(format!(
+            "user_id must be a non-negative integer, got {user:?}"
+        ))
+    })?;
+    let k = parse_i64("k", &q.k)?.unwrap_or(10);
+    if !(1..=100).contains(&k) {
+        return Err(bad("k must be within 1..=100"));
+    }
+    let k = k as usize;
+    let p = &s.prefix;
+    let mut c = conn(&s)?;
+    let (rec, hist, meta): (Option<Vec<u8>>, Vec<u64>, HashMap<String, String>) = redis::pipe()
+        .hget(format!("{p}:reco:user"), user)
+        .lrange(
+            format!("{p}:reco:hist:{user}"),
+            0,
+            crate::factors::store::HISTORY_LEN - 1,
+        )
+        .hgetall(format!("{p}:reco:meta"))
+        .query_async(&mut c)
+        .await?;
+    let exclude: std::collections::HashSet<u64> = hist.iter().copied().collect();
+    let index = s.items.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let personal = rec
+        .as_deref()
+        .and_then(crate::factors::index::decode)
+        .map(|(_, v)| index.top_k(&v, k, &exclude))
+        .filter(|v| !v.is_empty());
+    let (items, fallback) = match personal {
+        Some(v) => (v, false),
+        None => {
+            let t: Vec<(u64, f64)> = redis::cmd("ZREVRANGE")
+                .arg(format!("{p}:reco:trending"))
+                .arg(0)
+                .arg((k + exclude.len()) as i64 - 1)
+                .arg("WITHSCORES")
+                .query_async(&mut c)
+                .await?;
+            let v = t
+                .into_iter()
+                .filter(|(i, _)| !exclude.contains(i))
+                .take(k)
+                .map(|(i, s)| (i, s as f32))
+                .collect();
+            (v, true)
+        }
+    };
+    let items: Vec<Value> = items
+        .iter()
+        .map(|(i, s)| json!({ "item_id": i, "score": s }))
+        .collect();
+    Ok(Json(json!({
+        "user_id": user,
+        "items": items,
+        "fallback": fallback,
+        "model_version": meta.get("version").and_then(|v| v.parse::<u64>().ok()),
+        "updated_ms": meta.get("updated_ms").and_then(|v| v.parse::<i64>().ok()),
+    })))
 }
