@@ -18,7 +18,7 @@ pub fn encode(bias: f32, v: &[f32]) -> Vec<u8> {
 
 /// Decodes a factor record; `None` when the length is not a multiple of 4 or empty.
 pub fn decode(b: &[u8]) -> Option<(f32, Vec<f32>)> {
-    if b.len() < 4 || b.len() % 4 != 0 {
+    if b.len() < 4 || !b.len().is_multiple_of(4) {
         return None;
     }
     let mut it = b
