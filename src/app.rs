@@ -77,6 +77,8 @@ pub struct Summary {
     pub alerts: Vec<crate::alert::Alert>,
     pub files: Vec<(String, WrittenFile)>,
     pub elapsed: Duration,
+    /// Busy time of each stage (they run concurrently).
+    pub stage_seconds: Vec<(String, f64)>,
     pub watermark_ms: Option<i64>,
 }
 
@@ -93,7 +95,8 @@ enum ParquetMsg {
 fn parquet_stage(
     cfg: &Config,
     mut rx: mpsc::Receiver<ParquetMsg>,
-) -> Result<Vec<(String, WrittenFile)>, PipelineError> {
+) -> Result<(Vec<(String, WrittenFile)>, Duration), PipelineError> {
+    let mut busy = Duration::ZERO;
     let pc = &cfg.parquet;
     let removed = remove_in_progress(&pc.data_dir).unwrap_or(0);
     if removed > 0 {
@@ -114,6 +117,7 @@ fn parquet_stage(
     let mut top = mk(top_items_spec())?;
     let mut anom = mk(anomalies_spec())?;
     while let Some(m) = rx.blocking_recv() {
+        let t0 = Instant::now();
         match m {
             ParquetMsg::Events(b) => events.write(&b)?,
             ParquetMsg::Dead(b) => dead.write(&b)?,
@@ -128,7 +132,9 @@ fn parquet_stage(
                 anom.close_hours_before(ms)?;
             }
         }
+        busy += t0.elapsed();
     }
+    let t0 = Instant::now();
     let mut out = Vec::new();
     for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
         w.close_all()?;
@@ -142,7 +148,7 @@ fn parquet_stage(
     ] {
         out.extend(w.written().iter().map(|f| (name.to_string(), f.clone())));
     }
-    Ok(out)
+    Ok((out, busy + t0.elapsed()))
 }
 
 /// Runs the pipeline until the source ends (files, generator), the Kafka
@@ -250,12 +256,17 @@ pub async fn run(
     let dec_handle = tokio::task::spawn_blocking(move || {
         let mut rx = chunk_rx;
         let mut d = Decoder::new(rules);
+        let mut busy = Duration::ZERO;
         while let Some(c) = rx.blocking_recv() {
+            let t0 = Instant::now();
             let now = chrono::Utc::now().timestamp_millis();
-            if dec_tx.blocking_send(d.decode(&c, now)).is_err() {
+            let out = d.decode(&c, now);
+            busy += t0.elapsed();
+            if dec_tx.blocking_send(out).is_err() {
                 break;
             }
         }
+        busy
     });
 
     // core stage
@@ -272,9 +283,14 @@ pub async fn run(
                 }
             };
             let Some(d) = d else { break };
+            let t0 = Instant::now();
             core.on_batch(d, &pq_tx).await?;
+            core.busy += t0.elapsed();
         }
-        core.finish(&pq_tx).await
+        let t0 = Instant::now();
+        let r = core.finish(&pq_tx).await;
+        core.busy += t0.elapsed();
+        r
     }
     .await;
     drop(pq_tx);
@@ -282,8 +298,8 @@ pub async fn run(
     let src = src_handle
         .await
         .map_err(|e| PipelineError::Stage(e.to_string()))?;
-    let _ = dec_handle.await;
-    let files = pq_handle
+    let decode_busy = dec_handle.await.unwrap_or_default();
+    let (files, parquet_busy) = pq_handle
         .await
         .map_err(|e| PipelineError::Stage(e.to_string()))??;
     core_result?;
@@ -294,6 +310,11 @@ pub async fn run(
     let mut s = core.summary;
     s.files = files;
     s.elapsed = started.elapsed();
+    s.stage_seconds = vec![
+        ("decode".into(), decode_busy.as_secs_f64()),
+        ("windows+sql+detect+store".into(), core.busy.as_secs_f64()),
+        ("parquet".into(), parquet_busy.as_secs_f64()),
+    ];
     s.watermark_ms = core
         .windower
         .max_event_time()
@@ -324,6 +345,7 @@ struct Core {
     lateness_ms: i64,
     summary: Summary,
     tracker: crate::alert::AnomalyTracker,
+    busy: Duration,
     notifier: Option<crate::notify::Notifier>,
 }
 
@@ -341,6 +363,7 @@ impl Core {
                 cfg.detect.detector(),
                 cfg.detect.recover_windows,
             ),
+            busy: Duration::ZERO,
             notifier: crate::notify::Notifier::from_config(&cfg.detect, &cfg.kafka, secrets),
         }
     }

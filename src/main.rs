@@ -96,6 +96,17 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
     },
+    /// Benchmark the whole file pipeline: generate N events first (not timed), then run them.
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Include the Redis sink.
+        #[arg(long)]
+        redis: Option<String>,
+        /// Keep the generated input and output here (default: a temp dir, removed).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Run the anomaly detector over a NAB-format series (timestamp,value CSV).
     Detect {
         #[arg(long)]
@@ -244,6 +255,7 @@ async fn main() -> Result<()> {
             .await?;
             Ok(())
         }
+        Cmd::Bench { events, redis, dir } => bench(events, redis, dir).await,
         Cmd::Detect { input, output } => {
             let cfg = pulse::detect::DetectorConfig::default();
             let inp = std::io::BufReader::new(
@@ -539,4 +551,78 @@ fn user_key(line: &[u8]) -> Option<u64> {
         .copied()
         .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+/// Peak resident set size of this process, in bytes (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+async fn bench(events: u64, redis: Option<String>, dir: Option<PathBuf>) -> Result<()> {
+    let tmp = tempfile_dir(dir)?;
+    let input = tmp.join("bench-input.jsonl");
+    let p = GenParams {
+        events,
+        seed: 7,
+        ..GenParams::default()
+    };
+    let t = std::time::Instant::now();
+    generate(p, Some(input.clone()), None, None, 1).await?;
+    let bytes = std::fs::metadata(&input)?.len();
+    println!(
+        "generated {events} events ({:.0} MB) in {:.1}s (not timed)",
+        bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let mut cfg = Config::load(None)?;
+    cfg.parquet.data_dir = tmp.join("data");
+    if let Some(r) = redis {
+        cfg.redis.url = r;
+        cfg.redis.prefix = format!("bench{}", std::process::id());
+    }
+    let secrets = Secrets::default();
+    let store = if cfg.redis.url.is_empty() {
+        Store::Memory(MemoryStore::default())
+    } else {
+        Store::Redis(RedisStore::connect(&cfg.redis.url, None, &cfg.redis.prefix, 600).await?)
+    };
+    let (_tx, rx) = watch::channel(false);
+    let s = app::run(&cfg, &secrets, SourceSpec::Files(vec![input]), store, rx).await?;
+    let secs = s.elapsed.as_secs_f64();
+    println!(
+        "pipeline: {} records in {:.2}s = {:.0} events/s ({:.0} MB/s)",
+        s.records,
+        secs,
+        s.records as f64 / secs,
+        bytes as f64 / 1e6 / secs
+    );
+    if let Some(rss) = peak_rss_bytes() {
+        println!("peak RSS: {:.0} MB", rss as f64 / 1e6);
+    }
+    for (stage, busy) in &s.stage_seconds {
+        println!(
+            "  stage {stage:<26} busy {busy:6.2}s ({:.0}% of wall)",
+            100.0 * busy / secs
+        );
+    }
+    println!(
+        "  invalid {}, late {}, minute rows {}, anomalies {}",
+        s.invalid, s.late, s.minute_rows_final, s.anomalies
+    );
+    Ok(())
+}
+
+fn tempfile_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
+    let d = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("pulse-bench-{}", std::process::id())),
+    };
+    if d.join("data").exists() {
+        std::fs::remove_dir_all(d.join("data"))?;
+    }
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
 }
