@@ -77,6 +77,8 @@ pub struct Summary {
     pub alerts: Vec<crate::alert::Alert>,
     pub files: Vec<(String, WrittenFile)>,
     pub elapsed: Duration,
+    /// Events the recommendation model trained on.
+    pub trained: u64,
     /// Busy time of each stage (they run concurrently).
     pub stage_seconds: Vec<(String, f64)>,
     pub watermark_ms: Option<i64>,
@@ -251,6 +253,57 @@ pub async fn run(
             }
         };
 
+    // factor training stage (and its Redis publisher)
+    let (trainer_tx, trainer_handle, publisher) = if cfg.reco.enabled {
+        let (tx, mut rx) = mpsc::channel::<RecordBatch>(cap);
+        let (delta_tx, mut delta_rx) = mpsc::channel::<crate::factors::store::Delta>(2);
+        let redis = match &store {
+            Store::Redis(r) => Some(r.connection()),
+            Store::Memory(_) => None,
+        };
+        let publish = redis.is_some();
+        let flush = Duration::from_millis(cfg.reco.flush_ms);
+        let seed = cfg.reco.seed;
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut t =
+                crate::factors::trainer::Trainer::new(crate::factors::RecoConfig::default(), seed);
+            let mut last = Instant::now();
+            let mut busy = Duration::ZERO;
+            while let Some(b) = rx.blocking_recv() {
+                let t0 = Instant::now();
+                t.train(&b);
+                busy += t0.elapsed();
+                if publish && last.elapsed() >= flush {
+                    let d = t.flush(chrono::Utc::now().timestamp_millis());
+                    if delta_tx.blocking_send(d).is_err() {
+                        break;
+                    }
+                    last = Instant::now();
+                }
+            }
+            if publish {
+                let _ = delta_tx.blocking_send(t.flush(chrono::Utc::now().timestamp_millis()));
+            }
+            (t.model.events(), busy)
+        });
+        let prefix = cfg.redis.prefix.clone();
+        let publisher = tokio::spawn(async move {
+            let mut n = 0u64;
+            if let Some(mut conn) = redis {
+                while let Some(d) = delta_rx.recv().await {
+                    crate::factors::store::write(&mut conn, &prefix, &d)
+                        .await
+                        .map_err(StoreError::from)?;
+                    n += 1;
+                }
+            }
+            Ok::<u64, PipelineError>(n)
+        });
+        (Some(tx), Some(handle), Some(publisher))
+    } else {
+        (None, None, None)
+    };
+
     // decode stage
     let rules = cfg.validation.clone();
     let dec_handle = tokio::task::spawn_blocking(move || {
@@ -271,6 +324,7 @@ pub async fn run(
 
     // core stage
     let mut core = Core::new(cfg, secrets, store);
+    core.trainer = trainer_tx;
     let core_result: Result<(), PipelineError> = async {
         loop {
             let d = tokio::select! {
@@ -294,6 +348,14 @@ pub async fn run(
     }
     .await;
     drop(pq_tx);
+    core.trainer = None;
+    let (trained, train_busy) = match trainer_handle {
+        Some(h) => h.await.map_err(|e| PipelineError::Stage(e.to_string()))?,
+        None => (0, Duration::ZERO),
+    };
+    if let Some(p) = publisher {
+        p.await.map_err(|e| PipelineError::Stage(e.to_string()))??;
+    }
     drop(dec_rx);
     let src = src_handle
         .await
@@ -314,7 +376,9 @@ pub async fn run(
         ("decode".into(), decode_busy.as_secs_f64()),
         ("windows+sql+detect+store".into(), core.busy.as_secs_f64()),
         ("parquet".into(), parquet_busy.as_secs_f64()),
+        ("factors".into(), train_busy.as_secs_f64()),
     ];
+    s.trained = trained;
     s.watermark_ms = core
         .windower
         .max_event_time()
@@ -346,6 +410,7 @@ struct Core {
     summary: Summary,
     tracker: crate::alert::AnomalyTracker,
     busy: Duration,
+    trainer: Option<mpsc::Sender<RecordBatch>>,
     notifier: Option<crate::notify::Notifier>,
 }
 
@@ -364,6 +429,7 @@ impl Core {
                 cfg.detect.recover_windows,
             ),
             busy: Duration::ZERO,
+            trainer: None,
             notifier: crate::notify::Notifier::from_config(&cfg.detect, &cfg.kafka, secrets),
         }
     }
@@ -463,6 +529,11 @@ impl Core {
         } else {
             filter_record_batch(&sql_in, &mask)?
         };
+        if let Some(t) = &self.trainer {
+            t.send(full.clone())
+                .await
+                .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))?;
+        }
         send(pq, ParquetMsg::Events(full)).await?;
 
         if sql_in.num_rows() > 0 {

@@ -36,6 +36,28 @@ pub struct Config {
     pub redis: RedisConfig,
     pub parquet: ParquetConfig,
     pub detect: DetectConfig,
+    pub reco: RecoSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoSection {
+    /// Train the online recommendation factors from the event stream.
+    pub enabled: bool,
+    /// Publish changed factors to Redis at most this often, ms.
+    pub flush_ms: u64,
+    /// Seed of the model's initialisation and negative sampling.
+    pub seed: u64,
+}
+
+impl Default for RecoSection {
+    fn default() -> Self {
+        RecoSection {
+            enabled: true,
+            flush_ms: 1000,
+            seed: 7,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

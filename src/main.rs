@@ -107,6 +107,17 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Prequential evaluation of the recommendation model (the pipeline's update code).
+    RecoEval {
+        #[arg(long)]
+        ratings: PathBuf,
+        /// movielens (tab-separated user item rating unix_ts) or jsonl (pipeline events).
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// Cut-off of recall and NDCG (the protocol is defined at 10).
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+    },
     /// Run the anomaly detector over a NAB-format series (timestamp,value CSV).
     Detect {
         #[arg(long)]
@@ -256,6 +267,45 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench { events, redis, dir } => bench(events, redis, dir).await,
+        Cmd::RecoEval { ratings, format, k } => {
+            if k != 10 {
+                bail!("--k: the prequential protocol is defined at k = 10");
+            }
+            let fmt = match format.as_str() {
+                "movielens" => pulse::factors::eval::Format::MovieLens,
+                "jsonl" => pulse::factors::eval::Format::Jsonl,
+                other => bail!("--format must be movielens or jsonl, not {other:?}"),
+            };
+            let text = std::fs::read_to_string(&ratings)
+                .with_context(|| format!("reading {}", ratings.display()))?;
+            let t = std::time::Instant::now();
+            let (mut events, skipped) = pulse::factors::eval::parse(&text, fmt);
+            drop(text);
+            let (mut r, _) = pulse::factors::eval::evaluate(
+                &mut events,
+                pulse::factors::RecoConfig::default(),
+                7,
+            );
+            r.skipped = skipped;
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "events": r.events,
+                    "skipped": r.skipped,
+                    "scored": r.scored,
+                    "recall_at_10": r.recall_at_10,
+                    "ndcg_at_10": r.ndcg_at_10,
+                    "popularity_recall_at_10": r.popularity_recall_at_10,
+                    "popularity_ndcg_at_10": r.popularity_ndcg_at_10,
+                    "ratings": r.ratings,
+                    "rmse": r.rmse,
+                    "mae": r.mae,
+                    "seconds": secs,
+                })
+            );
+            Ok(())
+        }
         Cmd::Detect { input, output } => {
             let cfg = pulse::detect::DetectorConfig::default();
             let inp = std::io::BufReader::new(

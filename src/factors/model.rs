@@ -1,0 +1,1069 @@
+//! Online recommendation models, updated one [`Interaction`] at a time.
+//!
+//! Consumes interaction events (`ts_ms`, user, item, [`Kind`]: view / cart /
+//! purchase / rating) in the order they should be learned, and produces:
+//! top-k recommendations and scores from an implicit-feedback model
+//! ([`Bpr`]: BPR pairwise SGD with sampled negatives, item biases, weighted by
+//! event kind), rating predictions from an explicit model ([`BiasedMf`]:
+//! global mean + user/item biases + latent vectors, SGD), a time-decayed
+//! popularity list for cold start ([`Trending`], half-life in event time), and
+//! compact little-endian records ([`FactorRecord`]) of a user or item vector
+//! plus bias for an external store. Everything is pure (no I/O), memory is
+//! bounded per user and per item (a vector, a bias, a small ring of recent
+//! items), and results are deterministic given the seed and the event order.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// What the user did with the item.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    View,
+    Cart,
+    Purchase,
+    /// An explicit rating, nominally 1–5.
+    Rating(f32),
+}
+
+/// One user–item event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interaction {
+    /// Event time, epoch milliseconds.
+    pub ts_ms: i64,
+    pub user: u64,
+    pub item: u64,
+    pub kind: Kind,
+}
+
+/// How negatives are drawn for the pairwise loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// Uniformly over the items seen so far.
+    Uniform,
+    /// Proportionally to each item's interaction count so far.
+    Popularity,
+}
+
+/// Hyper-parameters of all three models.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoConfig {
+    /// Latent dimension of the implicit model.
+    pub dim: usize,
+    /// SGD step of the implicit model (scaled by the event weight).
+    pub lr: f32,
+    /// L2 on user and item vectors of the implicit model.
+    pub reg: f32,
+    /// L2 on item biases of the implicit model.
+    pub bias_reg: f32,
+    /// Sampled negatives per positive.
+    pub negatives: usize,
+    pub sampling: Sampling,
+    /// Extra BPR steps per event on items from the user's recent ring.
+    pub replay: usize,
+    /// Recent items kept per user (excluded from negatives, used for replay).
+    pub recent_len: usize,
+    /// Standard deviation of the initial latent values.
+    pub init_std: f32,
+    /// Event weights: views, carts, purchases, ratings.
+    pub w_view: f32,
+    pub w_cart: f32,
+    pub w_purchase: f32,
+    pub w_rating: f32,
+    /// Largest step multiplier an event weight can give (keeps SGD stable).
+    pub max_step_weight: f32,
+    /// Latent dimension of the explicit (rating) model.
+    pub mf_dim: usize,
+    pub mf_lr: f32,
+    pub mf_lr_bias: f32,
+    pub mf_reg: f32,
+    pub mf_bias_reg: f32,
+    /// Half-life of the trending model, in event-time milliseconds.
+    pub half_life_ms: i64,
+}
+
+impl Default for RecoConfig {
+    fn default() -> Self {
+        Self {
+            dim: 32,
+            lr: 0.05,
+            reg: 0.01,
+            bias_reg: 0.01,
+            negatives: 3,
+            sampling: Sampling::Uniform,
+            replay: 1,
+            recent_len: 32,
+            init_std: 0.1,
+            w_view: 1.0,
+            w_cart: 3.0,
+            w_purchase: 5.0,
+            w_rating: 1.0,
+            max_step_weight: 5.0,
+            mf_dim: 10,
+            mf_lr: 0.02,
+            mf_lr_bias: 0.01,
+            mf_reg: 0.05,
+            mf_bias_reg: 0.01,
+            half_life_ms: 3_600_000,
+        }
+    }
+}
+
+impl RecoConfig {
+    /// The implicit-feedback weight of an event kind.
+    pub fn weight(&self, kind: Kind) -> f32 {
+        match kind {
+            Kind::View => self.w_view,
+            Kind::Cart => self.w_cart,
+            Kind::Purchase => self.w_purchase,
+            Kind::Rating(_) => self.w_rating,
+        }
+    }
+}
+
+/// Dot product with eight independent accumulators (auto-vectorises).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0f32; 8];
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// A standard normal draw (Box–Muller), deterministic given the generator.
+fn normal(rng: &mut StdRng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(1e-12);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// A user or item record as stored externally: bias, then the latent vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FactorRecord {
+    pub bias: f32,
+    pub vector: Vec<f32>,
+}
+
+impl FactorRecord {
+    /// `4 * (1 + dim)` bytes: the bias then each component, f32 little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 * (1 + self.vector.len()));
+        out.extend_from_slice(&self.bias.to_le_bytes());
+        for x in &self.vector {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out
+    }
+
+    /// Inverse of [`FactorRecord::to_bytes`]; `None` unless the length is a
+    /// positive multiple of four.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.is_empty() || !b.len().is_multiple_of(4) {
+            return None;
+        }
+        let mut it = b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let bias = it.next()?;
+        Some(Self {
+            bias,
+            vector: it.collect(),
+        })
+    }
+}
+
+/// A growable Fenwick tree of non-negative weights for proportional sampling.
+#[derive(Debug, Clone, Default)]
+struct Fenwick {
+    /// 1-based: `tree[i - 1]` holds the sum over `(i - lowbit(i), i]`.
+    tree: Vec<u64>,
+    total: u64,
+}
+
+impl Fenwick {
+    fn prefix(&self, mut i: usize) -> u64 {
+        let mut s = 0;
+        while i > 0 {
+            s += self.tree[i - 1];
+            i &= i - 1;
+        }
+        s
+    }
+
+    fn push(&mut self, w: u64) {
+        let i = self.tree.len() + 1;
+        let low = i & i.wrapping_neg();
+        let covered = self.prefix(i - 1) - self.prefix(i - low);
+        self.tree.push(w + covered);
+        self.total += w;
+    }
+
+    fn add(&mut self, idx: usize, w: u64) {
+        let mut i = idx + 1;
+        while i <= self.tree.len() {
+            self.tree[i - 1] += w;
+            i += i & i.wrapping_neg();
+        }
+        self.total += w;
+    }
+
+    /// The index whose cumulative range contains `r` (`r < total`).
+    fn find(&self, mut r: u64) -> usize {
+        let n = self.tree.len();
+        let mut pos = 0usize;
+        let mut step = n.next_power_of_two();
+        while step > 0 {
+            let next = pos + step;
+            if next <= n && self.tree[next - 1] <= r {
+                r -= self.tree[next - 1];
+                pos = next;
+            }
+            step >>= 1;
+        }
+        pos
+    }
+}
+
+/// Dense ids for sparse u64 keys, in order of first appearance.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    map: HashMap<u64, u32>,
+    ids: Vec<u64>,
+}
+
+impl Index {
+    fn get(&self, id: u64) -> Option<usize> {
+        self.map.get(&id).map(|&i| i as usize)
+    }
+
+    /// The dense index and whether it was new.
+    fn insert(&mut self, id: u64) -> (usize, bool) {
+        if let Some(i) = self.get(id) {
+            return (i, false);
+        }
+        let i = self.ids.len();
+        self.map.insert(id, i as u32);
+        self.ids.push(id);
+        (i, true)
+    }
+}
+
+/// Fixed-capacity ring of a user's recent (item index, weight) pairs.
+#[derive(Debug, Clone, Default)]
+struct Ring {
+    items: Vec<(u32, f32)>,
+    next: usize,
+}
+
+impl Ring {
+    fn push(&mut self, cap: usize, v: (u32, f32)) {
+        if cap == 0 {
+            return;
+        }
+        if self.items.len() < cap {
+            self.items.push(v);
+        } else {
+            self.items[self.next] = v;
+            self.next = (self.next + 1) % cap;
+        }
+    }
+
+    fn contains(&self, item: u32) -> bool {
+        self.items.iter().any(|&(i, _)| i == item)
+    }
+}
+
+/// Heap entry ordered so that the *worst* candidate is on top: lower score,
+/// then higher dense index, is worse.
+#[derive(Debug, Clone, Copy)]
+struct Cand(f32, usize);
+
+impl PartialEq for Cand {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.0.total_cmp(&self.0).then(self.1.cmp(&o.1))
+    }
+}
+
+/// Top-`k` of `(score, dense index)` pairs, best first; ties go to the lower
+/// index. `skip` filters candidates out. O(n log k).
+fn top_k(
+    n: usize,
+    k: usize,
+    mut score: impl FnMut(usize) -> f32,
+    skip: impl Fn(usize) -> bool,
+) -> Vec<(usize, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(k + 1);
+    for j in 0..n {
+        if skip(j) {
+            continue;
+        }
+        let c = Cand(score(j), j);
+        if heap.len() < k {
+            heap.push(c);
+        } else if let Some(worst) = heap.peek()
+            && c < *worst
+        {
+            heap.pop();
+            heap.push(c);
+        }
+    }
+    let mut v = heap.into_sorted_vec();
+    v.reverse();
+    let mut out: Vec<(usize, f32)> = v.into_iter().map(|Cand(s, j)| (j, s)).collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    out
+}
+
+/// Implicit-feedback model: BPR (Rendle et al. 2009) trained online, one
+/// positive at a time against sampled negatives from the items seen so far.
+/// Score of (u, i) = `b_i + p_u · q_i`.
+#[derive(Debug, Clone)]
+pub struct Bpr {
+    cfg: RecoConfig,
+    rng: StdRng,
+    users: Index,
+    items: Index,
+    user_f: Vec<f32>,
+    item_f: Vec<f32>,
+    item_b: Vec<f32>,
+    counts: Fenwick,
+    recent: Vec<Ring>,
+    scratch: Vec<f32>,
+}
+
+impl Bpr {
+    pub fn new(cfg: &RecoConfig, seed: u64) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            rng: StdRng::seed_from_u64(seed),
+            users: Index::default(),
+            items: Index::default(),
+            user_f: Vec::new(),
+            item_f: Vec::new(),
+            item_b: Vec::new(),
+            counts: Fenwick::default(),
+            recent: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn n_users(&self) -> usize {
+        self.users.ids.len()
+    }
+
+    pub fn n_items(&self) -> usize {
+        self.items.ids.len()
+    }
+
+    pub fn knows_user(&self, user: u64) -> bool {
+        self.users.get(user).is_some()
+    }
+
+    fn init_vec(rng: &mut StdRng, dst: &mut Vec<f32>, dim: usize, std: f32) {
+        for _ in 0..dim {
+            dst.push(normal(rng) * std);
+        }
+    }
+
+    fn user_index(&mut self, user: u64) -> usize {
+        let (u, new) = self.users.insert(user);
+        if new {
+            Self::init_vec(
+                &mut self.rng,
+                &mut self.user_f,
+                self.cfg.dim,
+                self.cfg.init_std,
+            );
+            self.recent.push(Ring::default());
+        }
+        u
+    }
+
+    fn item_index(&mut self, item: u64) -> usize {
+        let (i, new) = self.items.insert(item);
+        if new {
+            Self::init_vec(
+                &mut self.rng,
+                &mut self.item_f,
+                self.cfg.dim,
+                self.cfg.init_std,
+            );
+            self.item_b.push(0.0);
+            self.counts.push(0);
+        }
+        i
+    }
+
+    fn sample_negative(&mut self, u: usize, pos: usize) -> Option<usize> {
+        let n = self.n_items();
+        if n < 2 {
+            return None;
+        }
+        for _ in 0..8 {
+            let j = match self.cfg.sampling {
+                Sampling::Uniform => self.rng.random_range(0..n),
+                Sampling::Popularity => {
+                    if self.counts.total == 0 {
+                        self.rng.random_range(0..n)
+                    } else {
+                        let r = self.rng.random_range(0..self.counts.total);
+                        self.counts.find(r)
+                    }
+                }
+            };
+            if j != pos && !self.recent[u].contains(j as u32) {
+                return Some(j);
+            }
+        }
+        None
+    }
+
+    /// One BPR SGD step on (u, pos ≻ neg) with step `lr`; returns the loss
+    /// `-ln σ(x_uij)` before the step.
+    fn step(&mut self, u: usize, i: usize, j: usize, lr: f32) -> f32 {
+        let d = self.cfg.dim;
+        let (reg, breg) = (self.cfg.reg, self.cfg.bias_reg);
+        let pu = &self.user_f[u * d..(u + 1) * d];
+        let qi = &self.item_f[i * d..(i + 1) * d];
+        let qj = &self.item_f[j * d..(j + 1) * d];
+        let x = self.item_b[i] - self.item_b[j] + dot(pu, qi) - dot(pu, qj);
+        let g = sigmoid(-x);
+        // New user vector from the old item vectors, then the item vectors
+        // from the old user vector.
+        self.scratch.clear();
+        self.scratch.extend_from_slice(pu);
+        for f in 0..d {
+            let (p, a, b) = (self.scratch[f], qi[f], qj[f]);
+            self.user_f[u * d + f] = p + lr * (g * (a - b) - reg * p);
+        }
+        for f in 0..d {
+            let p = self.scratch[f];
+            let a = &mut self.item_f[i * d + f];
+            *a += lr * (g * p - reg * *a);
+            let b = &mut self.item_f[j * d + f];
+            *b += lr * (-g * p - reg * *b);
+        }
+        self.item_b[i] += lr * (g - breg * self.item_b[i]);
+        self.item_b[j] += lr * (-g - breg * self.item_b[j]);
+        // -ln σ(x), numerically stable.
+        if x > 0.0 {
+            (-x).exp().ln_1p()
+        } else {
+            -x + x.exp().ln_1p()
+        }
+    }
+
+    /// Learns from one event with implicit weight `w`; returns the mean
+    /// pairwise loss of the steps taken (before each step), or `None` when no
+    /// negative could be drawn.
+    pub fn observe(&mut self, user: u64, item: u64, w: f32) -> Option<f32> {
+        let u = self.user_index(user);
+        let i = self.item_index(item);
+        self.counts.add(i, 1);
+        let lr = self.cfg.lr * w.clamp(0.0, self.cfg.max_step_weight);
+        let mut loss = 0.0;
+        let mut steps = 0;
+        for _ in 0..self.cfg.negatives {
+            if let Some(j) = self.sample_negative(u, i) {
+                loss += self.step(u, i, j, lr);
+                steps += 1;
+            }
+        }
+        for _ in 0..self.cfg.replay {
+            let ring = &self.recent[u];
+            if ring.items.is_empty() {
+                break;
+            }
+            let (p, pw) = ring.items[self.rng.random_range(0..ring.items.len())];
+            let p = p as usize;
+            if let Some(j) = self.sample_negative(u, p) {
+                let lr = self.cfg.lr * pw.clamp(0.0, self.cfg.max_step_weight);
+                self.step(u, p, j, lr);
+            }
+        }
+        let cap = self.cfg.recent_len;
+        self.recent[u].push(cap, (i as u32, w));
+        (steps > 0).then(|| loss / steps as f32)
+    }
+
+    /// `b_i + p_u · q_i`; the item bias alone for an unknown user, `None` for
+    /// an unknown item.
+    pub fn score(&self, user: u64, item: u64) -> Option<f32> {
+        let i = self.items.get(item)?;
+        let d = self.cfg.dim;
+        let qi = &self.item_f[i * d..(i + 1) * d];
+        Some(match self.users.get(user) {
+            Some(u) => self.item_b[i] + dot(&self.user_f[u * d..(u + 1) * d], qi),
+            None => self.item_b[i],
+        })
+    }
+
+    /// Top-k items (id, score) for a known user, skipping `exclude`; `None`
+    /// for an unknown user.
+    pub fn recommend(
+        &self,
+        user: u64,
+        k: usize,
+        exclude: &HashSet<u64>,
+    ) -> Option<Vec<(u64, f32)>> {
+        let u = self.users.get(user)?;
+        let d = self.cfg.dim;
+        let pu = &self.user_f[u * d..(u + 1) * d];
+        let top = top_k(
+            self.n_items(),
+            k,
+            |j| self.item_b[j] + dot(pu, &self.item_f[j * d..(j + 1) * d]),
+            |j| exclude.contains(&self.items.ids[j]),
+        );
+        Some(
+            top.into_iter()
+                .map(|(j, s)| (self.items.ids[j], s))
+                .collect(),
+        )
+    }
+
+    /// Zero-based rank of `item` among all seen items except `exclude`
+    /// (ties broken towards the earlier-seen item, as in
+    /// [`Bpr::recommend`]). `None` if the user or item is unknown or the item
+    /// is excluded. O(items · dim) but allocation-free.
+    pub fn rank_of(&self, user: u64, item: u64, exclude: &HashSet<u64>) -> Option<usize> {
+        if exclude.contains(&item) {
+            return None;
+        }
+        let u = self.users.get(user)?;
+        let t = self.items.get(item)?;
+        let d = self.cfg.dim;
+        let pu = &self.user_f[u * d..(u + 1) * d];
+        let sc = |j: usize| self.item_b[j] + dot(pu, &self.item_f[j * d..(j + 1) * d]);
+        let st = sc(t);
+        let beats = |j: usize, s: f32| s > st || (s == st && j < t);
+        let mut rank = 0usize;
+        for (j, (q, &b)) in self.item_f.chunks_exact(d).zip(&self.item_b).enumerate() {
+            let s = b + dot(pu, q);
+            rank += usize::from(beats(j, s));
+        }
+        for x in exclude {
+            if let Some(j) = self.items.get(*x)
+                && beats(j, sc(j))
+            {
+                rank -= 1;
+            }
+        }
+        Some(rank)
+    }
+
+    /// The stored record of a user (bias 0) or item.
+    pub fn user_record(&self, user: u64) -> Option<FactorRecord> {
+        let u = self.users.get(user)?;
+        let d = self.cfg.dim;
+        Some(FactorRecord {
+            bias: 0.0,
+            vector: self.user_f[u * d..(u + 1) * d].to_vec(),
+        })
+    }
+
+    pub fn item_record(&self, item: u64) -> Option<FactorRecord> {
+        let i = self.items.get(item)?;
+        let d = self.cfg.dim;
+        Some(FactorRecord {
+            bias: self.item_b[i],
+            vector: self.item_f[i * d..(i + 1) * d].to_vec(),
+        })
+    }
+}
+
+/// Explicit-rating model: `r̂ = μ + b_u + b_i + p_u · q_i`, SGD on squared
+/// error (Koren 2009), μ the running mean of ratings seen.
+#[derive(Debug, Clone)]
+pub struct BiasedMf {
+    cfg: RecoConfig,
+    rng: StdRng,
+    sum: f64,
+    n: u64,
+    users: Index,
+    items: Index,
+    user_f: Vec<f32>,
+    item_f: Vec<f32>,
+    user_b: Vec<f32>,
+    item_b: Vec<f32>,
+}
+
+impl BiasedMf {
+    pub fn new(cfg: &RecoConfig, seed: u64) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            rng: StdRng::seed_from_u64(seed),
+            sum: 0.0,
+            n: 0,
+            users: Index::default(),
+            items: Index::default(),
+            user_f: Vec::new(),
+            item_f: Vec::new(),
+            user_b: Vec::new(),
+            item_b: Vec::new(),
+        }
+    }
+
+    /// Global mean of ratings seen (3 before any).
+    pub fn mean(&self) -> f32 {
+        if self.n == 0 {
+            3.0
+        } else {
+            (self.sum / self.n as f64) as f32
+        }
+    }
+
+    /// Unclipped prediction; unknown users or items contribute nothing.
+    pub fn predict_raw(&self, user: u64, item: u64) -> f32 {
+        let d = self.cfg.mf_dim;
+        let u = self.users.get(user);
+        let i = self.items.get(item);
+        let mut p = self.mean();
+        if let Some(u) = u {
+            p += self.user_b[u];
+        }
+        if let Some(i) = i {
+            p += self.item_b[i];
+        }
+        if let (Some(u), Some(i)) = (u, i) {
+            p += dot(
+                &self.user_f[u * d..(u + 1) * d],
+                &self.item_f[i * d..(i + 1) * d],
+            );
+        }
+        p
+    }
+
+    /// Prediction clipped to 1..=5.
+    pub fn predict(&self, user: u64, item: u64) -> f32 {
+        self.predict_raw(user, item).clamp(1.0, 5.0)
+    }
+
+    /// One SGD step on a rating; returns the squared error before the step.
+    pub fn observe(&mut self, user: u64, item: u64, rating: f32) -> f32 {
+        let d = self.cfg.mf_dim;
+        let std = self.cfg.init_std;
+        let (u, new_u) = self.users.insert(user);
+        if new_u {
+            Bpr::init_vec(&mut self.rng, &mut self.user_f, d, std);
+            self.user_b.push(0.0);
+        }
+        let (i, new_i) = self.items.insert(item);
+        if new_i {
+            Bpr::init_vec(&mut self.rng, &mut self.item_f, d, std);
+            self.item_b.push(0.0);
+        }
+        self.sum += f64::from(rating);
+        self.n += 1;
+        let e = rating - self.predict_raw(user, item);
+        let (lr, lrb) = (self.cfg.mf_lr, self.cfg.mf_lr_bias);
+        let (reg, breg) = (self.cfg.mf_reg, self.cfg.mf_bias_reg);
+        self.user_b[u] += lrb * (e - breg * self.user_b[u]);
+        self.item_b[i] += lrb * (e - breg * self.item_b[i]);
+        for f in 0..d {
+            let p = self.user_f[u * d + f];
+            let q = self.item_f[i * d + f];
+            self.user_f[u * d + f] += lr * (e * q - reg * p);
+            self.item_f[i * d + f] += lr * (e * p - reg * q);
+        }
+        e * e
+    }
+}
+
+/// Time-decayed popularity: each item's score is `Σ w · 2^(-(now - ts)/h)`.
+/// Stored as `Σ w · 2^((ts - t_ref)/h)`, rescaled when the exponent grows, so
+/// an update is O(1) and out-of-order events are exact.
+#[derive(Debug, Clone)]
+pub struct Trending {
+    half_life_ms: f64,
+    t_ref: i64,
+    latest: i64,
+    items: Index,
+    acc: Vec<f64>,
+}
+
+impl Trending {
+    pub fn new(half_life_ms: i64) -> Self {
+        Self {
+            half_life_ms: half_life_ms.max(1) as f64,
+            t_ref: i64::MIN,
+            latest: i64::MIN,
+            items: Index::default(),
+            acc: Vec::new(),
+        }
+    }
+
+    pub fn observe(&mut self, ts_ms: i64, item: u64, w: f32) {
+        if self.t_ref == i64::MIN {
+            self.t_ref = ts_ms;
+            self.latest = ts_ms;
+        }
+        self.latest = self.latest.max(ts_ms);
+        let mut e = (ts_ms - self.t_ref) as f64 / self.half_life_ms;
+        if e > 256.0 {
+            let scale = (-e).exp2();
+            for a in &mut self.acc {
+                *a *= scale;
+            }
+            self.t_ref = ts_ms;
+            e = 0.0;
+        }
+        let (i, new) = self.items.insert(item);
+        if new {
+            self.acc.push(0.0);
+        }
+        self.acc[i] += f64::from(w) * e.exp2();
+    }
+
+    fn now_scale(&self) -> f64 {
+        (-((self.latest - self.t_ref) as f64) / self.half_life_ms).exp2()
+    }
+
+    /// Decayed score of an item at the latest event time seen.
+    pub fn score(&self, item: u64) -> f32 {
+        self.items
+            .get(item)
+            .map_or(0.0, |i| (self.acc[i] * self.now_scale()) as f32)
+    }
+
+    /// Top-k (item, decayed score) at the latest event time, skipping `exclude`.
+    pub fn top(&self, k: usize, exclude: &HashSet<u64>) -> Vec<(u64, f32)> {
+        let s = self.now_scale();
+        top_k(
+            self.acc.len(),
+            k,
+            |j| self.acc[j] as f32,
+            |j| exclude.contains(&self.items.ids[j]),
+        )
+        .into_iter()
+        .map(|(j, a)| (self.items.ids[j], (f64::from(a) * s) as f32))
+        .collect()
+    }
+}
+
+/// Recommendations and whether they came from the trending fallback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recommendation {
+    pub items: Vec<(u64, f32)>,
+    pub fallback: bool,
+}
+
+/// The three models behind one `observe`.
+#[derive(Debug, Clone)]
+pub struct RecoModel {
+    pub cfg: RecoConfig,
+    pub implicit: Bpr,
+    pub explicit: BiasedMf,
+    pub trending: Trending,
+    events: u64,
+}
+
+impl RecoModel {
+    pub fn new(cfg: RecoConfig, seed: u64) -> Self {
+        Self {
+            implicit: Bpr::new(&cfg, seed),
+            explicit: BiasedMf::new(&cfg, seed ^ 0x9E37_79B9_7F4A_7C15),
+            trending: Trending::new(cfg.half_life_ms),
+            cfg,
+            events: 0,
+        }
+    }
+
+    /// Events learned so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Learns from one event: every kind feeds the implicit and trending
+    /// models with its weight; ratings also train the explicit model.
+    pub fn observe(&mut self, ev: &Interaction) {
+        let w = self.cfg.weight(ev.kind);
+        self.trending.observe(ev.ts_ms, ev.item, w);
+        self.implicit.observe(ev.user, ev.item, w);
+        if let Kind::Rating(r) = ev.kind
+            && r.is_finite()
+        {
+            self.explicit.observe(ev.user, ev.item, r);
+        }
+        self.events += 1;
+    }
+
+    /// Implicit score; `f32::NEG_INFINITY` for an item never seen.
+    pub fn score(&self, user: u64, item: u64) -> f32 {
+        self.implicit.score(user, item).unwrap_or(f32::NEG_INFINITY)
+    }
+
+    /// Top-k over the items seen so far; trending for an unknown user.
+    pub fn recommend(&self, user: u64, k: usize, exclude: &HashSet<u64>) -> Recommendation {
+        match self.implicit.recommend(user, k, exclude) {
+            Some(items) => Recommendation {
+                items,
+                fallback: false,
+            },
+            None => Recommendation {
+                items: self.trending.top(k, exclude),
+                fallback: true,
+            },
+        }
+    }
+
+    /// Rating prediction clipped to 1..=5.
+    pub fn predict_rating(&self, user: u64, item: u64) -> f32 {
+        self.explicit.predict(user, item)
+    }
+
+    /// The k most trending items at the latest event time.
+    pub fn trending(&self, k: usize) -> Vec<(u64, f32)> {
+        self.trending.top(k, &HashSet::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ts_ms: i64, user: u64, item: u64, kind: Kind) -> Interaction {
+        Interaction {
+            ts_ms,
+            user,
+            item,
+            kind,
+        }
+    }
+
+    /// Two user groups, each consuming only its own half of 40 items.
+    fn two_taste_stream(n: usize, seed: u64) -> Vec<Interaction> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|t| {
+                let user: u64 = rng.random_range(0..20);
+                let base = if user < 10 { 0 } else { 20 };
+                let item = base + rng.random_range(0..20u64);
+                ev(t as i64, user, item, Kind::View)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dot_matches_naive() {
+        let a: Vec<f32> = (0..37).map(|x| x as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..37).map(|x| (x as f32).sin()).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-3);
+    }
+
+    #[test]
+    fn record_round_trips() {
+        let r = FactorRecord {
+            bias: -0.25,
+            vector: vec![1.0, -2.5, 3.125],
+        };
+        let b = r.to_bytes();
+        assert_eq!(b.len(), 16);
+        assert_eq!(&b[..4], &(-0.25f32).to_le_bytes());
+        assert_eq!(FactorRecord::from_bytes(&b), Some(r));
+        assert_eq!(FactorRecord::from_bytes(&b[..5]), None);
+        assert_eq!(FactorRecord::from_bytes(&[]), None);
+    }
+
+    #[test]
+    fn fenwick_samples_by_weight() {
+        let mut f = Fenwick::default();
+        for w in [0u64, 3, 0, 1, 6] {
+            f.push(w);
+        }
+        f.add(2, 2);
+        assert_eq!(f.total, 12);
+        let got: Vec<usize> = (0..12).map(|r| f.find(r)).collect();
+        assert_eq!(got, vec![1, 1, 1, 2, 2, 3, 4, 4, 4, 4, 4, 4]);
+    }
+
+    #[test]
+    fn top_k_orders_and_breaks_ties_by_index() {
+        let s = [0.5f32, 2.0, 0.5, 3.0, -1.0];
+        let t = top_k(s.len(), 3, |j| s[j], |j| j == 3);
+        assert_eq!(t, vec![(1, 2.0), (0, 0.5), (2, 0.5)]);
+    }
+
+    #[test]
+    fn bpr_loss_decreases_on_fixed_sample() {
+        let cfg = RecoConfig {
+            dim: 8,
+            ..RecoConfig::default()
+        };
+        let mut m = Bpr::new(&cfg, 1);
+        let data = two_taste_stream(4000, 3);
+        let mut first = 0.0;
+        let mut last = 0.0;
+        for (t, e) in data.iter().enumerate() {
+            let l = m.observe(e.user, e.item, 1.0).unwrap_or(0.0);
+            if t < 500 {
+                first += l;
+            } else if t >= 3500 {
+                last += l;
+            }
+        }
+        assert!(last < 0.7 * first, "loss {first} -> {last}");
+    }
+
+    #[test]
+    fn bpr_learns_group_taste() {
+        for sampling in [Sampling::Uniform, Sampling::Popularity] {
+            let cfg = RecoConfig {
+                dim: 8,
+                sampling,
+                ..RecoConfig::default()
+            };
+            let mut m = Bpr::new(&cfg, 5);
+            for e in two_taste_stream(6000, 4) {
+                m.observe(e.user, e.item, 1.0);
+            }
+            let none = HashSet::new();
+            let top = m.recommend(3, 10, &none).expect("known user");
+            assert!(top.iter().all(|&(i, _)| i < 20), "{sampling:?} {top:?}");
+            let top = m.recommend(13, 10, &none).expect("known user");
+            assert!(top.iter().all(|&(i, _)| i >= 20), "{sampling:?} {top:?}");
+        }
+    }
+
+    #[test]
+    fn rank_of_agrees_with_recommend() {
+        let mut m = Bpr::new(&RecoConfig::default(), 9);
+        for e in two_taste_stream(2000, 8) {
+            m.observe(e.user, e.item, 1.0);
+        }
+        let exclude: HashSet<u64> = [0, 5, 21].into_iter().collect();
+        let top = m.recommend(4, 40, &exclude).expect("known user");
+        for (r, &(item, s)) in top.iter().enumerate() {
+            assert_eq!(m.rank_of(4, item, &exclude), Some(r));
+            assert_eq!(m.score(4, item), Some(s));
+        }
+        assert_eq!(m.rank_of(4, 5, &exclude), None);
+        assert_eq!(m.rank_of(4, 999, &exclude), None);
+    }
+
+    #[test]
+    fn updates_are_deterministic_given_seed_and_order() {
+        let data = two_taste_stream(3000, 11);
+        let run = |seed| {
+            let mut m = RecoModel::new(RecoConfig::default(), seed);
+            for (t, e) in data.iter().enumerate() {
+                let mut e = *e;
+                if t % 7 == 0 {
+                    e.kind = Kind::Rating((t % 5) as f32 + 1.0);
+                }
+                m.observe(&e);
+            }
+            (0..40)
+                .map(|i| {
+                    let b = m.implicit.item_record(i).map(|r| r.to_bytes());
+                    (b, m.predict_rating(2, i).to_bits())
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(42), run(42));
+        assert_ne!(run(42), run(43));
+        let d2 = {
+            let mut d = data.clone();
+            d.swap(10, 20);
+            d
+        };
+        let mut a = RecoModel::new(RecoConfig::default(), 42);
+        let mut b = RecoModel::new(RecoConfig::default(), 42);
+        data.iter().for_each(|e| a.observe(e));
+        d2.iter().for_each(|e| b.observe(e));
+        assert_ne!(a.implicit.item_record(0), b.implicit.item_record(0));
+    }
+
+    #[test]
+    fn biased_mf_fits_low_rank_ratings() {
+        let cfg = RecoConfig::default();
+        let mut m = BiasedMf::new(&cfg, 2);
+        let mut rng = StdRng::seed_from_u64(6);
+        let truth = |u: u64, i: u64| -> f32 {
+            let like = (u % 2) == (i % 2);
+            (if like { 4.3 } else { 2.2 }) + (i % 3) as f32 * 0.2
+        };
+        let mut first = 0.0;
+        let mut last = 0.0;
+        for t in 0..30_000 {
+            let (u, i) = (rng.random_range(0..100u64), rng.random_range(0..50u64));
+            let e2 = m.observe(u, i, truth(u, i));
+            if t < 2000 {
+                first += e2;
+            } else if t >= 28_000 {
+                last += e2;
+            }
+        }
+        let rmse_last = (last / 2000.0).sqrt();
+        assert!(last < 0.2 * first, "sse {first} -> {last}");
+        assert!(rmse_last < 0.3, "rmse {rmse_last}");
+        assert!((1.0..=5.0).contains(&m.predict(0, 0)));
+        assert_eq!(m.predict(1_000, 1_000), m.mean().clamp(1.0, 5.0));
+    }
+
+    #[test]
+    fn trending_decays_by_half_life() {
+        let mut t = Trending::new(1000);
+        t.observe(0, 1, 4.0);
+        t.observe(1000, 2, 3.0);
+        // At t = 1000 item 1 has decayed to 2.0.
+        assert!((t.score(1) - 2.0).abs() < 1e-5);
+        assert_eq!(t.top(2, &HashSet::new())[0].0, 2);
+        // Far in the future both rescale without overflow.
+        t.observe(1_000_000, 3, 1.0);
+        assert_eq!(t.top(1, &HashSet::new())[0].0, 3);
+        assert!(t.score(1) >= 0.0 && t.score(1) < 1e-30);
+        // Out-of-order event counts with its own age.
+        t.observe(999_000, 4, 8.0);
+        assert!((t.score(4) - 4.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn recommend_falls_back_to_trending_for_unknown_users() {
+        let mut m = RecoModel::new(RecoConfig::default(), 1);
+        for (t, item) in [7u64, 7, 8, 9, 7, 8].into_iter().enumerate() {
+            m.observe(&ev(t as i64, 1, item, Kind::View));
+        }
+        let r = m.recommend(99, 2, &HashSet::new());
+        assert!(r.fallback);
+        assert_eq!(r.items.iter().map(|x| x.0).collect::<Vec<_>>(), vec![7, 8]);
+        let r = m.recommend(1, 2, &[7].into_iter().collect());
+        assert!(!r.fallback);
+        assert!(r.items.iter().all(|x| x.0 != 7));
+        assert_eq!(m.trending(1)[0].0, 7);
+        assert_eq!(m.score(1, 12345), f32::NEG_INFINITY);
+    }
+}

@@ -1,0 +1,172 @@
+//! Recommendations end to end against real services: generator → Kafka
+//! (tansu) → `pulse run` → factors in Redis → `/recommend` over HTTP.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use pulse::app::{self, SourceSpec};
+use pulse::config::{Config, Secrets};
+use pulse::serve::{ServeState, serve};
+use pulse::sink::store::{RedisStore, Store};
+use pulse::source::generator::{GenParams, Generator, item_genre, user_genres};
+use redis::AsyncCommands;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn factors_flow_from_kafka_to_recommendations() {
+    let brokers = common::service("PULSE_TEST_BROKERS");
+    let redis_url = common::service("PULSE_TEST_REDIS");
+    let dir = tempfile::tempdir().unwrap();
+    let topic = common::unique("reco");
+    let prefix = common::unique("r");
+    let mut cfg = Config::load_with_env(None, &[]).unwrap();
+    cfg.parquet.data_dir = dir.path().join("data");
+    cfg.kafka.brokers = brokers;
+    cfg.kafka.topic = topic.clone();
+    cfg.kafka.group = common::unique("g");
+    cfg.pipeline.idle_exit_ms = 3000;
+    cfg.redis.url = redis_url.clone();
+    cfg.redis.prefix = prefix.clone();
+    let secrets = Secrets::default();
+
+    // generated events, keyed by user
+    let mut g = Generator::new(GenParams {
+        events: 60_000,
+        seed: 9,
+        invalid_fraction: 0.0,
+        ..GenParams::default()
+    });
+    let mut lines = Vec::new();
+    let mut per_user: HashMap<u64, usize> = HashMap::new();
+    loop {
+        let mut l = Vec::new();
+        if g.next_into(&mut l).is_none() {
+            break;
+        }
+        let v: Value = serde_json::from_slice(&l).unwrap();
+        *per_user.entry(v["user_id"].as_u64().unwrap()).or_default() += 1;
+        lines.push((v["user_id"].as_u64().unwrap(), l));
+    }
+    pulse::source::kafka::create_topic(&cfg.kafka, &secrets, &topic, 4)
+        .await
+        .unwrap();
+    {
+        let kc = cfg.kafka.clone();
+        let t = topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let p = pulse::source::kafka::EventProducer::new(&kc, &Secrets::default(), &t).unwrap();
+            for (u, l) in &lines {
+                p.send(&u.to_le_bytes(), l).unwrap();
+            }
+            p.finish().unwrap();
+        })
+        .await
+        .unwrap();
+    }
+    let store = Store::Redis(
+        RedisStore::connect(&redis_url, None, &prefix, 3600)
+            .await
+            .unwrap(),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let s = app::run(&cfg, &secrets, SourceSpec::Kafka, store, rx)
+        .await
+        .unwrap();
+    assert_eq!(s.trained, 60_000, "every event trains the model once");
+
+    // the documented layout
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let meta: HashMap<String, String> = con.hgetall(format!("{prefix}:reco:meta")).await.unwrap();
+    assert_eq!(meta["version"], "60000");
+    let n_items: usize = con.hlen(format!("{prefix}:reco:item")).await.unwrap();
+    let n_users: usize = con.hlen(format!("{prefix}:reco:user")).await.unwrap();
+    assert!(
+        n_items > 1000 && n_users > 1000,
+        "{n_items} items, {n_users} users"
+    );
+
+    let state = ServeState::new(
+        Some(
+            redis::aio::ConnectionManager::new(client.clone())
+                .await
+                .unwrap(),
+        ),
+        &prefix,
+        None,
+    );
+    assert_eq!(state.refresh_items().await.unwrap(), n_items);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, state, std::future::pending()));
+
+    // heavy users get personal recommendations, mostly from their planted genres
+    let mut users: Vec<(u64, usize)> = per_user.into_iter().collect();
+    users.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut in_taste = 0;
+    let mut total = 0;
+    for &(u, _) in users.iter().take(20) {
+        let (code, v) = get(addr, &format!("/recommend/{u}?k=10")).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["fallback"], false, "user {u} is known");
+        let items: Vec<u64> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["item_id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(items.len(), 10);
+        let hist: Vec<u64> = con
+            .lrange(format!("{prefix}:reco:hist:{u}"), 0, -1)
+            .await
+            .unwrap();
+        let hist: HashSet<u64> = hist.into_iter().collect();
+        assert!(
+            items.iter().all(|i| !hist.contains(i)),
+            "recent history is excluded"
+        );
+        let (g1, g2) = user_genres(u, 8);
+        in_taste += items
+            .iter()
+            .filter(|&&i| [g1, g2].contains(&item_genre(i, 8)))
+            .count();
+        total += items.len();
+    }
+    let share = in_taste as f64 / total as f64;
+    // a random or popularity list lands in a user's two genres of eight about 25% of the time
+    assert!(
+        share > 0.5,
+        "share of recommended items in the users' planted genres: {share:.2}"
+    );
+
+    // unknown users get trending items
+    let (code, v) = get(addr, "/recommend/987654321987?k=5").await;
+    assert_eq!(code, 200);
+    assert_eq!(v["fallback"], true);
+    assert_eq!(v["items"].as_array().unwrap().len(), 5);
+    // bad input
+    for path in [
+        "/recommend/abc",
+        "/recommend/1?k=0",
+        "/recommend/1?k=1000",
+        "/recommend/-4",
+    ] {
+        let (code, v) = get(addr, path).await;
+        assert_eq!(code, 400, "{path}");
+        assert!(v["error"].is_string(), "{path}");
+    }
+}
