@@ -37,6 +37,26 @@ pub struct ItemIndex {
     pub vecs: Vec<f32>,
 }
 
+/// Dot product with eight independent accumulators, so the compiler can keep
+/// it in SIMD registers (a single running sum forces strict sequential adds).
+#[inline]
+pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 #[derive(PartialEq)]
 struct Scored(f32, u64);
 
@@ -92,7 +112,7 @@ impl ItemIndex {
             .zip(self.vecs.chunks_exact(self.dim.max(1)))
             .enumerate()
         {
-            let s = self.bias[i] + v.iter().zip(user).map(|(a, b)| a * b).sum::<f32>();
+            let s = self.bias[i] + dot8(v, user);
             if heap.len() == k && heap.peek().is_some_and(|w| s <= w.0) {
                 continue;
             }

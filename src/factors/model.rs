@@ -72,6 +72,9 @@ pub struct RecoConfig {
     pub w_cart: f32,
     pub w_purchase: f32,
     pub w_rating: f32,
+    /// Weight of the log-popularity prior `ln(1 + count_i)` added to scores
+    /// (a logQ-style correction; pairs with popularity-sampled negatives).
+    pub pop_prior: f32,
     /// Largest step multiplier an event weight can give (keeps SGD stable).
     pub max_step_weight: f32,
     /// Latent dimension of the explicit (rating) model.
@@ -91,19 +94,20 @@ impl Default for RecoConfig {
             lr: 0.05,
             reg: 0.01,
             bias_reg: 0.01,
-            negatives: 3,
-            sampling: Sampling::Uniform,
-            replay: 1,
+            negatives: 8,
+            sampling: Sampling::Popularity,
+            replay: 4,
             recent_len: 32,
             init_std: 0.1,
             w_view: 1.0,
             w_cart: 3.0,
             w_purchase: 5.0,
             w_rating: 1.0,
-            max_step_weight: 5.0,
+            pop_prior: 1.0,
+            max_step_weight: 2.0,
             mf_dim: 10,
-            mf_lr: 0.02,
-            mf_lr_bias: 0.01,
+            mf_lr: 0.05,
+            mf_lr_bias: 0.05,
             mf_reg: 0.05,
             mf_bias_reg: 0.01,
             half_life_ms: 3_600_000,
@@ -348,7 +352,7 @@ fn top_k(
 
 /// Implicit-feedback model: BPR (Rendle et al. 2009) trained online, one
 /// positive at a time against sampled negatives from the items seen so far.
-/// Score of (u, i) = `b_i + p_u · q_i`.
+/// Score of (u, i) = `b_i + β·ln(1 + n_i) + p_u · q_i` (β = `pop_prior`).
 #[derive(Debug, Clone)]
 pub struct Bpr {
     cfg: RecoConfig,
@@ -358,6 +362,9 @@ pub struct Bpr {
     user_f: Vec<f32>,
     item_f: Vec<f32>,
     item_b: Vec<f32>,
+    /// `pop_prior * ln(1 + count_i)` plus `item_b`: the item's score offset.
+    item_off: Vec<f32>,
+    item_n: Vec<u32>,
     counts: Fenwick,
     recent: Vec<Ring>,
     scratch: Vec<f32>,
@@ -373,6 +380,8 @@ impl Bpr {
             user_f: Vec::new(),
             item_f: Vec::new(),
             item_b: Vec::new(),
+            item_off: Vec::new(),
+            item_n: Vec::new(),
             counts: Fenwick::default(),
             recent: Vec::new(),
             scratch: Vec::new(),
@@ -421,6 +430,8 @@ impl Bpr {
                 self.cfg.init_std,
             );
             self.item_b.push(0.0);
+            self.item_off.push(0.0);
+            self.item_n.push(0);
             self.counts.push(0);
         }
         i
@@ -450,6 +461,11 @@ impl Bpr {
         None
     }
 
+    fn refresh_offset(&mut self, i: usize) {
+        let prior = self.cfg.pop_prior * (self.item_n[i] as f32).ln_1p();
+        self.item_off[i] = self.item_b[i] + prior;
+    }
+
     /// One BPR SGD step on (u, pos ≻ neg) with step `lr`; returns the loss
     /// `-ln σ(x_uij)` before the step.
     fn step(&mut self, u: usize, i: usize, j: usize, lr: f32) -> f32 {
@@ -477,6 +493,8 @@ impl Bpr {
         }
         self.item_b[i] += lr * (g - breg * self.item_b[i]);
         self.item_b[j] += lr * (-g - breg * self.item_b[j]);
+        self.refresh_offset(i);
+        self.refresh_offset(j);
         // -ln σ(x), numerically stable.
         if x > 0.0 {
             (-x).exp().ln_1p()
@@ -492,6 +510,8 @@ impl Bpr {
         let u = self.user_index(user);
         let i = self.item_index(item);
         self.counts.add(i, 1);
+        self.item_n[i] += 1;
+        self.refresh_offset(i);
         let lr = self.cfg.lr * w.clamp(0.0, self.cfg.max_step_weight);
         let mut loss = 0.0;
         let mut steps = 0;
@@ -525,8 +545,8 @@ impl Bpr {
         let d = self.cfg.dim;
         let qi = &self.item_f[i * d..(i + 1) * d];
         Some(match self.users.get(user) {
-            Some(u) => self.item_b[i] + dot(&self.user_f[u * d..(u + 1) * d], qi),
-            None => self.item_b[i],
+            Some(u) => self.item_off[i] + dot(&self.user_f[u * d..(u + 1) * d], qi),
+            None => self.item_off[i],
         })
     }
 
@@ -544,7 +564,7 @@ impl Bpr {
         let top = top_k(
             self.n_items(),
             k,
-            |j| self.item_b[j] + dot(pu, &self.item_f[j * d..(j + 1) * d]),
+            |j| self.item_off[j] + dot(pu, &self.item_f[j * d..(j + 1) * d]),
             |j| exclude.contains(&self.items.ids[j]),
         );
         Some(
@@ -566,11 +586,11 @@ impl Bpr {
         let t = self.items.get(item)?;
         let d = self.cfg.dim;
         let pu = &self.user_f[u * d..(u + 1) * d];
-        let sc = |j: usize| self.item_b[j] + dot(pu, &self.item_f[j * d..(j + 1) * d]);
+        let sc = |j: usize| self.item_off[j] + dot(pu, &self.item_f[j * d..(j + 1) * d]);
         let st = sc(t);
         let beats = |j: usize, s: f32| s > st || (s == st && j < t);
         let mut rank = 0usize;
-        for (j, (q, &b)) in self.item_f.chunks_exact(d).zip(&self.item_b).enumerate() {
+        for (j, (q, &b)) in self.item_f.chunks_exact(d).zip(&self.item_off).enumerate() {
             let s = b + dot(pu, q);
             rank += usize::from(beats(j, s));
         }
@@ -598,7 +618,7 @@ impl Bpr {
         let i = self.items.get(item)?;
         let d = self.cfg.dim;
         Some(FactorRecord {
-            bias: self.item_b[i],
+            bias: self.item_off[i],
             vector: self.item_f[i * d..(i + 1) * d].to_vec(),
         })
     }
