@@ -10,7 +10,7 @@ use common::*;
 use datafusion::arrow::array::AsArray;
 use pulse::app::{self, SourceSpec};
 use pulse::config::{Config, Secrets};
-use pulse::sink::store::{MemoryStore, RedisStore, Store};
+use pulse::sink::store::{MemoryStore, Store};
 use redis::AsyncCommands;
 
 fn config(dir: &std::path::Path) -> Config {
@@ -151,35 +151,15 @@ async fn kafka_source_to_parquet_and_redis() {
     cfg.pipeline.idle_exit_ms = 4000;
     cfg.redis.url = redis_url.clone();
     cfg.redis.prefix = prefix.clone();
-    let secrets = Secrets::default();
-    pulse::source::kafka::create_topic(&cfg.kafka, &secrets, &topic, 4)
-        .await
-        .unwrap();
-    {
-        let kc = cfg.kafka.clone();
-        let t = topic.clone();
-        let lines = lines.clone();
-        tokio::task::spawn_blocking(move || {
-            let p = pulse::source::kafka::EventProducer::new(&kc, &Secrets::default(), &t).unwrap();
-            for (i, l) in lines.iter().enumerate() {
-                p.send(&(i as u64 % 97).to_le_bytes(), l).unwrap();
-            }
-            p.finish().unwrap();
-        })
-        .await
-        .unwrap();
-    }
+    let records: Vec<(u64, Vec<u8>)> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64 % 97, l.clone()))
+        .collect();
+    common::produce(&cfg, 4, records).await;
 
     let metrics = pulse::serve::metrics_handle().expect("recorder installed");
-    let store = Store::Redis(
-        RedisStore::connect(&redis_url, None, &prefix, 3600)
-            .await
-            .unwrap(),
-    );
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    let s = app::run(&cfg, &secrets, SourceSpec::Kafka, store, rx)
-        .await
-        .unwrap();
+    let s = common::run_kafka(&cfg).await;
     let text = metrics.render();
     for p in 0..4 {
         let m = format!("pulse_records_consumed_total{{source=\"kafka\",partition=\"{p}\"}}");

@@ -5,25 +5,15 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use pulse::app::{self, SourceSpec};
-use pulse::config::{Config, Secrets};
+use pulse::config::Config;
 use pulse::serve::{ServeState, serve};
-use pulse::sink::store::{RedisStore, Store};
 use pulse::source::generator::{GenParams, Generator, item_genre, user_genres};
 use redis::AsyncCommands;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1;
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    let (code, body) = common::http_get(addr, path).await;
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +31,6 @@ async fn factors_flow_from_kafka_to_recommendations() {
     cfg.pipeline.idle_exit_ms = 3000;
     cfg.redis.url = redis_url.clone();
     cfg.redis.prefix = prefix.clone();
-    let secrets = Secrets::default();
 
     // generated events, keyed by user
     let mut g = Generator::new(GenParams {
@@ -61,31 +50,8 @@ async fn factors_flow_from_kafka_to_recommendations() {
         *per_user.entry(v["user_id"].as_u64().unwrap()).or_default() += 1;
         lines.push((v["user_id"].as_u64().unwrap(), l));
     }
-    pulse::source::kafka::create_topic(&cfg.kafka, &secrets, &topic, 4)
-        .await
-        .unwrap();
-    {
-        let kc = cfg.kafka.clone();
-        let t = topic.clone();
-        tokio::task::spawn_blocking(move || {
-            let p = pulse::source::kafka::EventProducer::new(&kc, &Secrets::default(), &t).unwrap();
-            for (u, l) in &lines {
-                p.send(&u.to_le_bytes(), l).unwrap();
-            }
-            p.finish().unwrap();
-        })
-        .await
-        .unwrap();
-    }
-    let store = Store::Redis(
-        RedisStore::connect(&redis_url, None, &prefix, 3600)
-            .await
-            .unwrap(),
-    );
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    let s = app::run(&cfg, &secrets, SourceSpec::Kafka, store, rx)
-        .await
-        .unwrap();
+    common::produce(&cfg, 4, lines).await;
+    let s = common::run_kafka(&cfg).await;
     assert_eq!(s.trained, 60_000, "every event trains the model once");
 
     // the documented layout

@@ -1,31 +1,25 @@
 //! Serving-side item index: consumes item factor records (the compact binary
 //! encoding of [`encode`]); produces top-k items for a user vector, excluding
 //! given items. Flat `f32` arrays and a bounded min-heap: one pass over the
-//! catalogue per request, no allocation per item. Pure code.
+//! catalogue per request, no allocation per item (the model's `dot` and
+//! `top_k`). Pure code.
 
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::HashSet;
+
+use crate::factors::model::{FactorRecord, dot, top_k};
 
 /// Encodes a factor record: little-endian `f32` bias followed by the vector.
 pub fn encode(bias: f32, v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 * (v.len() + 1));
-    out.extend_from_slice(&bias.to_le_bytes());
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
+    FactorRecord {
+        bias,
+        vector: v.to_vec(),
     }
-    out
+    .to_bytes()
 }
 
-/// Decodes a factor record; `None` when the length is not a multiple of 4 or empty.
+/// Decodes a factor record; `None` when the length is not a positive multiple of 4.
 pub fn decode(b: &[u8]) -> Option<(f32, Vec<f32>)> {
-    if b.len() < 4 || !b.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut it = b
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-    let bias = it.next()?;
-    Some((bias, it.collect()))
+    FactorRecord::from_bytes(b).map(|r| (r.bias, r.vector))
 }
 
 /// All item factors of one model version, laid out flat.
@@ -57,22 +51,6 @@ pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-#[derive(PartialEq)]
-struct Scored(f32, u64);
-
-impl Eq for Scored {}
-impl PartialOrd for Scored {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Scored {
-    /// Reversed on score so the heap's top is the weakest kept item; ties prefer the lower id.
-    fn cmp(&self, o: &Self) -> Ordering {
-        o.0.total_cmp(&self.0).then(self.1.cmp(&o.1))
-    }
-}
-
 impl ItemIndex {
     /// Builds an index from (item, record) pairs; records of another dimension are skipped.
     pub fn from_records(records: impl IntoIterator<Item = (u64, Vec<u8>)>) -> Self {
@@ -102,31 +80,19 @@ impl ItemIndex {
 
     /// Top `k` items by `bias_i + u·v_i`, best first, skipping `exclude`.
     pub fn top_k(&self, user: &[f32], k: usize, exclude: &HashSet<u64>) -> Vec<(u64, f32)> {
-        if user.len() != self.dim || k == 0 {
+        if user.len() != self.dim || self.dim == 0 {
             return Vec::new();
         }
-        let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(k + 1);
-        for (i, (&id, v)) in self
-            .ids
-            .iter()
-            .zip(self.vecs.chunks_exact(self.dim.max(1)))
-            .enumerate()
-        {
-            let s = self.bias[i] + dot8(v, user);
-            if heap.len() == k && heap.peek().is_some_and(|w| s <= w.0) {
-                continue;
-            }
-            if exclude.contains(&id) {
-                continue;
-            }
-            heap.push(Scored(s, id));
-            if heap.len() > k {
-                heap.pop();
-            }
-        }
-        let mut out: Vec<(u64, f32)> = heap.into_iter().map(|s| (s.1, s.0)).collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        out
+        let d = self.dim;
+        top_k(
+            self.ids.len(),
+            k,
+            |j| self.bias[j] + dot(&self.vecs[j * d..(j + 1) * d], user),
+            |j| exclude.contains(&self.ids[j]),
+        )
+        .into_iter()
+        .map(|(j, s)| (self.ids[j], s))
+        .collect()
     }
 }
 

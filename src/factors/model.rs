@@ -319,7 +319,7 @@ impl Ord for Cand {
 
 /// Top-`k` of `(score, dense index)` pairs, best first; ties go to the lower
 /// index. `skip` filters candidates out. O(n log k).
-fn top_k(
+pub(crate) fn top_k(
     n: usize,
     k: usize,
     mut score: impl FnMut(usize) -> f32,

@@ -238,3 +238,70 @@ print(ev.count_rows(), sum(req), dl.count_rows())
 pub fn ids_set(e: &Expected) -> BTreeSet<u64> {
     e.valid.keys().copied().collect()
 }
+
+/// Creates `topic` and produces `(key, payload)` records to it, all delivered.
+pub async fn produce(cfg: &pulse::config::Config, partitions: i32, records: Vec<(u64, Vec<u8>)>) {
+    let secrets = pulse::config::Secrets::default();
+    pulse::source::kafka::create_topic(&cfg.kafka, &secrets, &cfg.kafka.topic, partitions)
+        .await
+        .unwrap();
+    let kc = cfg.kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let p = pulse::source::kafka::EventProducer::new(&kc, &secrets, &kc.topic).unwrap();
+        for (k, l) in &records {
+            p.send(&k.to_le_bytes(), l).unwrap();
+        }
+        p.finish().unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// Runs the pipeline on the Kafka source with the Redis store of `cfg`.
+pub async fn run_kafka(cfg: &pulse::config::Config) -> pulse::app::Summary {
+    let store = pulse::sink::store::Store::Redis(
+        pulse::sink::store::RedisStore::connect(&cfg.redis.url, None, &cfg.redis.prefix, 3600)
+            .await
+            .unwrap(),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    pulse::app::run(
+        cfg,
+        &pulse::config::Secrets::default(),
+        pulse::app::SourceSpec::Kafka,
+        store,
+        rx,
+    )
+    .await
+    .unwrap()
+}
+
+/// GET over a real TCP connection: (status, body), de-chunked.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (code, body.to_string());
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    (code, out)
+}
