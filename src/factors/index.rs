@@ -31,26 +31,6 @@ pub struct ItemIndex {
     pub vecs: Vec<f32>,
 }
 
-/// Dot product with eight independent accumulators, so the compiler can keep
-/// it in SIMD registers (a single running sum forces strict sequential adds).
-#[inline]
-pub fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 impl ItemIndex {
     /// Builds an index from (item, record) pairs; records of another dimension are skipped.
     pub fn from_records(records: impl IntoIterator<Item = (u64, Vec<u8>)>) -> Self {
