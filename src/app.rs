@@ -226,16 +226,15 @@ pub async fn run(
                 let linger = Duration::from_millis(cfg.pipeline.batch_timeout_ms);
                 let idle = (cfg.pipeline.idle_exit_ms > 0)
                     .then(|| Duration::from_millis(cfg.pipeline.idle_exit_ms));
-                let mut stop = shutdown.clone();
+                let stop = shutdown.clone();
                 tokio::spawn(async move {
                     loop {
                         if *stop.borrow() {
                             break;
                         }
-                        let next = tokio::select! {
-                            r = src.next_chunk(batch, linger, idle) => r?,
-                            _ = stop.changed() => continue,
-                        };
+                        // Not cancelled by the stop signal: a chunk in the making
+                        // holds consumed messages, so it is finished and delivered.
+                        let next = src.next_chunk(batch, linger, idle, Some(&stop)).await?;
                         match next {
                             Some(c) => {
                                 if chunk_tx.send(c).await.is_err() {
@@ -326,15 +325,24 @@ pub async fn run(
     let mut core = Core::new(cfg, secrets, store);
     core.trainer = trainer_tx;
     let core_result: Result<(), PipelineError> = async {
+        let mut watching = true;
         loop {
-            let d = tokio::select! {
-                d = dec_rx.recv() => d,
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
-                        tracing::info!("shutdown requested, draining in-flight batches");
+            let d = if watching {
+                tokio::select! {
+                    d = dec_rx.recv() => d,
+                    r = shutdown.changed() => {
+                        // A dropped sender can signal nothing more: stop watching it.
+                        if r.is_err() || *shutdown.borrow() {
+                            watching = false;
+                        }
+                        if *shutdown.borrow() {
+                            tracing::info!("shutdown requested, draining in-flight batches");
+                        }
+                        continue;
                     }
-                    continue;
                 }
+            } else {
+                dec_rx.recv().await
             };
             let Some(d) = d else { break };
             let t0 = Instant::now();

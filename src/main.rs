@@ -168,6 +168,8 @@ fn shutdown_on_signals() -> watch::Receiver<bool> {
         }
         tracing::info!("signal received, stopping");
         let _ = tx.send(true);
+        // Keep the sender alive: a dropped sender would read as endless changes.
+        std::future::pending::<()>().await;
     });
     rx
 }

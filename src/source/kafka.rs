@@ -106,15 +106,21 @@ impl KafkaSource {
         max: usize,
         linger: Duration,
         idle: Option<Duration>,
+        stop: Option<&tokio::sync::watch::Receiver<bool>>,
     ) -> Result<Option<RawChunk>, KafkaError> {
         let mut chunk = RawChunk::new(self.topic.clone());
         let mut first_at: Option<Instant> = None;
         let mut idle_deadline = idle.map(|d| Instant::now() + d);
         loop {
+            if stop.is_some_and(|s| *s.borrow()) {
+                break;
+            }
             let wait = match first_at {
                 Some(t) => linger.saturating_sub(t.elapsed()),
+                // Short waits so a stop request is seen within half a second.
                 None => idle_deadline.map_or(Duration::from_millis(500), |d| {
                     d.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(500))
                 }),
             };
             if wait.is_zero() {
