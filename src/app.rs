@@ -263,9 +263,9 @@ pub async fn run(
         let publish = redis.is_some();
         let flush = Duration::from_millis(cfg.reco.flush_ms);
         let seed = cfg.reco.seed;
+        let model_cfg = cfg.reco.model_config();
         let handle = tokio::task::spawn_blocking(move || {
-            let mut t =
-                crate::factors::trainer::Trainer::new(crate::factors::RecoConfig::default(), seed);
+            let mut t = crate::factors::trainer::Trainer::new(model_cfg, seed);
             let mut last = Instant::now();
             let mut busy = Duration::ZERO;
             while let Some(b) = rx.blocking_recv() {

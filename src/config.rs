@@ -48,6 +48,34 @@ pub struct RecoSection {
     pub flush_ms: u64,
     /// Seed of the model's initialisation and negative sampling.
     pub seed: u64,
+    /// Latent dimension of the implicit factors.
+    pub dim: usize,
+    /// Negatives sampled (by popularity) per event.
+    pub negatives: usize,
+    /// Extra steps on the user's recent items per event.
+    pub replay: usize,
+    /// Implicit feedback weight per event type.
+    pub weight_view: f32,
+    pub weight_cart: f32,
+    pub weight_purchase: f32,
+    /// Half-life of the trending model, seconds of event time.
+    pub trending_half_life_secs: u64,
+}
+
+impl RecoSection {
+    /// The model's hyper-parameters: these keys over the model's defaults.
+    pub fn model_config(&self) -> crate::factors::RecoConfig {
+        crate::factors::RecoConfig {
+            dim: self.dim,
+            negatives: self.negatives,
+            replay: self.replay,
+            w_view: self.weight_view,
+            w_cart: self.weight_cart,
+            w_purchase: self.weight_purchase,
+            half_life_ms: (self.trending_half_life_secs * 1000) as i64,
+            ..crate::factors::RecoConfig::default()
+        }
+    }
 }
 
 impl Default for RecoSection {
@@ -56,6 +84,13 @@ impl Default for RecoSection {
             enabled: true,
             flush_ms: 1000,
             seed: 7,
+            dim: 32,
+            negatives: 8,
+            replay: 4,
+            weight_view: 1.0,
+            weight_cart: 3.0,
+            weight_purchase: 5.0,
+            trending_half_life_secs: 3600,
         }
     }
 }

@@ -117,6 +117,9 @@ enum Cmd {
         /// Cut-off of recall and NDCG (the protocol is defined at 10).
         #[arg(long, default_value_t = 10)]
         k: usize,
+        /// Model hyper-parameters from this config's [reco] section (default: embedded).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run the anomaly detector over a NAB-format series (timestamp,value CSV).
     Detect {
@@ -269,7 +272,12 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench { events, redis, dir } => bench(events, redis, dir).await,
-        Cmd::RecoEval { ratings, format, k } => {
+        Cmd::RecoEval {
+            ratings,
+            format,
+            k,
+            config,
+        } => {
             if k != 10 {
                 bail!("--k: the prequential protocol is defined at k = 10");
             }
@@ -283,11 +291,9 @@ async fn main() -> Result<()> {
             let t = std::time::Instant::now();
             let (mut events, skipped) = pulse::factors::eval::parse(&text, fmt);
             drop(text);
-            let (mut r, _) = pulse::factors::eval::evaluate(
-                &mut events,
-                pulse::factors::RecoConfig::default(),
-                7,
-            );
+            let cfg = Config::load(config.as_deref())?;
+            let (mut r, _) =
+                pulse::factors::eval::evaluate(&mut events, cfg.reco.model_config(), cfg.reco.seed);
             r.skipped = skipped;
             let secs = t.elapsed().as_secs_f64();
             println!(
