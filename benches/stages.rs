@@ -1,0 +1,125 @@
+//! Stage micro-benchmarks: window SQL on a decoded batch, factor updates,
+//! and Parquet writing. Run with `cargo bench --bench stages`.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use pulse::config::ValidationConfig;
+use pulse::decode::Decoder;
+use pulse::factors::trainer::Trainer;
+use pulse::model::{Position, RawChunk};
+use pulse::sink::parquet::{TableWriter, events_spec};
+use pulse::source::generator::{GenParams, Generator};
+
+fn decoded(n: u64) -> datafusion::arrow::record_batch::RecordBatch {
+    let mut g = Generator::new(GenParams {
+        events: n,
+        ..GenParams::default()
+    });
+    let mut c = RawChunk::new("bench".into());
+    let mut line = Vec::new();
+    let mut i = 0;
+    while {
+        line.clear();
+        g.next_into(&mut line).is_some()
+    } {
+        i += 1;
+        c.push(
+            &line,
+            Position {
+                partition: 0,
+                offset: i,
+            },
+        );
+    }
+    Decoder::new(ValidationConfig::default())
+        .decode(&c, 0)
+        .events
+}
+
+/// The decoded batch with the `lateness` column, as the Parquet and factor stages see it.
+fn full(
+    b: &datafusion::arrow::record_batch::RecordBatch,
+) -> datafusion::arrow::record_batch::RecordBatch {
+    let mut cols = b.columns().to_vec();
+    cols.push(std::sync::Arc::new(
+        datafusion::arrow::array::StringArray::from(vec!["on_time"; b.num_rows()]),
+    ));
+    datafusion::arrow::record_batch::RecordBatch::try_new(pulse::model::events_schema(), cols)
+        .unwrap()
+}
+
+fn stages(c: &mut Criterion) {
+    let batch = full(&decoded(32_768));
+    let n = batch.num_rows() as u64;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+
+    let mut g = c.benchmark_group("stages");
+    g.throughput(Throughput::Elements(n));
+    g.sample_size(10);
+
+    // window SQL: the partial aggregates of one batch
+    let engine = pulse::sql::SqlEngine::new();
+    let ws: Vec<i64> = {
+        use datafusion::arrow::array::AsArray;
+        let ts = batch
+            .column(1)
+            .as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+        ts.values()
+            .iter()
+            .map(|t| t.div_euclid(60_000) * 60_000)
+            .collect()
+    };
+    let sql_in = {
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        let schema = std::sync::Arc::new(Schema::new(vec![
+            Field::new("window_start", pulse::model::ts_type(), false),
+            Field::new("service", DataType::Utf8, false),
+            Field::new("status", DataType::UInt16, true),
+            Field::new("latency_ms", DataType::Float64, true),
+            Field::new("user_id", DataType::UInt64, true),
+            Field::new("item_id", DataType::UInt64, true),
+        ]));
+        let col = |n: &str| batch.column_by_name(n).unwrap().clone();
+        datafusion::arrow::record_batch::RecordBatch::try_new(
+            schema,
+            vec![
+                std::sync::Arc::new(
+                    datafusion::arrow::array::TimestampMillisecondArray::from(ws)
+                        .with_timezone("UTC"),
+                ),
+                col("service"),
+                col("status"),
+                col("latency_ms"),
+                col("user_id"),
+                col("item_id"),
+            ],
+        )
+        .unwrap()
+    };
+    g.bench_function("window_sql_32k", |b| {
+        b.iter(|| rt.block_on(engine.partials(sql_in.clone())).unwrap())
+    });
+
+    // factor updates
+    g.bench_function("factor_updates_32k", |b| {
+        b.iter(|| {
+            let mut t = Trainer::new(pulse::factors::RecoConfig::default(), 7);
+            t.train(&batch)
+        })
+    });
+
+    // parquet writing
+    let dir = tempfile::tempdir().unwrap();
+    g.bench_function("parquet_write_32k", |b| {
+        b.iter(|| {
+            let mut w = TableWriter::new(dir.path(), events_spec(), 131_072, 4_000_000, 3).unwrap();
+            w.write(&batch).unwrap();
+            w.close_all().unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);
