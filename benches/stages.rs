@@ -71,15 +71,7 @@ fn stages(c: &mut Criterion) {
             .collect()
     };
     let sql_in = {
-        use datafusion::arrow::datatypes::{DataType, Field, Schema};
-        let schema = std::sync::Arc::new(Schema::new(vec![
-            Field::new("window_start", pulse::model::ts_type(), false),
-            Field::new("service", DataType::Utf8, false),
-            Field::new("status", DataType::UInt16, true),
-            Field::new("latency_ms", DataType::Float64, true),
-            Field::new("user_id", DataType::UInt64, true),
-            Field::new("item_id", DataType::UInt64, true),
-        ]));
+        let schema = pulse::sql::batch_input_schema();
         let col = |n: &str| batch.column_by_name(n).unwrap().clone();
         datafusion::arrow::record_batch::RecordBatch::try_new(
             schema,

@@ -19,7 +19,7 @@ use datafusion::arrow::array::{
     ArrayRef, AsArray, BooleanArray, StringBuilder, TimestampMillisecondArray,
 };
 use datafusion::arrow::compute::filter_record_batch;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimestampMillisecondType};
+use datafusion::arrow::datatypes::TimestampMillisecondType;
 use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, watch};
 
@@ -512,14 +512,7 @@ impl Core {
                 .cloned()
                 .ok_or_else(|| PipelineError::Stage(format!("missing column {name}")))
         };
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("window_start", crate::model::ts_type(), false),
-            Field::new("service", DataType::Utf8, false),
-            Field::new("status", DataType::UInt16, true),
-            Field::new("latency_ms", DataType::Float64, true),
-            Field::new("user_id", DataType::UInt64, true),
-            Field::new("item_id", DataType::UInt64, true),
-        ]));
+        let schema = crate::sql::batch_input_schema();
         let sql_in = RecordBatch::try_new(
             schema,
             vec![

@@ -36,6 +36,19 @@ pub enum SqlError {
     Shape(String),
 }
 
+/// Schema of the `batch` table the per-batch SQL reads: counted events'
+/// grouping columns plus their window bin.
+pub fn batch_input_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("window_start", ts_type(), false),
+        Field::new("service", DataType::Utf8, false),
+        Field::new("status", DataType::UInt16, true),
+        Field::new("latency_ms", DataType::Float64, true),
+        Field::new("user_id", DataType::UInt64, true),
+        Field::new("item_id", DataType::UInt64, true),
+    ]))
+}
+
 /// Schema of `minute_partials.sql`'s output and `minute_stats.sql`'s input.
 pub fn partials_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
