@@ -1,9 +1,10 @@
 -- Partial per-minute aggregates of one decoded batch.
 -- Input table `batch`: the events of the batch that count towards their window
 -- (on time or late within allowed lateness), with their `window_start` bin.
--- Output: one mergeable partial row per (window_start, service); the window
+-- Output: one mergeable partial row per (source partition, window_start, service); the window
 -- stage merges partials across batches (and instances) before minute_stats.sql.
 SELECT
+    src_partition,
     window_start,
     service,
     count(*)                                                   AS requests,
@@ -15,4 +16,4 @@ SELECT
     hdr_sketch(latency_ms)                                     AS latency_hist,
     hll_sketch(user_id)                                        AS users_hll
 FROM batch
-GROUP BY window_start, service
+GROUP BY src_partition, window_start, service

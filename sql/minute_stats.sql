@@ -1,7 +1,8 @@
 -- Final per-minute statistics per service.
 -- Input table `partials`: merged partial aggregates (schema of
--- minute_partials.sql), one or more rows per (window_start, service); rows of
--- the same key (e.g. from several instances) are merged here, exactly:
+-- minute_partials.sql), one or more rows per (src_partition, window_start,
+-- service); rows of the same key are merged here, exactly (a caller merging
+-- across source partitions passes one src_partition, e.g. -1, for all rows):
 -- counts add up and HDR histograms / HLL sketches merge.
 SELECT
     window_start,
@@ -15,9 +16,11 @@ SELECT
     hdr_quantile(latency_hist, 0.95)                                          AS latency_p95_ms,
     hdr_quantile(latency_hist, 0.99)                                          AS latency_p99_ms,
     latency_max_ms,
-    hll_count(users_hll)                                                      AS unique_users
+    hll_count(users_hll)                                                      AS unique_users,
+    src_partition
 FROM (
     SELECT
+        src_partition,
         window_start,
         service,
         sum(requests)        AS requests,
@@ -29,6 +32,6 @@ FROM (
         hdr_merge(latency_hist) AS latency_hist,
         hll_merge(users_hll)    AS users_hll
     FROM partials
-    GROUP BY window_start, service
+    GROUP BY src_partition, window_start, service
 ) merged
-ORDER BY window_start, service
+ORDER BY window_start, service, src_partition

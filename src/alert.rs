@@ -192,6 +192,7 @@ mod tests {
             latency_max_ms: Some(120.0),
             unique_users: 10,
             is_final: true,
+            partition: -1,
         }
     }
 

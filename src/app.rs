@@ -11,6 +11,7 @@
 //! offsets to the group only after the Parquet files covering them are
 //! committed, at shutdown (at-least-once).
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,22 +20,26 @@ use datafusion::arrow::array::{
     ArrayRef, AsArray, BooleanArray, StringBuilder, TimestampMillisecondArray,
 };
 use datafusion::arrow::compute::filter_record_batch;
-use datafusion::arrow::datatypes::TimestampMillisecondType;
+use datafusion::arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
 use datafusion::arrow::record_batch::RecordBatch;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
 use crate::config::{Config, Secrets};
 use crate::decode::{Decoded, Decoder};
-use crate::model::{RawChunk, events_schema};
+use crate::model::{RawChunk, SourceMsg, events_schema};
 use crate::sink::parquet::{
     TableWriter, WrittenFile, anomalies_spec, dead_letters_spec, events_spec, minute_stats_spec,
     remove_in_progress, top_items_spec,
 };
-use crate::sink::store::{Emission, MinuteRow, Store, StoreError, minute_rows};
+use crate::sink::store::{
+    Emission, MergeInput, MinuteRow, PartialUpdate, Store, StoreError, TopUpdate, minute_rows,
+    minute_rows_batch,
+};
 use crate::source::generator::{GenParams, Generator};
-use crate::source::kafka::{KafkaError, KafkaSource};
+use crate::source::kafka::KafkaError;
 use crate::sql::{SqlEngine, SqlError, partials_to_batch};
-use crate::window::{Lateness, WindowEmit, WindowParams, WindowTable, Windower};
+use crate::window::{Lateness, PartitionWindows, WindowEmit, WindowParams, Windower};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -50,6 +55,8 @@ pub enum PipelineError {
     Kafka(#[from] KafkaError),
     #[error("arrow: {0}")]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error("a pipeline stage stopped unexpectedly: {0}")]
     Stage(String),
 }
@@ -87,22 +94,37 @@ pub struct Summary {
 enum ParquetMsg {
     Events(RecordBatch),
     Dead(RecordBatch),
+    /// Final rows of closed hours: written and committed at once.
     MinuteStats(RecordBatch),
     TopItems(RecordBatch),
     Anomalies(RecordBatch),
-    CloseHoursBefore(i64),
+    /// Closes `events`/`dead_letters` files of hours ending at or before the
+    /// time, of one partition or all.
+    CloseHoursBefore(Option<i32>, i64),
+    /// First position of the oldest open `events`/`dead_letters` file of a partition.
+    OpenFirst(i32, oneshot::Sender<Option<i64>>),
+    /// Commits every open file of a partition.
+    ClosePartition(i32, oneshot::Sender<()>),
+    /// Deletes a partition's unpublished files and forgets its positions.
+    DropPartition(i32, oneshot::Sender<()>),
+    /// Removes a newly owned partition's leftovers of interrupted writes.
+    Adopt(i32),
 }
 
 /// The parquet stage: owns one writer per table.
 fn parquet_stage(
     cfg: &Config,
+    kafka: bool,
     mut rx: mpsc::Receiver<ParquetMsg>,
 ) -> Result<(Vec<(String, WrittenFile)>, Duration), PipelineError> {
     let mut busy = Duration::ZERO;
     let pc = &cfg.parquet;
-    let removed = remove_in_progress(&pc.data_dir).unwrap_or(0);
-    if removed > 0 {
-        tracing::info!(removed, "removed leftovers of interrupted writes");
+    if !kafka {
+        // Only a Kafka partition's owner may clean its files (instances share the directory).
+        let removed = remove_in_progress(&pc.data_dir).unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(removed, "removed leftovers of interrupted writes");
+        }
     }
     let mk = |spec| {
         TableWriter::new(
@@ -123,23 +145,66 @@ fn parquet_stage(
         match m {
             ParquetMsg::Events(b) => events.write(&b)?,
             ParquetMsg::Dead(b) => dead.write(&b)?,
-            ParquetMsg::MinuteStats(b) => stats.write(&b)?,
-            ParquetMsg::TopItems(b) => top.write(&b)?,
-            ParquetMsg::Anomalies(b) => anom.write(&b)?,
-            ParquetMsg::CloseHoursBefore(ms) => {
-                events.close_hours_before(ms)?;
-                dead.close_hours_before(ms)?;
-                stats.close_hours_before(ms)?;
-                top.close_hours_before(ms)?;
-                anom.close_hours_before(ms)?;
+            ParquetMsg::MinuteStats(b) => {
+                stats.write(&b)?;
+                stats.close_all()?;
+            }
+            ParquetMsg::TopItems(b) => {
+                top.write(&b)?;
+                top.close_all()?;
+            }
+            ParquetMsg::Anomalies(b) => {
+                anom.write(&b)?;
+                anom.close_all()?;
+            }
+            ParquetMsg::CloseHoursBefore(part, ms) => {
+                for w in [&mut events, &mut dead] {
+                    match part {
+                        Some(p) => w.close_partition_hours_before(p, ms)?,
+                        None => w.close_hours_before(ms)?,
+                    }
+                }
+            }
+            ParquetMsg::OpenFirst(p, reply) => {
+                let first = [events.open_first(p), dead.open_first(p)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                let _ = reply.send(first);
+            }
+            ParquetMsg::ClosePartition(p, reply) => {
+                events.close_partition(p)?;
+                dead.close_partition(p)?;
+                let _ = reply.send(());
+            }
+            ParquetMsg::DropPartition(p, reply) => {
+                for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
+                    w.drop_partition(p);
+                }
+                let _ = reply.send(());
+            }
+            ParquetMsg::Adopt(p) => {
+                match crate::sink::parquet::remove_in_progress_of(&pc.data_dir, p) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(
+                            partition = p,
+                            removed = n,
+                            "removed leftovers of interrupted writes"
+                        )
+                    }
+                    Err(e) => tracing::warn!(partition = p, error = %e, "cannot clean leftovers"),
+                }
             }
         }
         busy += t0.elapsed();
     }
     let t0 = Instant::now();
     let mut out = Vec::new();
-    for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
-        w.close_all()?;
+    if !kafka {
+        for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
+            w.close_all()?;
+        }
     }
     for (name, w) in [
         ("events", &events),
@@ -149,6 +214,13 @@ fn parquet_stage(
         ("anomalies", &anom),
     ] {
         out.extend(w.written().iter().map(|f| (name.to_string(), f.clone())));
+    }
+    let skipped = events.skipped + dead.skipped;
+    if skipped > 0 {
+        tracing::info!(
+            rows = skipped,
+            "replayed rows already in committed files were skipped"
+        );
     }
     Ok((out, busy + t0.elapsed()))
 }
@@ -164,93 +236,91 @@ pub async fn run(
 ) -> Result<Summary, PipelineError> {
     let started = Instant::now();
     let cap = cfg.pipeline.channel_capacity;
-    let (chunk_tx, chunk_rx) = mpsc::channel::<RawChunk>(cap);
-    let (dec_tx, mut dec_rx) = mpsc::channel::<Decoded>(cap);
+    let (chunk_tx, chunk_rx) = mpsc::channel::<SourceMsg>(cap);
+    let (dec_tx, mut dec_rx) = mpsc::channel::<CoreMsg>(cap);
     let (pq_tx, pq_rx) = mpsc::channel::<ParquetMsg>(cap * 4);
+    let kafka = matches!(source, SourceSpec::Kafka);
+    let progress: crate::source::kafka::Progress = Default::default();
 
     // parquet stage
     let pq_cfg = cfg.clone();
-    let pq_handle = tokio::task::spawn_blocking(move || parquet_stage(&pq_cfg, pq_rx));
+    let pq_handle = tokio::task::spawn_blocking(move || parquet_stage(&pq_cfg, kafka, pq_rx));
 
     // source stage
     let batch = cfg.pipeline.batch_size;
-    let src_handle: tokio::task::JoinHandle<Result<Option<KafkaSource>, PipelineError>> =
-        match source {
-            SourceSpec::Files(paths) => tokio::task::spawn_blocking(move || {
-                let total = crate::source::file::total_bytes(&paths);
-                let bar = progress_bar(total);
-                let done = |n: u64| {
-                    if let Some(b) = &bar {
-                        b.inc(n)
-                    }
-                };
-                crate::source::file::read_files(&paths, batch, &chunk_tx, &done)?;
-                if let Some(b) = bar {
-                    b.finish_and_clear();
+    let src_handle: tokio::task::JoinHandle<Result<(), PipelineError>> = match source {
+        SourceSpec::Files(paths) => tokio::task::spawn_blocking(move || {
+            let total = crate::source::file::total_bytes(&paths);
+            let bar = progress_bar(total);
+            let done = |n: u64| {
+                if let Some(b) = &bar {
+                    b.inc(n)
                 }
-                Ok(None)
-            }),
-            SourceSpec::Generator(p) => tokio::task::spawn_blocking(move || {
-                let mut g = Generator::new(p);
-                let source: Arc<str> = "generator".into();
-                let mut line = Vec::with_capacity(512);
-                let mut n = 0i64;
-                loop {
-                    let mut chunk = RawChunk::new(source.clone());
-                    while chunk.len() < batch {
-                        line.clear();
-                        if g.next_into(&mut line).is_none() {
-                            break;
-                        }
-                        n += 1;
-                        chunk.push(
-                            &line,
-                            crate::model::Position {
-                                partition: 0,
-                                offset: n,
-                            },
-                        );
-                    }
-                    let last = chunk.len() < batch;
-                    if !chunk.is_empty() && chunk_tx.blocking_send(chunk).is_err() {
-                        break;
-                    }
-                    if last {
-                        break;
-                    }
-                }
-                Ok(None)
-            }),
-            SourceSpec::Kafka => {
-                let mut src = KafkaSource::new(&cfg.kafka, secrets)?;
-                let linger = Duration::from_millis(cfg.pipeline.batch_timeout_ms);
-                let idle = (cfg.pipeline.idle_exit_ms > 0)
-                    .then(|| Duration::from_millis(cfg.pipeline.idle_exit_ms));
-                let stop = shutdown.clone();
-                tokio::spawn(async move {
-                    loop {
-                        if *stop.borrow() {
-                            break;
-                        }
-                        // Not cancelled by the stop signal: a chunk in the making
-                        // holds consumed messages, so it is finished and delivered.
-                        let next = src.next_chunk(batch, linger, idle, Some(&stop)).await?;
-                        match next {
-                            Some(c) => {
-                                if chunk_tx.send(c).await.is_err() {
-                                    break;
-                                }
-                            }
-                            None => {
-                                tracing::info!("kafka source idle, draining");
-                                break;
-                            }
-                        }
-                    }
-                    Ok(Some(src))
-                })
+            };
+            crate::source::file::read_files(&paths, batch, &chunk_tx, &done)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
             }
-        };
+            Ok(())
+        }),
+        SourceSpec::Generator(p) => tokio::task::spawn_blocking(move || {
+            let mut g = Generator::new(p);
+            let source: Arc<str> = "generator".into();
+            let mut line = Vec::with_capacity(512);
+            let mut n = 0i64;
+            loop {
+                let mut chunk = RawChunk::new(source.clone());
+                while chunk.len() < batch {
+                    line.clear();
+                    if g.next_into(&mut line).is_none() {
+                        break;
+                    }
+                    n += 1;
+                    chunk.push(
+                        &line,
+                        crate::model::Position {
+                            partition: 0,
+                            offset: n,
+                        },
+                    );
+                }
+                let last = chunk.len() < batch;
+                if !chunk.is_empty() && chunk_tx.blocking_send(SourceMsg::Chunk(chunk)).is_err() {
+                    break;
+                }
+                if last {
+                    break;
+                }
+            }
+            Ok(())
+        }),
+        SourceSpec::Kafka => {
+            let kcfg = cfg.kafka.clone();
+            let secrets = secrets.clone();
+            let data_dir = cfg.parquet.data_dir.clone();
+            let linger = Duration::from_millis(cfg.pipeline.batch_timeout_ms);
+            let idle = (cfg.pipeline.idle_exit_ms > 0)
+                .then(|| Duration::from_millis(cfg.pipeline.idle_exit_ms));
+            let stop = shutdown.clone();
+            let progress = progress.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::source::kafka::run_consumer(
+                    &kcfg,
+                    &secrets,
+                    crate::source::kafka::ConsumerRun {
+                        data_dir,
+                        batch,
+                        linger,
+                        idle,
+                        stop,
+                        tx: chunk_tx,
+                        progress,
+                    },
+                )?;
+                Ok(())
+            })
+        }
+    };
 
     // factor training stage (and its Redis publisher)
     let (trainer_tx, trainer_handle, publisher) = if cfg.reco.enabled {
@@ -309,11 +379,18 @@ pub async fn run(
         let mut rx = chunk_rx;
         let mut d = Decoder::new(rules);
         let mut busy = Duration::ZERO;
-        while let Some(c) = rx.blocking_recv() {
-            let t0 = Instant::now();
-            let now = chrono::Utc::now().timestamp_millis();
-            let out = d.decode(&c, now);
-            busy += t0.elapsed();
+        while let Some(m) = rx.blocking_recv() {
+            let out = match m {
+                SourceMsg::Chunk(c) => {
+                    let t0 = Instant::now();
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let out = d.decode(&c, now);
+                    busy += t0.elapsed();
+                    CoreMsg::Batch(out)
+                }
+                SourceMsg::Assigned(a) => CoreMsg::Assigned(a),
+                SourceMsg::Revoked(p, ack) => CoreMsg::Revoked(p, ack),
+            };
             if dec_tx.blocking_send(out).is_err() {
                 break;
             }
@@ -322,8 +399,9 @@ pub async fn run(
     });
 
     // core stage
-    let mut core = Core::new(cfg, secrets, store);
+    let mut core = Core::new(cfg, secrets, store, kafka);
     core.trainer = trainer_tx;
+    core.progress = Some(progress);
     let core_result: Result<(), PipelineError> = async {
         let mut watching = true;
         loop {
@@ -346,7 +424,14 @@ pub async fn run(
             };
             let Some(d) = d else { break };
             let t0 = Instant::now();
-            core.on_batch(d, &pq_tx).await?;
+            match d {
+                CoreMsg::Batch(d) => core.on_batch(d, &pq_tx).await?,
+                CoreMsg::Assigned(a) => core.on_assigned(a, &pq_tx).await?,
+                CoreMsg::Revoked(parts, ack) => {
+                    core.on_revoked(&parts, &pq_tx).await?;
+                    let _ = ack.send(());
+                }
+            }
             core.busy += t0.elapsed();
         }
         let t0 = Instant::now();
@@ -373,10 +458,7 @@ pub async fn run(
         .await
         .map_err(|e| PipelineError::Stage(e.to_string()))??;
     core_result?;
-    // Only now are the consumed records durable in Parquet: commit the hint.
-    if let Some(k) = src? {
-        k.commit()?;
-    }
+    src?;
     let mut s = core.summary;
     s.files = files;
     s.elapsed = started.elapsed();
@@ -388,9 +470,9 @@ pub async fn run(
     ];
     s.trained = trained;
     s.watermark_ms = core
-        .windower
+        .instance
         .max_event_time()
-        .map(|_| core.windower.watermark());
+        .map(|_| core.instance.watermark());
     Ok(s)
 }
 
@@ -408,11 +490,71 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
-/// Windows and SQL over decoded batches.
+/// What the core stage receives, in source order.
+enum CoreMsg {
+    Batch(Decoded),
+    Assigned(Vec<(i32, Option<PartitionCheckpoint>)>),
+    Revoked(Vec<i32>, std::sync::mpsc::SyncSender<()>),
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// One source partition's state in the core stage.
+struct Task {
+    pw: PartitionWindows,
+    /// First offset not yet applied to the windows: records below it are a
+    /// replay for the Parquet files that were open at the last checkpoint.
+    next_offset: i64,
+    /// Classifies the replayed records as they were classified the first time.
+    replay: Option<Windower>,
+    /// (first offset of a batch, the partition's max event time before it):
+    /// the points a checkpoint can ask to replay from.
+    history: VecDeque<(i64, Option<i64>)>,
+    pending_stats: Vec<MinuteRow>,
+    pending_top: Vec<(i64, u64, u64, i64)>,
+}
+
+impl Task {
+    fn fresh(params: WindowParams, top_n: usize, key: i32) -> Self {
+        Task {
+            pw: PartitionWindows::new(params, top_n, key),
+            next_offset: i64::MIN,
+            replay: None,
+            history: VecDeque::new(),
+            pending_stats: Vec::new(),
+            pending_top: Vec::new(),
+        }
+    }
+
+    fn restore(
+        params: WindowParams,
+        top_n: usize,
+        key: i32,
+        cp: &PartitionCheckpoint,
+    ) -> Option<Self> {
+        let pw = PartitionWindows::restore(params, top_n, key, &cp.windows)?;
+        let replay = (cp.replay_from < cp.next_offset)
+            .then(|| Windower::restored(params, key, cp.replay_max_ts));
+        Some(Task {
+            pw,
+            next_offset: cp.next_offset,
+            replay,
+            history: VecDeque::from([(cp.replay_from, cp.replay_max_ts)]),
+            pending_stats: cp.pending_stats.clone(),
+            pending_top: cp.pending_top.clone(),
+        })
+    }
+}
+
+/// Windows, SQL, detection and the store over decoded batches.
 struct Core {
     sql: SqlEngine,
-    windower: Windower,
-    table: WindowTable,
+    params: WindowParams,
+    top_n: usize,
+    tasks: BTreeMap<i32, Task>,
+    /// The instance's watermark over its partitions (with idleness): when a
+    /// window is complete enough to score.
+    instance: Windower,
     store: Store,
     lateness_ms: i64,
     summary: Summary,
@@ -420,15 +562,27 @@ struct Core {
     busy: Duration,
     trainer: Option<mpsc::Sender<RecordBatch>>,
     notifier: Option<crate::notify::Notifier>,
+    kafka: bool,
+    checkpoints: Option<CheckpointStore>,
+    checkpoint_every: Duration,
+    last_checkpoint: Instant,
+    progress: Option<crate::source::kafka::Progress>,
+    /// Latest merged rows per window, until scored.
+    latest: BTreeMap<i64, BTreeMap<String, MinuteRow>>,
+    scored_upto: i64,
+    /// Version of file-source emissions (Kafka uses offsets).
+    seq: i64,
 }
 
 impl Core {
-    fn new(cfg: &Config, secrets: &Secrets, store: Store) -> Self {
+    fn new(cfg: &Config, secrets: &Secrets, store: Store, kafka: bool) -> Self {
         let params = WindowParams::from_config(&cfg.window);
         Core {
             sql: SqlEngine::new(),
-            windower: Windower::with_idleness(params, cfg.window.idle_partition_ms as i64),
-            table: WindowTable::new(params, cfg.window.top_items),
+            params,
+            top_n: cfg.window.top_items,
+            tasks: BTreeMap::new(),
+            instance: Windower::with_idleness(params, cfg.window.idle_partition_ms as i64),
             store,
             lateness_ms: params.allowed_lateness_ms,
             summary: Summary::default(),
@@ -439,7 +593,141 @@ impl Core {
             busy: Duration::ZERO,
             trainer: None,
             notifier: crate::notify::Notifier::from_config(&cfg.detect, &cfg.kafka, secrets),
+            kafka,
+            checkpoints: kafka
+                .then(|| CheckpointStore::new(&cfg.parquet.data_dir, &cfg.kafka.topic)),
+            checkpoint_every: Duration::from_millis(cfg.pipeline.checkpoint_ms.max(1)),
+            last_checkpoint: Instant::now(),
+            progress: None,
+            latest: BTreeMap::new(),
+            scored_upto: i64::MIN,
+            seq: 0,
         }
+    }
+
+    /// Anomaly detection needs every partition's rows of a window: with
+    /// several instances, the owner of partition 0 scores (from the merged rows).
+    fn detects(&self) -> bool {
+        !self.kafka || self.tasks.contains_key(&0)
+    }
+
+    async fn on_assigned(
+        &mut self,
+        list: Vec<(i32, Option<PartitionCheckpoint>)>,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        for (p, cp) in list {
+            send(pq, ParquetMsg::Adopt(p)).await?;
+            let task = match &cp {
+                Some(cp) => Task::restore(self.params, self.top_n, p, cp).ok_or_else(|| {
+                    PipelineError::Stage(format!("checkpoint of partition {p} is corrupt"))
+                })?,
+                None => Task::fresh(self.params, self.top_n, p),
+            };
+            tracing::info!(
+                partition = p,
+                resume = task.next_offset,
+                replay_from = cp.as_ref().map(|c| c.replay_from),
+                open_windows = task.pw.table.open_windows(),
+                "partition owned"
+            );
+            self.tasks.insert(p, task);
+        }
+        self.instance.tick(chrono::Utc::now().timestamp_millis());
+        let keys: Vec<i32> = self.tasks.keys().copied().collect();
+        self.instance.set_partitions(&keys);
+        Ok(())
+    }
+
+    async fn on_revoked(
+        &mut self,
+        parts: &[i32],
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        for &p in parts {
+            if !self.tasks.contains_key(&p) {
+                continue;
+            }
+            self.checkpoint(p, pq).await?;
+            let (tx, rx) = oneshot::channel();
+            send(pq, ParquetMsg::DropPartition(p, tx)).await?;
+            rx.await
+                .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))?;
+            self.tasks.remove(&p);
+            tracing::info!(partition = p, "partition released after checkpoint");
+        }
+        let keys: Vec<i32> = self.tasks.keys().copied().collect();
+        self.instance.set_partitions(&keys);
+        Ok(())
+    }
+
+    /// Writes partition `p`'s checkpoint (its effects so far are durable or in it).
+    async fn checkpoint(
+        &mut self,
+        p: i32,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        let Some(store) = &self.checkpoints else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        send(pq, ParquetMsg::OpenFirst(p, tx)).await?;
+        let open_first = rx
+            .await
+            .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))?;
+        let Some(t) = self.tasks.get_mut(&p) else {
+            return Ok(());
+        };
+        if t.next_offset == i64::MIN {
+            return Ok(()); // nothing consumed yet
+        }
+        let replay_from = open_first.map_or(t.next_offset, |f| f.min(t.next_offset));
+        let replay_max_ts = if replay_from >= t.next_offset {
+            t.history.clear();
+            t.pw.windower.max_event_time()
+        } else {
+            // The latest batch start at or before the oldest open file.
+            let i = t
+                .history
+                .iter()
+                .rposition(|(o, _)| *o <= replay_from)
+                .ok_or_else(|| {
+                    PipelineError::Stage(format!("no replay point for partition {p}"))
+                })?;
+            t.history.drain(..i);
+            t.history[0].1
+        };
+        let replay_from = t
+            .history
+            .front()
+            .map_or(replay_from, |h| h.0.min(replay_from));
+        let cp = PartitionCheckpoint {
+            topic: String::new(),
+            partition: p,
+            next_offset: t.next_offset,
+            replay_from,
+            replay_max_ts,
+            windows: t.pw.snapshot(),
+            pending_stats: t.pending_stats.clone(),
+            pending_top: t.pending_top.clone(),
+            written_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let started = Instant::now();
+        store.save(&cp)?;
+        metrics::histogram!("pulse_checkpoint_write_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if let Some(pr) = &self.progress {
+            pr.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p, t.next_offset);
+        }
+        tracing::debug!(
+            partition = p,
+            next_offset = cp.next_offset,
+            replay_from,
+            "checkpoint"
+        );
+        Ok(())
     }
 
     async fn on_batch(
@@ -448,167 +736,368 @@ impl Core {
         pq: &mpsc::Sender<ParquetMsg>,
     ) -> Result<(), PipelineError> {
         let t0 = Instant::now();
-        let n_dead = d.dead_letters.num_rows() as u64;
-        self.summary.records += n_dead + d.events.num_rows() as u64;
+        let now = chrono::Utc::now().timestamp_millis();
+        self.instance.tick(now);
+        let part_col = |b: &RecordBatch| -> Result<(Vec<i32>, Vec<i64>), PipelineError> {
+            let p = b
+                .column_by_name("src_partition")
+                .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
+                .ok_or_else(|| PipelineError::Stage("missing src_partition".into()))?;
+            let o = b
+                .column_by_name("src_offset")
+                .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
+                .ok_or_else(|| PipelineError::Stage("missing src_offset".into()))?;
+            Ok((p.values().to_vec(), o.values().to_vec()))
+        };
+        let keyed = d.partitioned_time;
+        let (dparts, doffs) = part_col(&d.dead_letters)?;
+        let (eparts, eoffs) = part_col(&d.events)?;
+        let key = |p: i32| if keyed { p } else { 0 };
+        // Per partition: first and last offset in this batch (events and dead letters).
+        let mut span: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        for (p, o) in dparts.iter().zip(&doffs).chain(eparts.iter().zip(&eoffs)) {
+            let e = span.entry(key(*p)).or_insert((*o, *o));
+            e.0 = e.0.min(*o);
+            e.1 = e.1.max(*o);
+        }
+        if !self.kafka {
+            for &k in span.keys() {
+                self.tasks
+                    .entry(k)
+                    .or_insert_with(|| Task::fresh(self.params, self.top_n, k));
+            }
+        }
+        // Rows of partitions this instance does not own (a chunk read just
+        // before a revocation) are left to the owner.
+        let owned = |p: &i32| self.tasks.contains_key(&key(*p));
+        let unowned = dparts.iter().filter(|p| !owned(p)).count()
+            + eparts.iter().filter(|p| !owned(p)).count();
+        let (dead, ev) = if unowned > 0 {
+            metrics::counter!("pulse_records_unowned_total").increment(unowned as u64);
+            let dm = BooleanArray::from(dparts.iter().map(owned).collect::<Vec<_>>());
+            let em = BooleanArray::from(eparts.iter().map(owned).collect::<Vec<_>>());
+            (
+                filter_record_batch(&d.dead_letters, &dm)?,
+                filter_record_batch(&d.events, &em)?,
+            )
+        } else {
+            (d.dead_letters, d.events)
+        };
+        let (eparts, eoffs) = part_col(&ev)?;
+        span.retain(|k, _| self.tasks.contains_key(k));
+        for (k, (first, _)) in &span {
+            if let Some(t) = self.tasks.get_mut(k) {
+                let before = match &t.replay {
+                    Some(r) if self.kafka && *first < t.next_offset => r.max_event_time(),
+                    _ => t.pw.windower.max_event_time(),
+                };
+                if self.kafka {
+                    t.history.push_back((*first, before));
+                }
+            }
+        }
+
+        let n_dead = dead.num_rows() as u64;
+        self.summary.records += n_dead + ev.num_rows() as u64;
         self.summary.invalid += n_dead;
         for (kind, n) in &d.rejected {
             metrics::counter!("pulse_dead_letters_total", "reason" => *kind).increment(*n);
         }
         if n_dead > 0 {
-            tracing::debug!(
-                dead_letters = n_dead,
-                "invalid records sent to dead_letters"
-            );
-            send(pq, ParquetMsg::Dead(d.dead_letters)).await?;
+            send(pq, ParquetMsg::Dead(dead)).await?;
         }
-        let ev = d.events;
         let n = ev.num_rows();
-        if n == 0 {
-            return Ok(());
-        }
-        self.summary.events += n as u64;
-        metrics::counter!("pulse_events_total").increment(n as u64);
-        // Processing time first, so newly assigned partitions start their idleness clock now.
-        self.windower.tick(chrono::Utc::now().timestamp_millis());
-        if let Some(a) = &d.assigned {
-            self.windower.set_partitions(a);
-        }
-        let ts = ev.column(1).as_primitive::<TimestampMillisecondType>();
-        let parts = ev
-            .column_by_name("src_partition")
-            .and_then(|c| {
-                c.as_primitive_opt::<datafusion::arrow::datatypes::Int32Type>()
+        if n > 0 {
+            self.summary.events += n as u64;
+            metrics::counter!("pulse_events_total").increment(n as u64);
+            let ts = ev.column(1).as_primitive::<TimestampMillisecondType>();
+            let (late0, too_late0) = (self.summary.late, self.summary.too_late);
+            let mut ws = Vec::with_capacity(n);
+            let mut counted = Vec::with_capacity(n);
+            let mut fresh = Vec::with_capacity(n);
+            let mut keys = Vec::with_capacity(n);
+            let mut lateness = StringBuilder::with_capacity(n, n * 7);
+            for (i, &t) in ts.values().iter().enumerate() {
+                let k = key(eparts[i]);
+                let task = self.tasks.get_mut(&k).expect("owned rows only");
+                let replayed = self.kafka && eoffs[i] < task.next_offset;
+                let (w, class) = match (&mut task.replay, replayed) {
+                    (Some(r), true) => r.observe(k, t),
+                    (None, true) => {
+                        return Err(PipelineError::Stage(format!(
+                            "partition {k} replays offset {} without a replay state",
+                            eoffs[i]
+                        )));
+                    }
+                    (_, false) => {
+                        self.instance.observe(k, t);
+                        task.pw.windower.observe(k, t)
+                    }
+                };
+                ws.push(w);
+                keys.push(k);
+                counted.push(!replayed && class != Lateness::TooLate);
+                fresh.push(!replayed);
+                lateness.append_value(class.as_str());
+                if !replayed {
+                    match class {
+                        Lateness::OnTime => {}
+                        Lateness::Late => self.summary.late += 1,
+                        Lateness::TooLate => self.summary.too_late += 1,
+                    }
+                }
+            }
+            let mut cols = ev.columns().to_vec();
+            cols.push(Arc::new(lateness.finish()) as ArrayRef);
+            let full = RecordBatch::try_new(events_schema(), cols)?;
+
+            // The SQL input: counted events' grouping columns, bins and partition key.
+            let ws_arr =
+                Arc::new(TimestampMillisecondArray::from(ws).with_timezone("UTC")) as ArrayRef;
+            let pick = |name: &str| -> Result<ArrayRef, PipelineError> {
+                full.column_by_name(name)
                     .cloned()
-            })
-            .ok_or_else(|| PipelineError::Stage("missing src_partition".into()))?;
-        let (late0, too_late0) = (self.summary.late, self.summary.too_late);
-        let mut ws = Vec::with_capacity(n);
-        let mut counted = Vec::with_capacity(n);
-        let mut lateness = StringBuilder::with_capacity(n, n * 7);
-        for (i, &t) in ts.values().iter().enumerate() {
-            let key = if d.partitioned_time {
-                parts.value(i)
-            } else {
-                0
+                    .ok_or_else(|| PipelineError::Stage(format!("missing column {name}")))
             };
-            let (w, class) = self.windower.observe(key, t);
-            ws.push(w);
-            counted.push(class != Lateness::TooLate);
-            lateness.append_value(class.as_str());
-            match class {
-                Lateness::OnTime => {}
-                Lateness::Late => self.summary.late += 1,
-                Lateness::TooLate => self.summary.too_late += 1,
+            let sql_in = RecordBatch::try_new(
+                crate::sql::batch_input_schema(),
+                vec![
+                    ws_arr,
+                    pick("service")?,
+                    pick("status")?,
+                    pick("latency_ms")?,
+                    pick("user_id")?,
+                    pick("item_id")?,
+                    Arc::new(datafusion::arrow::array::Int32Array::from(keys)) as ArrayRef,
+                ],
+            )?;
+            let mask = BooleanArray::from(counted);
+            let sql_in = if mask.true_count() == n {
+                sql_in
+            } else {
+                filter_record_batch(&sql_in, &mask)?
+            };
+            if let Some(t) = &self.trainer {
+                let fresh = BooleanArray::from(fresh);
+                let train = if fresh.true_count() == n {
+                    full.clone()
+                } else {
+                    filter_record_batch(&full, &fresh)?
+                };
+                if train.num_rows() > 0 {
+                    t.send(train)
+                        .await
+                        .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))?;
+                }
+            }
+            send(pq, ParquetMsg::Events(full)).await?;
+            if sql_in.num_rows() > 0 {
+                for (p, w, svc, part) in self.sql.partials(sql_in.clone()).await? {
+                    if let Some(t) = self.tasks.get_mut(&p) {
+                        t.pw.table.add_partial(w, &svc, &part);
+                    }
+                }
+                for (p, w, item, c) in self.sql.item_counts(sql_in).await? {
+                    if let Some(t) = self.tasks.get_mut(&p) {
+                        t.pw.table.add_item_counts(w, item, c);
+                    }
+                }
+            }
+            let (late, too_late) = (self.summary.late - late0, self.summary.too_late - too_late0);
+            if late > 0 {
+                metrics::counter!("pulse_late_events_total", "class" => "late").increment(late);
+            }
+            if too_late > 0 {
+                metrics::counter!("pulse_late_events_total", "class" => "too_late")
+                    .increment(too_late);
             }
         }
-        let mut cols = ev.columns().to_vec();
-        cols.push(Arc::new(lateness.finish()) as ArrayRef);
-        let full = RecordBatch::try_new(events_schema(), cols)?;
-
-        // The SQL input: the counted events' grouping columns and their bins.
-        let ws_arr = Arc::new(TimestampMillisecondArray::from(ws).with_timezone("UTC")) as ArrayRef;
-        let pick = |name: &str| -> Result<ArrayRef, PipelineError> {
-            full.column_by_name(name)
-                .cloned()
-                .ok_or_else(|| PipelineError::Stage(format!("missing column {name}")))
-        };
-        let schema = crate::sql::batch_input_schema();
-        let sql_in = RecordBatch::try_new(
-            schema,
-            vec![
-                ws_arr,
-                pick("service")?,
-                pick("status")?,
-                pick("latency_ms")?,
-                pick("user_id")?,
-                pick("item_id")?,
-            ],
-        )?;
-        let mask = BooleanArray::from(counted);
-        let sql_in = if mask.true_count() == n {
-            sql_in
-        } else {
-            filter_record_batch(&sql_in, &mask)?
-        };
-        if let Some(t) = &self.trainer {
-            t.send(full.clone())
-                .await
-                .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))?;
-        }
-        send(pq, ParquetMsg::Events(full)).await?;
-
-        if sql_in.num_rows() > 0 {
-            for (w, svc, p) in self.sql.partials(sql_in.clone()).await? {
-                self.table.add_partial(w, &svc, &p);
-            }
-            for (w, item, c) in self.sql.item_counts(sql_in).await? {
-                self.table.add_item_counts(w, item, c);
+        // Positions advance, replays end.
+        for (k, (_, last)) in &span {
+            if let Some(t) = self.tasks.get_mut(k)
+                && self.kafka
+            {
+                t.next_offset = t.next_offset.max(last + 1);
+                if t.replay.is_some() && t.history.back().is_some_and(|h| h.0 >= t.next_offset) {
+                    t.replay = None;
+                }
             }
         }
-        let wm = self.windower.watermark();
+        for t in self.tasks.values_mut() {
+            if t.replay.as_ref().is_some() && span.is_empty() {
+                continue;
+            }
+        }
+        let touched: Vec<i32> = span.keys().copied().collect();
+        let mut emits = Vec::new();
+        for k in touched {
+            let t = self.tasks.get_mut(&k).expect("touched tasks are owned");
+            let wm = t.pw.windower.watermark();
+            emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
+        }
+        self.emit(emits, pq).await?;
+        self.close_hours(&span.keys().copied().collect::<Vec<_>>(), pq)
+            .await?;
+        let wm = self.instance.watermark();
         metrics::gauge!("pulse_watermark_ms").set(wm as f64);
         if wm > i64::MIN {
-            let lag = chrono::Utc::now().timestamp_millis().saturating_sub(wm);
+            let lag = now.saturating_sub(wm);
             metrics::gauge!("pulse_watermark_lag_seconds").set(lag as f64 / 1000.0);
         }
-        let (late, too_late) = (self.summary.late - late0, self.summary.too_late - too_late0);
-        if late > 0 {
-            metrics::counter!("pulse_late_events_total", "class" => "late").increment(late);
+        if self.kafka && self.last_checkpoint.elapsed() >= self.checkpoint_every {
+            let keys: Vec<i32> = self.tasks.keys().copied().collect();
+            for k in keys {
+                self.checkpoint(k, pq).await?;
+            }
+            self.last_checkpoint = Instant::now();
         }
-        if too_late > 0 {
-            metrics::counter!("pulse_late_events_total", "class" => "too_late").increment(too_late);
-        }
-        let emits = self.table.advance(wm, false);
-        self.emit(emits, pq).await?;
-        // Hours whose events can no longer change their windows are complete.
-        send(
-            pq,
-            ParquetMsg::CloseHoursBefore(wm.saturating_sub(self.lateness_ms)),
-        )
-        .await?;
         metrics::histogram!("pulse_batch_seconds").record(t0.elapsed().as_secs_f64());
         Ok(())
     }
 
-    async fn emit(
+    /// Writes the pending final rows of hours the partitions' watermarks closed,
+    /// and closes their `events`/`dead_letters` files of those hours.
+    async fn close_hours(
         &mut self,
-        emits: Vec<WindowEmit>,
+        keys: &[i32],
         pq: &mpsc::Sender<ParquetMsg>,
     ) -> Result<(), PipelineError> {
-        if emits.is_empty() {
+        for &k in keys {
+            let Some(t) = self.tasks.get_mut(&k) else {
+                continue;
+            };
+            let wm = t.pw.windower.watermark();
+            if wm == i64::MIN {
+                continue;
+            }
+            let closed = wm.saturating_sub(self.lateness_ms);
+            let upto = closed.div_euclid(HOUR_MS) * HOUR_MS;
+            let flush = flush_pending(t, upto);
+            write_rows(flush, pq, &mut self.summary).await?;
+            let part = if self.kafka { Some(k) } else { None };
+            send(pq, ParquetMsg::CloseHoursBefore(part, closed)).await?;
+        }
+        Ok(())
+    }
+
+    /// Partials to the store, merged rows back, detection, finals to pending.
+    async fn emit(
+        &mut self,
+        emits: Vec<(i32, WindowEmit)>,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        if emits.is_empty() && !self.detects() {
             return Ok(());
         }
+        self.seq += 1;
         self.summary.windows_emitted += emits.len() as u64;
-        let rows: Vec<(i64, &str, &crate::window::Partial)> = emits
-            .iter()
-            .flat_map(|e| {
-                e.services
-                    .iter()
-                    .map(move |(s, p)| (e.window_start, s.as_str(), p))
-            })
-            .collect();
-        let stats = self.sql.minute_stats(partials_to_batch(&rows)).await?;
-        let finals: std::collections::HashSet<i64> = emits
-            .iter()
-            .filter(|e| e.is_final)
-            .map(|e| e.window_start)
-            .collect();
-        let mut mrows = minute_rows(&stats, false);
-        for r in &mut mrows {
-            r.is_final = finals.contains(&r.window_start_ms);
+        let mut updates = Vec::new();
+        let mut tops = Vec::new();
+        let mut finals: Vec<(i32, i64, &str, &crate::window::Partial)> = Vec::new();
+        for (k, e) in &emits {
+            let version = if self.kafka {
+                self.tasks.get(k).map_or(0, |t| t.next_offset)
+            } else {
+                self.seq
+            };
+            for (svc, p) in &e.services {
+                updates.push(PartialUpdate {
+                    window_start_ms: e.window_start,
+                    service: svc.clone(),
+                    partition: *k,
+                    version,
+                    is_final: e.is_final,
+                    partial: p.clone(),
+                });
+                if e.is_final {
+                    finals.push((*k, e.window_start, svc.as_str(), p));
+                }
+            }
+            tops.push(TopUpdate {
+                window_start_ms: e.window_start,
+                partition: *k,
+                version,
+                items: e.top_items.clone(),
+            });
         }
-        // Score each window once, at its first emission, in window order.
-        let mut anomalies = Vec::new();
-        let mut alerts = Vec::new();
-        for e in emits.iter().filter(|e| e.first) {
-            let rows: Vec<&MinuteRow> = mrows
-                .iter()
-                .filter(|r| r.window_start_ms == e.window_start)
+        // Final rows per partition, kept until their hour closes.
+        if !finals.is_empty() {
+            let stats = self.sql.minute_stats(partials_to_batch(&finals)).await?;
+            for r in minute_rows(&stats, true) {
+                if let Some(t) = self.tasks.get_mut(&r.partition) {
+                    t.pending_stats.push(r);
+                }
+            }
+            for (k, e) in emits.iter().filter(|(_, e)| e.is_final) {
+                if let Some(t) = self.tasks.get_mut(k) {
+                    for (rank, (item, n)) in e.top_items.iter().enumerate() {
+                        t.pending_top
+                            .push((e.window_start, rank as u64 + 1, *item, *n));
+                    }
+                }
+            }
+        }
+        // Merged rows over every partition's stored partial.
+        let inputs = self.apply_partials_with_retry(&updates).await?;
+        let mut latest_input: BTreeMap<(i64, String), MergeInput> = BTreeMap::new();
+        for m in inputs {
+            let key = (m.window_start_ms, m.service.clone());
+            if latest_input
+                .get(&key)
+                .is_none_or(|c| c.version_sum <= m.version_sum)
+            {
+                latest_input.insert(key, m);
+            }
+        }
+        let mut rows = Vec::new();
+        if !latest_input.is_empty() {
+            let all: Vec<(i32, i64, &str, &crate::window::Partial)> = latest_input
+                .values()
+                .flat_map(|m| {
+                    m.parts
+                        .iter()
+                        .map(move |(_, p)| (-1, m.window_start_ms, m.service.as_str(), p))
+                })
                 .collect();
-            let (a, al) = self.tracker.observe_window(e.window_start, &rows);
-            anomalies.extend(a);
-            alerts.extend(al);
+            let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;
+            for mut r in minute_rows(&stats, false) {
+                if let Some(m) = latest_input.get(&(r.window_start_ms, r.service.clone())) {
+                    r.is_final = m.all_final;
+                    self.latest
+                        .entry(r.window_start_ms)
+                        .or_default()
+                        .insert(r.service.clone(), r.clone());
+                    rows.push((r, m.version_sum));
+                }
+            }
         }
+        // Score complete windows once, in order, from the merged rows.
+        let (mut anomalies, mut alerts) = (Vec::new(), Vec::new());
+        if self.detects() {
+            let wm = self.instance.watermark();
+            let size = self.params.size_ms;
+            let ready: Vec<i64> = self
+                .latest
+                .range(self.scored_upto.saturating_add(1)..)
+                .map(|(w, _)| *w)
+                .take_while(|w| w + size <= wm)
+                .collect();
+            for w in ready {
+                let rows_w: Vec<MinuteRow> = self
+                    .latest
+                    .remove(&w)
+                    .unwrap_or_default()
+                    .into_values()
+                    .collect();
+                let refs: Vec<&MinuteRow> = rows_w.iter().collect();
+                let (a, al) = self.tracker.observe_window(w, &refs);
+                anomalies.extend(a);
+                alerts.extend(al);
+                self.scored_upto = w;
+            }
+        }
+        let floor = self.scored_upto;
+        self.latest.retain(|w, _| *w > floor);
         for a in &alerts {
             tracing::warn!(kind = a.kind, service = %a.service, metrics = ?a.metrics, score = a.score,
                 window_start = %crate::source::generator::fmt_ts(a.window_start_ms), "incident");
@@ -616,13 +1105,14 @@ impl Core {
         }
         self.summary.anomalies += anomalies.len() as u64;
         self.summary.alerts.extend(alerts.iter().cloned());
+        if rows.is_empty() && tops.is_empty() && anomalies.is_empty() && alerts.is_empty() {
+            return Ok(());
+        }
         let emission = Emission {
-            rows: mrows,
-            top_items: emits
-                .iter()
-                .map(|e| (e.window_start, e.top_items.clone()))
-                .collect(),
-            watermark_ms: self.windower.watermark(),
+            rows,
+            top_items: tops,
+            top_n: self.top_n,
+            watermark_ms: self.instance.watermark(),
             anomalies,
             alerts,
         };
@@ -639,27 +1129,27 @@ impl Core {
         {
             n.notify(&emission.alerts);
         }
-        if !finals.is_empty() {
-            let ws = stats.column(0).as_primitive::<TimestampMillisecondType>();
-            let mask = BooleanArray::from(
-                ws.values()
-                    .iter()
-                    .map(|w| finals.contains(w))
-                    .collect::<Vec<_>>(),
-            );
-            let final_stats = filter_record_batch(&stats, &mask)?;
-            self.summary.minute_rows_final += final_stats.num_rows() as u64;
-            self.summary
-                .final_rows
-                .extend(emission.rows.iter().filter(|r| r.is_final).cloned());
-            send(pq, ParquetMsg::MinuteStats(final_stats)).await?;
-            send(
-                pq,
-                ParquetMsg::TopItems(top_items_batch(emits.iter().filter(|e| e.is_final))?),
-            )
-            .await?;
-        }
         Ok(())
+    }
+
+    async fn apply_partials_with_retry(
+        &self,
+        ups: &[PartialUpdate],
+    ) -> Result<Vec<MergeInput>, PipelineError> {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1.. {
+            match self.store.put_partials(ups).await {
+                Ok(v) => return Ok(v),
+                Err(err) if err.is_retryable() && attempt < 8 => {
+                    tracing::warn!(error = %err, attempt, "store write failed, retrying");
+                    metrics::counter!("pulse_store_retries_total").increment(1);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     async fn apply_with_retry(&self, e: &Emission) -> Result<(), PipelineError> {
@@ -679,10 +1169,73 @@ impl Core {
         unreachable!("the loop returns")
     }
 
+    /// End of the run. Files and the generator ended: every window is
+    /// finalised and written. Kafka only stopped: open windows stay open in
+    /// the checkpoints (finalising them now would count their later events
+    /// twice), open files are committed so the restart replays nothing.
     async fn finish(&mut self, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
-        let emits = self.table.advance(self.windower.watermark(), true);
-        self.emit(emits, pq).await
+        let keys: Vec<i32> = self.tasks.keys().copied().collect();
+        if self.kafka {
+            for k in keys {
+                let (tx, rx) = oneshot::channel();
+                send(pq, ParquetMsg::ClosePartition(k, tx)).await?;
+                rx.await
+                    .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))?;
+                self.checkpoint(k, pq).await?;
+            }
+            return Ok(());
+        }
+        let mut emits = Vec::new();
+        for &k in &keys {
+            let t = self.tasks.get_mut(&k).expect("listed");
+            let wm = t.pw.windower.watermark();
+            emits.extend(t.pw.table.advance(wm, true).into_iter().map(|e| (k, e)));
+        }
+        // Score what is left, as if the watermark had passed everything.
+        self.instance = Windower::new(self.params);
+        self.instance.observe(0, i64::MAX / 2);
+        self.emit(emits, pq).await?;
+        for k in keys {
+            let t = self.tasks.get_mut(&k).expect("listed");
+            let flush = flush_pending(t, i64::MAX);
+            write_rows(flush, pq, &mut self.summary).await?;
+        }
+        Ok(())
     }
+}
+
+/// A partition's final rows to write: minute_stats rows, top items
+/// (window_start_ms, rank, item, requests), and the partition.
+type FinalRows = (Vec<MinuteRow>, Vec<(i64, u64, u64, i64)>, i32);
+
+/// Takes a task's pending final rows of windows before `upto`.
+fn flush_pending(t: &mut Task, upto: i64) -> FinalRows {
+    let (stats, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut t.pending_stats)
+        .into_iter()
+        .partition(|r| r.window_start_ms < upto);
+    t.pending_stats = keep;
+    let (top, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut t.pending_top)
+        .into_iter()
+        .partition(|r| r.0 < upto);
+    t.pending_top = keep;
+    (stats, top, t.pw.key)
+}
+
+async fn write_rows(
+    (stats, top, key): FinalRows,
+    pq: &mpsc::Sender<ParquetMsg>,
+    summary: &mut Summary,
+) -> Result<(), PipelineError> {
+    if !stats.is_empty() {
+        summary.minute_rows_final += stats.len() as u64;
+        let b = minute_rows_batch(&stats);
+        summary.final_rows.extend(stats);
+        send(pq, ParquetMsg::MinuteStats(b)).await?;
+    }
+    if !top.is_empty() {
+        send(pq, ParquetMsg::TopItems(top_items_batch(&top, key)?)).await?;
+    }
+    Ok(())
 }
 
 fn anomalies_batch(a: &[crate::alert::Anomaly]) -> Result<RecordBatch, PipelineError> {
@@ -712,25 +1265,27 @@ fn anomalies_batch(a: &[crate::alert::Anomaly]) -> Result<RecordBatch, PipelineE
     )?)
 }
 
-fn top_items_batch<'a>(
-    emits: impl Iterator<Item = &'a WindowEmit>,
-) -> Result<RecordBatch, PipelineError> {
-    let (mut ws, mut rank, mut item, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for e in emits {
-        for (r, (i, c)) in e.top_items.iter().enumerate() {
-            ws.push(e.window_start);
-            rank.push(r as u64 + 1);
-            item.push(*i);
-            n.push(*c);
-        }
-    }
+fn top_items_batch(rows: &[(i64, u64, u64, i64)], key: i32) -> Result<RecordBatch, PipelineError> {
     Ok(RecordBatch::try_new(
         crate::model::top_items_schema(),
         vec![
-            Arc::new(TimestampMillisecondArray::from(ws).with_timezone("UTC")),
-            Arc::new(datafusion::arrow::array::UInt64Array::from(rank)),
-            Arc::new(datafusion::arrow::array::UInt64Array::from(item)),
-            Arc::new(datafusion::arrow::array::Int64Array::from(n)),
+            Arc::new(
+                TimestampMillisecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(datafusion::arrow::array::UInt64Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            Arc::new(datafusion::arrow::array::UInt64Array::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
+            Arc::new(datafusion::arrow::array::Int64Array::from(
+                rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+            )),
+            Arc::new(datafusion::arrow::array::Int32Array::from(vec![
+                key;
+                rows.len()
+            ])),
         ],
     )?)
 }

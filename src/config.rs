@@ -165,6 +165,8 @@ pub struct PipelineConfig {
     pub channel_capacity: usize,
     /// Exit after this long without Kafka messages (0 = never).
     pub idle_exit_ms: u64,
+    /// Kafka: how often each owned partition is checkpointed, ms.
+    pub checkpoint_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -246,6 +248,7 @@ impl Default for PipelineConfig {
             batch_timeout_ms: 200,
             channel_capacity: 4,
             idle_exit_ms: 0,
+            checkpoint_ms: 5000,
         }
     }
 }

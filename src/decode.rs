@@ -258,7 +258,8 @@ impl Decoder {
         }
     }
 
-    /// Decodes a whole chunk. `received_at_ms` stamps its dead letters.
+    /// Decodes a whole chunk. `received_at_ms` stamps its dead letters that
+    /// have no source timestamp.
     pub fn decode(&mut self, chunk: &RawChunk, received_at_ms: i64) -> Decoded {
         let mut rejected: Vec<(&'static str, u64)> = Vec::new();
         for i in 0..chunk.len() {
@@ -270,7 +271,12 @@ impl Decoder {
                     None => rejected.push((r.kind, 1)),
                 }
                 self.dead.push(
-                    received_at_ms,
+                    chunk
+                        .timestamps
+                        .get(i)
+                        .copied()
+                        .filter(|t| *t >= 0)
+                        .unwrap_or(received_at_ms),
                     &chunk.source,
                     pos.partition,
                     pos.offset,

@@ -17,15 +17,18 @@
 //! - [`sql`]: the per-window DataFusion SQL and its sketch functions.
 //! - [`detect`]: online anomaly detector (pure); [`alert`]: per-service scoring and incidents.
 //! - [`sink`]: Parquet tables (atomic, deterministically named files) and the aggregate store.
+//! - [`checkpoint`]: per-partition checkpoints (window state, pending rows, positions).
 //! - [`app`]: wires the stages with bounded channels and owns shutdown.
 //! - [`query`]: DataFusion SQL over the Parquet tables.
 //!
 //! Delivery: every record read lands in `events` or `dead_letters`; file runs
-//! are complete or fail; Kafka runs are at-least-once (offsets are committed
-//! after the Parquet files covering them).
+//! are complete or fail; Kafka runs are exactly-once per source partition
+//! (pulse's own checkpoints, replay with skip of what is durable, guarded
+//! Redis writes; see the README's "Exactly once" section).
 
 pub mod alert;
 pub mod app;
+pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod detect;

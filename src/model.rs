@@ -79,6 +79,7 @@ pub fn minute_stats_schema() -> SchemaRef {
         Field::new("latency_p99_ms", DataType::Float64, true),
         Field::new("latency_max_ms", DataType::Float64, true),
         Field::new("unique_users", DataType::Int64, false),
+        Field::new("src_partition", DataType::Int32, false),
     ]))
 }
 
@@ -89,6 +90,7 @@ pub fn top_items_schema() -> SchemaRef {
         Field::new("rank", DataType::UInt64, false),
         Field::new("item_id", DataType::UInt64, false),
         Field::new("requests", DataType::Int64, false),
+        Field::new("src_partition", DataType::Int32, false),
     ]))
 }
 
@@ -125,6 +127,20 @@ pub struct RawChunk {
     /// Whether `Position::partition` is an independent stream for watermarks
     /// (Kafka partitions) or only a position (the index of a file read in turn).
     pub partitioned_time: bool,
+    /// Per-record source timestamps (Kafka message time), if known; they
+    /// stamp dead letters, so a replayed dead letter lands where it did.
+    pub timestamps: Vec<i64>,
+}
+
+/// What the source hands the pipeline, in order.
+#[derive(Debug)]
+pub enum SourceMsg {
+    Chunk(RawChunk),
+    /// Partitions newly owned, with the checkpoint each resumes from.
+    Assigned(Vec<(i32, Option<crate::checkpoint::PartitionCheckpoint>)>),
+    /// Partitions to give up: the pipeline checkpoints them, forgets them and
+    /// then answers on the channel (the source waits before releasing them).
+    Revoked(Vec<i32>, std::sync::mpsc::SyncSender<()>),
 }
 
 impl RawChunk {

@@ -116,6 +116,46 @@ impl Hll {
     pub fn from_bytes(b: &[u8]) -> Option<Hll> {
         (b.len() == HLL_M).then(|| Hll { regs: b.to_vec() })
     }
+
+    /// Compact encoding: the non-zero registers as (u16 index, u8 value)
+    /// after a u16 count, or the dense registers when that is smaller.
+    pub fn to_compact(&self) -> Vec<u8> {
+        let nz = self.regs.iter().filter(|&&r| r != 0).count();
+        if nz * 3 + 3 > HLL_M {
+            let mut out = Vec::with_capacity(HLL_M + 1);
+            out.push(1u8);
+            out.extend_from_slice(&self.regs);
+            return out;
+        }
+        let mut out = Vec::with_capacity(3 + nz * 3);
+        out.push(0u8);
+        out.extend_from_slice(&(nz as u16).to_le_bytes());
+        for (i, &r) in self.regs.iter().enumerate() {
+            if r != 0 {
+                out.extend_from_slice(&(i as u16).to_le_bytes());
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// Decodes [`Hll::to_compact`]; returns the sketch and the bytes read.
+    pub fn from_compact(b: &[u8]) -> Option<(Hll, usize)> {
+        match *b.first()? {
+            1 => Some((Hll::from_bytes(b.get(1..1 + HLL_M)?)?, 1 + HLL_M)),
+            0 => {
+                let n = u16::from_le_bytes([*b.get(1)?, *b.get(2)?]) as usize;
+                let body = b.get(3..3 + n * 3)?;
+                let mut h = Hll::default();
+                for e in body.chunks_exact(3) {
+                    let i = u16::from_le_bytes([e[0], e[1]]) as usize;
+                    *h.regs.get_mut(i)? = e[2];
+                }
+                Some((h, 3 + n * 3))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +180,22 @@ mod tests {
         let p99 = quantile_ms(&m, 0.99).unwrap();
         assert!((p99 - 1980.0).abs() <= 2.5, "{p99}");
         assert_eq!(quantile_ms(&new_hist(), 0.5), None);
+    }
+
+    #[test]
+    fn hll_compact_roundtrip_sparse_and_dense() {
+        for n in [0u64, 10, 500, 100_000] {
+            let mut h = Hll::default();
+            for v in 0..n {
+                h.add(v);
+            }
+            let b = h.to_compact();
+            let (back, used) = Hll::from_compact(&b).unwrap();
+            assert_eq!(back, h);
+            assert_eq!(used, b.len());
+            assert!(b.len() <= HLL_M + 1);
+        }
+        assert!(Hll::from_compact(&[0, 5, 0, 1]).is_none());
     }
 
     #[test]

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, Float64Array, Float64Builder, Int64Array,
-    StringArray, TimestampMillisecondArray, UInt64Array,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, Float64Array, Float64Builder, Int32Array,
+    Int64Array, StringArray, TimestampMillisecondArray, UInt64Array,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -46,6 +46,7 @@ pub fn batch_input_schema() -> SchemaRef {
         Field::new("latency_ms", DataType::Float64, true),
         Field::new("user_id", DataType::UInt64, true),
         Field::new("item_id", DataType::UInt64, true),
+        Field::new("src_partition", DataType::Int32, false),
     ]))
 }
 
@@ -62,6 +63,7 @@ pub fn partials_schema() -> SchemaRef {
         Field::new("latency_max_ms", DataType::Float64, true),
         Field::new("latency_hist", DataType::Binary, true),
         Field::new("users_hll", DataType::Binary, true),
+        Field::new("src_partition", DataType::Int32, false),
     ]))
 }
 
@@ -104,10 +106,7 @@ impl SqlEngine {
     }
 
     /// Runs `minute_partials.sql` on `batch` (events + `window_start`).
-    pub async fn partials(
-        &self,
-        batch: RecordBatch,
-    ) -> Result<Vec<(i64, String, Partial)>, SqlError> {
+    pub async fn partials(&self, batch: RecordBatch) -> Result<Vec<PartialRow>, SqlError> {
         let out = self.run("batch", batch, MINUTE_PARTIALS_SQL).await?;
         let mut res = Vec::new();
         for b in out {
@@ -116,8 +115,11 @@ impl SqlEngine {
         Ok(res)
     }
 
-    /// Runs `top_items_partial.sql`: (window_start, item_id, requests).
-    pub async fn item_counts(&self, batch: RecordBatch) -> Result<Vec<(i64, u64, i64)>, SqlError> {
+    /// Runs `top_items_partial.sql`: (src_partition, window_start, item_id, requests).
+    pub async fn item_counts(
+        &self,
+        batch: RecordBatch,
+    ) -> Result<Vec<(i32, i64, u64, i64)>, SqlError> {
         let out = self.run("batch", batch, TOP_ITEMS_PARTIAL_SQL).await?;
         let mut res = Vec::new();
         for b in out {
@@ -128,8 +130,9 @@ impl SqlEngine {
             let item = cast(item, &DataType::UInt64).map_err(DataFusionError::from)?;
             let item = item.as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
             let n = col_i64(&b, "requests", &DataType::Int64)?;
+            let part = col_i32(&b)?;
             for i in 0..b.num_rows() {
-                res.push((ws.value(i), item.value(i), n.value(i)));
+                res.push((part.value(i), ws.value(i), item.value(i), n.value(i)));
             }
         }
         Ok(res)
@@ -196,8 +199,9 @@ fn col_binary(b: &RecordBatch, name: &str) -> Result<BinaryArray, SqlError> {
 }
 
 /// Parses partial rows (the output of `minute_partials.sql`).
-pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<(i64, String, Partial)>, SqlError> {
+pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<PartialRow>, SqlError> {
     let ws = col_i64(b, "window_start", &DataType::Int64)?;
+    let part = col_i32(b)?;
     let svc = b
         .column_by_name("service")
         .ok_or_else(|| SqlError::Shape("service".into()))?;
@@ -233,25 +237,38 @@ pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<(i64, String, Partial)>,
                     .ok_or_else(|| SqlError::Shape("bad users_hll".into()))?
             },
         };
-        out.push((ws.value(i), svc.value(i).to_string(), p));
+        out.push((part.value(i), ws.value(i), svc.value(i).to_string(), p));
     }
     Ok(out)
 }
 
-/// Builds a `partials` batch from merged window state.
-pub fn partials_to_batch(rows: &[(i64, &str, &Partial)]) -> RecordBatch {
-    let ws = TimestampMillisecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+/// (source partition, window start, service, partial aggregate).
+pub type PartialRow = (i32, i64, String, Partial);
+
+/// Reads `src_partition` (Int32) of a result batch.
+fn col_i32(b: &RecordBatch) -> Result<Int32Array, SqlError> {
+    let c = b
+        .column_by_name("src_partition")
+        .ok_or_else(|| SqlError::Shape("src_partition".into()))?;
+    let c = cast(c, &DataType::Int32).map_err(DataFusionError::from)?;
+    Ok(c.as_primitive::<datafusion::arrow::datatypes::Int32Type>()
+        .clone())
+}
+
+/// Builds a `partials` batch from window state: (partition, window, service, partial).
+pub fn partials_to_batch(rows: &[(i32, i64, &str, &Partial)]) -> RecordBatch {
+    let ws = TimestampMillisecondArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())
         .with_timezone("UTC");
-    let svc = StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+    let svc = StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
     let i64s =
-        |f: fn(&Partial) -> i64| Int64Array::from(rows.iter().map(|r| f(r.2)).collect::<Vec<_>>());
+        |f: fn(&Partial) -> i64| Int64Array::from(rows.iter().map(|r| f(r.3)).collect::<Vec<_>>());
     let mut hist = BinaryBuilder::new();
     let mut hll = BinaryBuilder::new();
     let mut lmax = Float64Builder::new();
     for r in rows {
-        hist.append_value(hist_to_bytes(&r.2.hist));
-        hll.append_value(r.2.users.to_bytes());
-        lmax.append_option(r.2.latency_max_ms);
+        hist.append_value(hist_to_bytes(&r.3.hist));
+        hll.append_value(r.3.users.to_bytes());
+        lmax.append_option(r.3.latency_max_ms);
     }
     let cols: Vec<ArrayRef> = vec![
         Arc::new(ws),
@@ -260,12 +277,15 @@ pub fn partials_to_batch(rows: &[(i64, &str, &Partial)]) -> RecordBatch {
         Arc::new(i64s(|p| p.errors)),
         Arc::new(i64s(|p| p.client_errors)),
         Arc::new(Float64Array::from(
-            rows.iter().map(|r| r.2.latency_sum_ms).collect::<Vec<_>>(),
+            rows.iter().map(|r| r.3.latency_sum_ms).collect::<Vec<_>>(),
         )),
         Arc::new(i64s(|p| p.latency_count)),
         Arc::new(lmax.finish()),
         Arc::new(hist.finish()),
         Arc::new(hll.finish()),
+        Arc::new(Int32Array::from(
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        )),
     ];
     RecordBatch::try_new(partials_schema(), cols).expect("partial columns match partials_schema")
 }
@@ -470,6 +490,7 @@ mod tests {
             Field::new("latency_ms", DataType::Float64, true),
             Field::new("user_id", DataType::UInt64, true),
             Field::new("item_id", DataType::UInt64, true),
+            Field::new("src_partition", DataType::Int32, false),
         ]));
         RecordBatch::try_new(
             schema,
@@ -493,6 +514,7 @@ mod tests {
                 Arc::new(UInt64Array::from(
                     rows.iter().map(|r| r.4 % 3).collect::<Vec<_>>(),
                 )),
+                Arc::new(Int32Array::from(vec![0; rows.len()])),
             ],
         )
         .unwrap()
@@ -519,21 +541,23 @@ mod tests {
         let b2 = batch(&rows[50..]);
         let mut parts = e.partials(b1).await.unwrap();
         parts.extend(e.partials(b2).await.unwrap());
-        let refs: Vec<(i64, &str, &Partial)> =
-            parts.iter().map(|(w, s, p)| (*w, s.as_str(), p)).collect();
+        let refs: Vec<(i32, i64, &str, &Partial)> = parts
+            .iter()
+            .map(|(q, w, s, p)| (*q, *w, s.as_str(), p))
+            .collect();
         let stats = e.minute_stats(partials_to_batch(&refs)).await.unwrap();
         let printed = pretty_format_batches(&[stats]).unwrap().to_string();
         // HDR reports the highest value equivalent to the quantile's bucket (3 significant digits).
         let expected = "\
-+----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+
-| window_start         | service | requests | errors | client_errors | error_rate | latency_mean_ms | latency_p50_ms | latency_p95_ms | latency_p99_ms | latency_max_ms | unique_users |
-+----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+
-| 1970-01-01T00:00:00Z | a       | 100      | 10     | 4             | 0.1        | 50.5            | 50.015         | 95.039         | 99.007         | 100.0          | 7            |
-| 1970-01-01T00:01:00Z | b       | 1        | 0      | 0             | 0.0        | 5.0             | 5.003          | 5.003          | 5.003          | 5.0            | 1            |
-+----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+";
++----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+---------------+
+| window_start         | service | requests | errors | client_errors | error_rate | latency_mean_ms | latency_p50_ms | latency_p95_ms | latency_p99_ms | latency_max_ms | unique_users | src_partition |
++----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+---------------+
+| 1970-01-01T00:00:00Z | a       | 100      | 10     | 4             | 0.1        | 50.5            | 50.015         | 95.039         | 99.007         | 100.0          | 7            | 0             |
+| 1970-01-01T00:01:00Z | b       | 1        | 0      | 0             | 0.0        | 5.0             | 5.003          | 5.003          | 5.003          | 5.0            | 1            | 0             |
++----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+---------------+";
         assert_eq!(printed, expected, "\n{printed}");
         let items = e.item_counts(batch(&rows)).await.unwrap();
-        let total: i64 = items.iter().map(|r| r.2).sum();
+        let total: i64 = items.iter().map(|r| r.3).sum();
         assert_eq!(total, 101);
     }
 }

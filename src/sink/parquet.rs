@@ -8,6 +8,11 @@
 //! content after a crash is harmless. The covered positions are also stored in
 //! the file's key-value metadata (`pulse.*`). Files roll by row count, when
 //! their hour is closed, or at the end of input.
+//!
+//! Replays are harmless: per (hour, source partition) the writer knows the
+//! last position already committed (its own commits, or the names of the files
+//! found in the hour's directory on first use) and skips rows at or below it,
+//! so a file never overlaps a committed one, whatever was in flight at a crash.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -46,8 +51,11 @@ pub struct TableSpec {
     pub schema: SchemaRef,
     /// Timestamp column (ms) that picks the dt/hour partition.
     pub time_column: &'static str,
-    /// Whether rows carry `src_partition`/`src_offset` (files are then per source partition).
+    /// Whether rows carry `src_partition` (files are then per source partition).
     pub positioned: bool,
+    /// Int64 or timestamp column that orders a partition's rows (the source
+    /// offset, or the window start); file names and the replay skip use it.
+    pub position_column: &'static str,
 }
 
 /// One file made visible.
@@ -76,6 +84,10 @@ pub struct TableWriter {
     open: HashMap<(i64, i32), OpenFile>,
     written: Vec<WrittenFile>,
     seq: u64,
+    /// Last committed position per (hour, partition), once looked up.
+    committed: HashMap<(i64, i32), Option<i64>>,
+    /// Rows skipped because a committed file already holds them.
+    pub skipped: u64,
 }
 
 const HOUR_MS: i64 = 3_600_000;
@@ -107,7 +119,84 @@ impl TableWriter {
             open: HashMap::new(),
             written: Vec::new(),
             seq: 0,
+            committed: HashMap::new(),
+            skipped: 0,
         })
+    }
+
+    /// The last position committed for (hour, partition): from this writer's
+    /// commits, or else from the names of the files in the hour's directory.
+    fn committed_last(&mut self, key: (i64, i32)) -> Option<i64> {
+        if let Some(v) = self.committed.get(&key) {
+            return *v;
+        }
+        let dir = self.root.join(partition_dir(key.0));
+        let prefix = if self.spec.positioned {
+            format!("part-{:05}-", key.1)
+        } else {
+            "part-".to_string()
+        };
+        let mut last = None;
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let Some(n) = name.to_str() else { continue };
+                let Some(range) = n
+                    .strip_prefix(&prefix)
+                    .and_then(|r| r.strip_suffix(".parquet"))
+                else {
+                    continue;
+                };
+                if let Some(l) = range.rsplit('-').next().and_then(|x| x.parse::<i64>().ok()) {
+                    last = Some(last.map_or(l, |m: i64| m.max(l)));
+                }
+            }
+        }
+        self.committed.insert(key, last);
+        last
+    }
+
+    /// Smallest first position of the files still open for `partition`.
+    pub fn open_first(&self, partition: i32) -> Option<i64> {
+        self.open
+            .iter()
+            .filter(|(k, _)| k.1 == partition)
+            .map(|(_, f)| f.first)
+            .min()
+    }
+
+    /// Forgets a partition this process no longer owns: its open files are
+    /// deleted unpublished (the next owner rewrites them from the checkpoint)
+    /// and its committed positions are looked up afresh if it comes back.
+    pub fn drop_partition(&mut self, partition: i32) {
+        let keys: Vec<_> = self
+            .open
+            .keys()
+            .filter(|k| k.1 == partition)
+            .copied()
+            .collect();
+        for k in keys {
+            if let Some(f) = self.open.remove(&k) {
+                drop(f.writer);
+                let _ = std::fs::remove_file(&f.tmp);
+            }
+        }
+        self.committed.retain(|k, _| k.1 != partition);
+    }
+
+    /// Closes every open file of `partition`.
+    pub fn close_partition(&mut self, partition: i32) -> Result<(), ParquetError> {
+        let keys: Vec<_> = self
+            .open
+            .keys()
+            .filter(|k| k.1 == partition)
+            .copied()
+            .collect();
+        for k in keys {
+            let f = self.open.remove(&k).expect("key listed");
+            self.commit(k, f)?;
+        }
+        Ok(())
     }
 
     pub fn written(&self) -> &[WrittenFile] {
@@ -129,65 +218,46 @@ impl TableWriter {
             .as_primitive_opt::<TimestampMillisecondType>()
             .ok_or_else(|| ParquetError::Column(self.spec.time_column.into()))?
             .clone();
-        let (parts, offsets) = if self.spec.positioned {
-            let p = batch
-                .column_by_name("src_partition")
-                .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
-                .ok_or_else(|| ParquetError::Column("src_partition".into()))?;
-            let o = batch
-                .column_by_name("src_offset")
-                .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
-                .ok_or_else(|| ParquetError::Column("src_offset".into()))?;
-            (Some(p), Some(o))
+        let parts = if self.spec.positioned {
+            Some(
+                batch
+                    .column_by_name("src_partition")
+                    .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
+                    .ok_or_else(|| ParquetError::Column("src_partition".into()))?,
+            )
         } else {
-            (None, None)
+            None
         };
+        let pos = position_values(batch, self.spec.position_column)?;
         let key_of = |i: usize| -> (i64, i32) {
             let hour = ts.value(i).div_euclid(HOUR_MS) * HOUR_MS;
             (hour, parts.as_ref().map_or(0, |p| p.value(i)))
         };
-        // Most batches fall in one (hour, partition): write them whole.
-        let first_key = key_of(0);
+        // Group rows by (hour, partition), dropping rows a committed file holds.
         let mut groups: Vec<((i64, i32), Vec<u32>)> = Vec::new();
-        if (1..batch.num_rows()).all(|i| key_of(i) == first_key) {
-            groups.push((first_key, Vec::new()));
-        } else {
-            let mut idx: HashMap<(i64, i32), Vec<u32>> = HashMap::new();
-            for i in 0..batch.num_rows() {
-                idx.entry(key_of(i)).or_default().push(i as u32);
+        let mut idx: HashMap<(i64, i32), usize> = HashMap::new();
+        for (i, &at) in pos.iter().enumerate() {
+            let key = key_of(i);
+            let floor = self.committed_last(key);
+            if floor.is_some_and(|f| at <= f) {
+                self.skipped += 1;
+                continue;
             }
-            groups = idx.into_iter().collect();
-            groups.sort_by_key(|g| g.0);
+            let g = *idx.entry(key).or_insert_with(|| {
+                groups.push((key, Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(i as u32);
         }
+        groups.sort_by_key(|g| g.0);
         for (key, rows) in groups {
-            let part = if rows.is_empty() {
+            let (first, last) = rows.iter().fold((i64::MAX, i64::MIN), |(a, b), &r| {
+                (a.min(pos[r as usize]), b.max(pos[r as usize]))
+            });
+            let part = if rows.len() == batch.num_rows() {
                 batch.clone()
             } else {
                 take_record_batch(batch, &UInt32Array::from(rows))?
-            };
-            let (first, last) = match &offsets {
-                Some(_) => {
-                    let o = part
-                        .column_by_name("src_offset")
-                        .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
-                        .ok_or_else(|| ParquetError::Column("src_offset".into()))?;
-                    let (mn, mx) = o
-                        .values()
-                        .iter()
-                        .fold((i64::MAX, i64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-                    (mn, mx)
-                }
-                None => {
-                    let t = part
-                        .column_by_name(self.spec.time_column)
-                        .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>().cloned())
-                        .ok_or_else(|| ParquetError::Column(self.spec.time_column.into()))?;
-                    let (mn, mx) = t
-                        .values()
-                        .iter()
-                        .fold((i64::MAX, i64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-                    (mn, mx)
-                }
             };
             self.append(key, &part, first, last)?;
         }
@@ -209,9 +279,9 @@ impl TableWriter {
             })?;
             self.seq += 1;
             let tmp = dir.join(format!(
-                ".inprogress-{}-{}-{}.tmp",
-                std::process::id(),
+                ".inprogress-p{}-{}-{}.tmp",
                 key.1,
+                instance_id(),
                 self.seq
             ));
             let file = File::create(&tmp).map_err(|source| ParquetError::Io {
@@ -269,6 +339,25 @@ impl TableWriter {
         Ok(())
     }
 
+    /// Closes the files of `partition` whose hours end at or before `ms`.
+    pub fn close_partition_hours_before(
+        &mut self,
+        partition: i32,
+        ms: i64,
+    ) -> Result<(), ParquetError> {
+        let keys: Vec<_> = self
+            .open
+            .keys()
+            .filter(|k| k.1 == partition && k.0 + HOUR_MS <= ms)
+            .copied()
+            .collect();
+        for k in keys {
+            let f = self.open.remove(&k).expect("key listed");
+            self.commit(k, f)?;
+        }
+        Ok(())
+    }
+
     /// Closes every open file.
     pub fn close_all(&mut self) -> Result<(), ParquetError> {
         self.close_hours_before(i64::MAX)
@@ -287,6 +376,8 @@ impl TableWriter {
         if self.spec.positioned {
             f.writer
                 .append_key_value_metadata(kv("partition", key.1.to_string()));
+        }
+        if self.spec.position_column == "src_offset" {
             f.writer
                 .append_key_value_metadata(kv("first_offset", f.first.to_string()));
             f.writer
@@ -324,6 +415,9 @@ impl TableWriter {
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("pulse_files_written_total", "table" => self.spec.name).increment(1);
         metrics::counter!("pulse_bytes_written_total", "table" => self.spec.name).increment(bytes);
+        let prev = self.committed.get(&key).copied().flatten();
+        self.committed
+            .insert(key, Some(prev.map_or(f.last, |p| p.max(f.last))));
         self.written.push(WrittenFile {
             path: target,
             rows: f.rows,
@@ -335,6 +429,88 @@ impl TableWriter {
 
 /// Removes leftovers of interrupted writes (never visible to readers anyway).
 pub fn remove_in_progress(dir: &Path) -> std::io::Result<usize> {
+    remove_matching(dir, ".inprogress-")
+}
+
+/// The tables pulse writes.
+pub fn events_spec() -> TableSpec {
+    TableSpec {
+        name: "events",
+        schema: crate::model::events_schema(),
+        time_column: "ts",
+        positioned: true,
+        position_column: "src_offset",
+    }
+}
+
+pub fn dead_letters_spec() -> TableSpec {
+    TableSpec {
+        name: "dead_letters",
+        schema: crate::model::dead_letters_schema(),
+        time_column: "received_at",
+        positioned: true,
+        position_column: "src_offset",
+    }
+}
+
+pub fn minute_stats_spec() -> TableSpec {
+    TableSpec {
+        name: "minute_stats",
+        schema: crate::model::minute_stats_schema(),
+        time_column: "window_start",
+        positioned: true,
+        position_column: "window_start",
+    }
+}
+
+pub fn top_items_spec() -> TableSpec {
+    TableSpec {
+        name: "top_items",
+        schema: crate::model::top_items_schema(),
+        time_column: "window_start",
+        positioned: true,
+        position_column: "window_start",
+    }
+}
+
+pub fn anomalies_spec() -> TableSpec {
+    TableSpec {
+        name: "anomalies",
+        schema: crate::model::anomalies_schema(),
+        time_column: "window_start",
+        positioned: false,
+        position_column: "window_start",
+    }
+}
+
+/// Values of a position column (Int64 or millisecond timestamp) as i64.
+fn position_values(b: &RecordBatch, name: &str) -> Result<Vec<i64>, ParquetError> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| ParquetError::Column(name.into()))?;
+    if let Some(a) = c.as_primitive_opt::<Int64Type>() {
+        return Ok(a.values().to_vec());
+    }
+    if let Some(a) = c.as_primitive_opt::<TimestampMillisecondType>() {
+        return Ok(a.values().to_vec());
+    }
+    Err(ParquetError::Column(name.into()))
+}
+
+/// A random id of this process, in in-progress file names (several
+/// instances may share the data directory).
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
+}
+
+/// Deletes the in-progress files of `partition` under `data_dir` (left by a
+/// crashed owner); only the partition's current owner may call this.
+pub fn remove_in_progress_of(data_dir: &Path, partition: i32) -> std::io::Result<usize> {
+    remove_matching(data_dir, &format!(".inprogress-p{partition}-"))
+}
+
+fn remove_matching(dir: &Path, prefix: &str) -> std::io::Result<usize> {
     let mut n = 0;
     if !dir.exists() {
         return Ok(0);
@@ -345,11 +521,13 @@ pub fn remove_in_progress(dir: &Path) -> std::io::Result<usize> {
             let e = e?;
             let p = e.path();
             if e.file_type()?.is_dir() {
-                stack.push(p);
+                if p.file_name().is_some_and(|n| n != "_pulse") {
+                    stack.push(p);
+                }
             } else if p
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(".inprogress-"))
+                .is_some_and(|n| n.starts_with(prefix))
             {
                 std::fs::remove_file(&p)?;
                 n += 1;
@@ -357,52 +535,6 @@ pub fn remove_in_progress(dir: &Path) -> std::io::Result<usize> {
         }
     }
     Ok(n)
-}
-
-/// The tables pulse writes.
-pub fn events_spec() -> TableSpec {
-    TableSpec {
-        name: "events",
-        schema: crate::model::events_schema(),
-        time_column: "ts",
-        positioned: true,
-    }
-}
-
-pub fn dead_letters_spec() -> TableSpec {
-    TableSpec {
-        name: "dead_letters",
-        schema: crate::model::dead_letters_schema(),
-        time_column: "received_at",
-        positioned: true,
-    }
-}
-
-pub fn minute_stats_spec() -> TableSpec {
-    TableSpec {
-        name: "minute_stats",
-        schema: crate::model::minute_stats_schema(),
-        time_column: "window_start",
-        positioned: false,
-    }
-}
-
-pub fn top_items_spec() -> TableSpec {
-    TableSpec {
-        name: "top_items",
-        schema: crate::model::top_items_schema(),
-        time_column: "window_start",
-        positioned: false,
-    }
-}
-
-pub fn anomalies_spec() -> TableSpec {
-    TableSpec {
-        name: "anomalies",
-        schema: crate::model::anomalies_schema(),
-        time_column: "window_start",
-        positioned: false,
-    }
 }
 
 /// Convenience for tests and tools: every committed parquet file under a table.
@@ -489,11 +621,23 @@ mod tests {
         assert!(names.contains(&"dead_letters/dt=1970-01-01/hour=00/part-00000-00000000000000000010-00000000000000000011.parquet".to_string()), "{names:?}");
         w.close_all().unwrap();
         assert_eq!(list_files(dir.path(), "dead_letters").len(), 3);
-        // re-writing the same content commits to the same name: no duplicate file
+        // a replay of committed rows (a new writer, as after a crash) writes
+        // nothing for them; rows past the committed ones get a new file
         let mut w2 = TableWriter::new(dir.path(), dead_letters_spec(), 2, 1000, 3).unwrap();
-        w2.write(&dead(&[(0, 0, 10), (1000, 0, 11)])).unwrap();
+        w2.write(&dead(&[(0, 0, 10), (1000, 0, 11), (1500, 0, 13)]))
+            .unwrap();
+        assert_eq!(w2.skipped, 2);
+        assert_eq!(w2.open_first(0), Some(13));
         w2.close_all().unwrap();
-        assert_eq!(list_files(dir.path(), "dead_letters").len(), 3);
+        assert_eq!(list_files(dir.path(), "dead_letters").len(), 4);
+        assert_eq!(w2.written()[0].rows, 1);
+        // dropping a partition deletes its unpublished file
+        let mut w3 = TableWriter::new(dir.path(), dead_letters_spec(), 2, 1000, 3).unwrap();
+        w3.write(&dead(&[(1600, 0, 14), (1700, 1, 9)])).unwrap();
+        w3.drop_partition(0);
+        assert_eq!(w3.open_first(0), None);
+        w3.close_all().unwrap();
+        assert_eq!(list_files(dir.path(), "dead_letters").len(), 5);
         let f = File::open(&files[0]).unwrap();
         let r = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
         let kv = r

@@ -22,13 +22,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType};
+use datafusion::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMillisecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("corrupt value in the store: {0}")]
+    Corrupt(String),
 }
 
 impl StoreError {
@@ -36,12 +38,14 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Redis(e) => e.is_io_error() || e.is_connection_dropped() || e.is_timeout(),
+            StoreError::Corrupt(_) => false,
         }
     }
 }
 
-/// One `minute_stats` row.
-#[derive(Debug, Clone, PartialEq)]
+/// One `minute_stats` row: one source partition's (`partition` ≥ 0) or
+/// merged over partitions (`partition` = -1).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MinuteRow {
     pub window_start_ms: i64,
     pub service: String,
@@ -56,6 +60,7 @@ pub struct MinuteRow {
     pub latency_max_ms: Option<f64>,
     pub unique_users: i64,
     pub is_final: bool,
+    pub partition: i32,
 }
 
 /// Reads rows out of a batch with [`crate::model::minute_stats_schema`].
@@ -65,6 +70,7 @@ pub fn minute_rows(b: &RecordBatch, is_final: bool) -> Vec<MinuteRow> {
     let i = |c: usize| b.column(c).as_primitive::<Int64Type>().clone();
     let f = |c: usize| b.column(c).as_primitive::<Float64Type>().clone();
     let (req, err, cerr, users) = (i(2), i(3), i(4), i(11));
+    let part = b.column(12).as_primitive::<Int32Type>().clone();
     let (rate, mean, p50, p95, p99, max) = (f(5), f(6), f(7), f(8), f(9), f(10));
     let opt =
         |a: &datafusion::arrow::array::Float64Array, r: usize| (!a.is_null(r)).then(|| a.value(r));
@@ -83,19 +89,88 @@ pub fn minute_rows(b: &RecordBatch, is_final: bool) -> Vec<MinuteRow> {
             latency_max_ms: opt(&max, r),
             unique_users: users.value(r),
             is_final,
+            partition: part.value(r),
         })
         .collect()
 }
 
-/// One window's emission, as the store receives it.
+/// The `minute_stats` batch of rows (inverse of [`minute_rows`]).
+pub fn minute_rows_batch(rows: &[MinuteRow]) -> RecordBatch {
+    use datafusion::arrow::array::{
+        Float64Array, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
+    };
+    use std::sync::Arc;
+    let f = |g: fn(&MinuteRow) -> Option<f64>| {
+        Arc::new(Float64Array::from(rows.iter().map(g).collect::<Vec<_>>()))
+    };
+    let i = |g: fn(&MinuteRow) -> i64| {
+        Arc::new(Int64Array::from(rows.iter().map(g).collect::<Vec<_>>()))
+    };
+    RecordBatch::try_new(
+        crate::model::minute_stats_schema(),
+        vec![
+            Arc::new(
+                TimestampMillisecondArray::from(
+                    rows.iter().map(|r| r.window_start_ms).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.service.as_str()).collect::<Vec<_>>(),
+            )),
+            i(|r| r.requests),
+            i(|r| r.errors),
+            i(|r| r.client_errors),
+            Arc::new(Float64Array::from(
+                rows.iter().map(|r| r.error_rate).collect::<Vec<_>>(),
+            )),
+            f(|r| r.latency_mean_ms),
+            f(|r| r.latency_p50_ms),
+            f(|r| r.latency_p95_ms),
+            f(|r| r.latency_p99_ms),
+            f(|r| r.latency_max_ms),
+            i(|r| r.unique_users),
+            Arc::new(Int32Array::from(
+                rows.iter().map(|r| r.partition).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .expect("columns match minute_stats_schema")
+}
+
+/// One partition's top items of a window, as of `version`.
+#[derive(Debug, Clone, Default)]
+pub struct TopUpdate {
+    pub window_start_ms: i64,
+    pub partition: i32,
+    pub version: i64,
+    /// (item, requests), best first.
+    pub items: Vec<(u64, i64)>,
+}
+
+/// What the store receives after a batch: merged rows (each with the
+/// version sum it was computed from), top items, watermark, detections.
 #[derive(Debug, Clone, Default)]
 pub struct Emission {
-    pub rows: Vec<MinuteRow>,
-    /// (window_start_ms, top items as (item, requests)).
-    pub top_items: Vec<(i64, Vec<(u64, i64)>)>,
+    pub rows: Vec<(MinuteRow, i64)>,
+    pub top_items: Vec<TopUpdate>,
+    /// Length of the merged top-items list per window.
+    pub top_n: usize,
     pub watermark_ms: i64,
     pub anomalies: Vec<crate::alert::Anomaly>,
     pub alerts: Vec<crate::alert::Alert>,
+}
+
+/// Deterministic stream ids `{window_start_ms}-{n}` (n counts entries of the
+/// same window in this list), so a replayed entry gets the id it had.
+fn stream_ids(windows: impl Iterator<Item = i64>) -> Vec<String> {
+    let mut last = (i64::MIN, 0u64);
+    windows
+        .map(|w| {
+            last = if w == last.0 { (w, last.1 + 1) } else { (w, 0) };
+            format!("{}-{}", w.max(0), last.1)
+        })
+        .collect()
 }
 
 /// Length the anomaly and alert streams are capped at (approximately).
@@ -115,6 +190,11 @@ pub fn alert_json(a: &crate::alert::Alert) -> String {
     .to_string()
 }
 
+/// (version, top items) of one partition.
+pub type VersionedTop = (i64, Vec<(u64, i64)>);
+/// (version, final, partial) of one partition.
+pub type VersionedPartial = (i64, bool, crate::window::Partial);
+
 /// In-process store for `pulse demo` and file runs without Redis.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
@@ -124,6 +204,12 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 pub struct MemoryInner {
     pub stats: BTreeMap<(String, i64), MinuteRow>,
+    /// window → partition → (version, top items).
+    pub top_parts: BTreeMap<i64, BTreeMap<i32, VersionedTop>>,
+    /// (service, window) → partition → (version, final, partial).
+    pub parts: BTreeMap<(String, i64), BTreeMap<i32, VersionedPartial>>,
+    /// (service, window) → version sum of the stored merged row.
+    pub merged_version: BTreeMap<(String, i64), i64>,
     pub top: BTreeMap<i64, Vec<(u64, i64)>>,
     pub watermark_ms: i64,
     pub anomalies: Vec<crate::alert::Anomaly>,
@@ -183,17 +269,215 @@ pub enum Store {
     Redis(RedisStore),
 }
 
+/// One source partition's partial aggregate of one (window, service), as it
+/// stands after the partition's records before offset `version`.
+#[derive(Debug, Clone)]
+pub struct PartialUpdate {
+    pub window_start_ms: i64,
+    pub service: String,
+    pub partition: i32,
+    pub version: i64,
+    pub is_final: bool,
+    pub partial: crate::window::Partial,
+}
+
+/// Every partition's stored partial of one (window, service), read in one
+/// atomic step with a write: the input of the merged `minute_stats` row.
+#[derive(Debug, Clone)]
+pub struct MergeInput {
+    pub window_start_ms: i64,
+    pub service: String,
+    pub parts: Vec<(i32, crate::window::Partial)>,
+    pub all_final: bool,
+    /// Sum of the partitions' versions: grows with every accepted write, so the
+    /// merged row computed from a later read always wins.
+    pub version_sum: i64,
+}
+
+/// Stores a partition's partial unless a newer one is stored; returns all partitions' fields.
+const PUT_PARTIAL_LUA: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'v:' .. ARGV[1])
+if (not cur) or tonumber(cur) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'v:' .. ARGV[1], ARGV[2], 'f:' .. ARGV[1], ARGV[3], 'b:' .. ARGV[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+end
+return redis.call('HGETALL', KEYS[1])
+"#;
+
+/// Writes a merged stats hash unless one from a later read is stored.
+const PUT_MERGED_LUA: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'version')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Replaces a partition's top items of a window (if newer) and rebuilds the
+/// window's union over partitions, trimmed to the top N.
+const PUT_TOP_LUA: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local pk = KEYS[2] .. ':p' .. ARGV[1]
+redis.call('DEL', pk)
+if #ARGV > 4 then
+  redis.call('ZADD', pk, unpack(ARGV, 5))
+  redis.call('EXPIRE', pk, ARGV[3])
+end
+local keys = {}
+for i, p in ipairs(redis.call('HKEYS', KEYS[1])) do keys[i] = KEYS[2] .. ':p' .. p end
+redis.call('ZUNIONSTORE', KEYS[2], #keys, unpack(keys))
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"#;
+
+/// Sets a number if it is larger than the stored one.
+const PUT_MAX_LUA: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or tonumber(cur) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0
+"#;
+
+/// Adds a stream entry with an explicit id; an id at or below the last one
+/// (a replayed entry) is refused by Redis and ignored here.
+const XADD_ONCE_LUA: &str = r#"
+redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], ARGV[2], unpack(ARGV, 3))
+return 0
+"#;
+
+fn parse_parts(
+    window_start_ms: i64,
+    service: &str,
+    flat: Vec<Vec<u8>>,
+) -> Result<MergeInput, StoreError> {
+    let mut vers: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut fin: BTreeMap<i32, bool> = BTreeMap::new();
+    let mut blobs: BTreeMap<i32, crate::window::Partial> = BTreeMap::new();
+    for kv in flat.chunks_exact(2) {
+        let k = String::from_utf8_lossy(&kv[0]);
+        let Some((kind, part)) = k.split_once(':') else {
+            continue;
+        };
+        let Ok(part) = part.parse::<i32>() else {
+            continue;
+        };
+        match kind {
+            "v" => {
+                vers.insert(
+                    part,
+                    String::from_utf8_lossy(&kv[1]).parse().unwrap_or_default(),
+                );
+            }
+            "f" => {
+                fin.insert(part, kv[1] == b"1");
+            }
+            "b" => {
+                let p = crate::window::Partial::from_bytes(&kv[1]).ok_or_else(|| {
+                    StoreError::Corrupt(format!("partial of {service} at {window_start_ms}"))
+                })?;
+                blobs.insert(part, p);
+            }
+            _ => {}
+        }
+    }
+    Ok(MergeInput {
+        window_start_ms,
+        service: service.to_string(),
+        all_final: !blobs.is_empty() && blobs.keys().all(|p| fin.get(p) == Some(&true)),
+        version_sum: vers.values().sum(),
+        parts: blobs.into_iter().collect(),
+    })
+}
+
 impl Store {
+    /// Stores per-partition partials (a write older than the stored one for
+    /// the same partition is ignored: replays cannot go back in time) and
+    /// returns, per (window, service) touched, every partition's partial.
+    pub async fn put_partials(&self, ups: &[PartialUpdate]) -> Result<Vec<MergeInput>, StoreError> {
+        if ups.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Store::Memory(m) => {
+                let mut g = m.snapshot();
+                let mut out = Vec::with_capacity(ups.len());
+                for u in ups {
+                    let e = g
+                        .parts
+                        .entry((u.service.clone(), u.window_start_ms))
+                        .or_default();
+                    if e.get(&u.partition).is_none_or(|c| c.0 < u.version) {
+                        e.insert(u.partition, (u.version, u.is_final, u.partial.clone()));
+                    }
+                    out.push(MergeInput {
+                        window_start_ms: u.window_start_ms,
+                        service: u.service.clone(),
+                        all_final: e.values().all(|v| v.1),
+                        version_sum: e.values().map(|v| v.0).sum(),
+                        parts: e.iter().map(|(p, v)| (*p, v.2.clone())).collect(),
+                    });
+                }
+                Ok(out)
+            }
+            Store::Redis(r) => {
+                let started = std::time::Instant::now();
+                let p = &r.prefix;
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for u in ups {
+                    let m = u.window_start_ms.div_euclid(1000);
+                    pipe.cmd("EVAL")
+                        .arg(PUT_PARTIAL_LUA)
+                        .arg(1)
+                        .arg(format!("{p}:parts:{}:{m}", u.service))
+                        .arg(u.partition)
+                        .arg(u.version)
+                        .arg(u8::from(u.is_final))
+                        .arg(u.partial.to_bytes())
+                        .arg(r.ttl_secs);
+                }
+                let mut conn = r.conn.clone();
+                let res: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await?;
+                metrics::histogram!("pulse_redis_write_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                ups.iter()
+                    .zip(res)
+                    .map(|(u, flat)| parse_parts(u.window_start_ms, &u.service, flat))
+                    .collect()
+            }
+        }
+    }
+
     pub async fn apply(&self, e: &Emission) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => {
                 let mut g = m.snapshot();
-                for r in &e.rows {
-                    g.stats
-                        .insert((r.service.clone(), r.window_start_ms), r.clone());
+                for (r, v) in &e.rows {
+                    let key = (r.service.clone(), r.window_start_ms);
+                    if g.merged_version.get(&key).is_none_or(|c| c < v) {
+                        g.merged_version.insert(key.clone(), *v);
+                        g.stats.insert(key, r.clone());
+                    }
                 }
-                for (ws, items) in &e.top_items {
-                    g.top.insert(*ws, items.clone());
+                for t in &e.top_items {
+                    let parts = g.top_parts.entry(t.window_start_ms).or_default();
+                    if parts.get(&t.partition).is_some_and(|c| c.0 >= t.version) {
+                        continue;
+                    }
+                    parts.insert(t.partition, (t.version, t.items.clone()));
+                    let mut sum: BTreeMap<u64, i64> = BTreeMap::new();
+                    for (_, items) in parts.values() {
+                        for (i, n) in items {
+                            *sum.entry(*i).or_default() += n;
+                        }
+                    }
+                    let mut v: Vec<(u64, i64)> = sum.into_iter().collect();
+                    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                    v.truncate(e.top_n.max(1));
+                    g.top.insert(t.window_start_ms, v);
                 }
                 g.watermark_ms = g.watermark_ms.max(e.watermark_ms);
                 g.anomalies.extend(e.anomalies.iter().cloned());
@@ -206,54 +490,64 @@ impl Store {
                 pipe.atomic();
                 let p = &r.prefix;
                 let ttl = r.ttl_secs as i64;
-                for row in &e.rows {
+                for (row, version) in &e.rows {
                     let m = row.window_start_ms.div_euclid(1000);
                     let key = format!("{p}:stats:{}:{m}", row.service);
                     let opt = |v: Option<f64>| v.map_or(String::new(), |x| x.to_string());
-                    pipe.hset_multiple(
-                        &key,
-                        &[
-                            ("requests", row.requests.to_string()),
-                            ("errors", row.errors.to_string()),
-                            ("client_errors", row.client_errors.to_string()),
-                            ("error_rate", row.error_rate.to_string()),
-                            ("latency_mean_ms", opt(row.latency_mean_ms)),
-                            ("latency_p50_ms", opt(row.latency_p50_ms)),
-                            ("latency_p95_ms", opt(row.latency_p95_ms)),
-                            ("latency_p99_ms", opt(row.latency_p99_ms)),
-                            ("latency_max_ms", opt(row.latency_max_ms)),
-                            ("unique_users", row.unique_users.to_string()),
-                            ("final", u8::from(row.is_final).to_string()),
-                        ],
-                    )
-                    .ignore()
-                    .expire(&key, ttl)
-                    .ignore()
-                    .sadd(format!("{p}:services"), &row.service)
-                    .ignore()
-                    .zadd(format!("{p}:minutes:{}", row.service), m, m)
-                    .ignore();
-                }
-                for (ws, items) in &e.top_items {
-                    let m = ws.div_euclid(1000);
-                    let key = format!("{p}:top:{m}");
-                    pipe.del(&key).ignore();
-                    if !items.is_empty() {
-                        let members: Vec<(i64, u64)> =
-                            items.iter().map(|(i, n)| (*n, *i)).collect();
-                        pipe.zadd_multiple(&key, &members)
-                            .ignore()
-                            .expire(&key, ttl)
-                            .ignore();
+                    let cmd = pipe.cmd("EVAL");
+                    cmd.arg(PUT_MERGED_LUA)
+                        .arg(1)
+                        .arg(&key)
+                        .arg(version)
+                        .arg(ttl);
+                    for (f, v) in [
+                        ("requests", row.requests.to_string()),
+                        ("errors", row.errors.to_string()),
+                        ("client_errors", row.client_errors.to_string()),
+                        ("error_rate", row.error_rate.to_string()),
+                        ("latency_mean_ms", opt(row.latency_mean_ms)),
+                        ("latency_p50_ms", opt(row.latency_p50_ms)),
+                        ("latency_p95_ms", opt(row.latency_p95_ms)),
+                        ("latency_p99_ms", opt(row.latency_p99_ms)),
+                        ("latency_max_ms", opt(row.latency_max_ms)),
+                        ("unique_users", row.unique_users.to_string()),
+                        ("final", u8::from(row.is_final).to_string()),
+                    ] {
+                        cmd.arg(f).arg(v);
                     }
+                    cmd.ignore();
+                    pipe.sadd(format!("{p}:services"), &row.service)
+                        .ignore()
+                        .zadd(format!("{p}:minutes:{}", row.service), m, m)
+                        .ignore();
                 }
-                for a in &e.anomalies {
-                    pipe.cmd("XADD")
+                for t in &e.top_items {
+                    let m = t.window_start_ms.div_euclid(1000);
+                    let cmd = pipe.cmd("EVAL");
+                    cmd.arg(PUT_TOP_LUA)
+                        .arg(2)
+                        .arg(format!("{p}:topv:{m}"))
+                        .arg(format!("{p}:top:{m}"))
+                        .arg(t.partition)
+                        .arg(t.version)
+                        .arg(ttl)
+                        .arg(e.top_n.max(1));
+                    for (i, n) in &t.items {
+                        cmd.arg(*n).arg(*i);
+                    }
+                    cmd.ignore();
+                }
+                for (a, id) in e
+                    .anomalies
+                    .iter()
+                    .zip(stream_ids(e.anomalies.iter().map(|a| a.window_start_ms)))
+                {
+                    pipe.cmd("EVAL")
+                        .arg(XADD_ONCE_LUA)
+                        .arg(1)
                         .arg(format!("{p}:anomalies"))
-                        .arg("MAXLEN")
-                        .arg("~")
                         .arg(STREAM_MAXLEN)
-                        .arg("*")
+                        .arg(id)
                         .arg("window_start_ms")
                         .arg(a.window_start_ms)
                         .arg("service")
@@ -266,13 +560,17 @@ impl Store {
                         .arg(a.score)
                         .ignore();
                 }
-                for a in &e.alerts {
-                    pipe.cmd("XADD")
+                for (a, id) in e
+                    .alerts
+                    .iter()
+                    .zip(stream_ids(e.alerts.iter().map(|a| a.window_start_ms)))
+                {
+                    pipe.cmd("EVAL")
+                        .arg(XADD_ONCE_LUA)
+                        .arg(1)
                         .arg(format!("{p}:alerts"))
-                        .arg("MAXLEN")
-                        .arg("~")
                         .arg(STREAM_MAXLEN)
-                        .arg("*")
+                        .arg(id)
                         .arg("json")
                         .arg(alert_json(a))
                         .ignore();
@@ -289,7 +587,12 @@ impl Store {
                     .ignore();
                 }
                 if e.watermark_ms > i64::MIN {
-                    pipe.set(format!("{p}:watermark"), e.watermark_ms).ignore();
+                    pipe.cmd("EVAL")
+                        .arg(PUT_MAX_LUA)
+                        .arg(1)
+                        .arg(format!("{p}:watermark"))
+                        .arg(e.watermark_ms)
+                        .ignore();
                 }
                 let mut conn = r.conn.clone();
                 pipe.exec_async(&mut conn).await?;

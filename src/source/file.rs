@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::model::{Position, RawChunk};
+use crate::model::{Position, RawChunk, SourceMsg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {
@@ -60,7 +60,7 @@ pub fn total_bytes(paths: &[PathBuf]) -> u64 {
 pub fn read_files(
     paths: &[PathBuf],
     batch_size: usize,
-    tx: &mpsc::Sender<RawChunk>,
+    tx: &mpsc::Sender<SourceMsg>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, FileSourceError> {
     let mut total = 0u64;
@@ -102,12 +102,12 @@ pub fn read_files(
             total += 1;
             if chunk.len() >= batch_size {
                 let full = std::mem::replace(&mut chunk, RawChunk::new(source.clone()));
-                if tx.blocking_send(full).is_err() {
+                if tx.blocking_send(SourceMsg::Chunk(full)).is_err() {
                     return Ok(total); // the pipeline is shutting down
                 }
             }
         }
-        if !chunk.is_empty() && tx.blocking_send(chunk).is_err() {
+        if !chunk.is_empty() && tx.blocking_send(SourceMsg::Chunk(chunk)).is_err() {
             return Ok(total);
         }
         if blank > 0 {
@@ -141,7 +141,7 @@ mod tests {
         drop(tx);
         assert_eq!(n, 8);
         let mut chunks = Vec::new();
-        while let Some(c) = rx.blocking_recv() {
+        while let Some(SourceMsg::Chunk(c)) = rx.blocking_recv() {
             assert!(c.len() <= 2);
             chunks.push(c);
         }

@@ -1,26 +1,36 @@
-//! Kafka source and producer (rdkafka, bundled librdkafka). The consumer joins
-//! the configured group with auto-commit off and produces [`RawChunk`]s of up
-//! to `batch_size` messages (or what arrived within `batch_timeout_ms`), with
-//! topic/partition/offset positions. Offsets are committed back to the group
-//! only by [`KafkaSource::commit`], which the pipeline calls once the effects
-//! of the consumed messages are durable: at-least-once delivery. The producer
-//! side is used by `pulse gen` and the tests.
+//! Kafka source and producer (rdkafka, bundled librdkafka). The consumer
+//! joins the configured group (cooperative-sticky, auto-commit off) on a
+//! thread of its own and hands the pipeline [`SourceMsg`]s: chunks of up to
+//! `batch_size` messages (or what arrived within `batch_timeout_ms`) with
+//! partition/offset positions and message timestamps, and the group's
+//! assignment changes.
+//!
+//! pulse owns the offsets: on assignment each partition starts at the
+//! `replay_from` of its checkpoint (or the beginning, without one); on
+//! revocation the chunk in the making is delivered, then the source waits
+//! until the pipeline has checkpointed and forgotten the partitions before
+//! releasing them, so the next owner resumes from a complete checkpoint.
+//! The offsets committed back to the group are only a progress hint for lag
+//! monitoring. The producer side is used by `pulse gen` and the tests.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 
+use crate::checkpoint::CheckpointStore;
 use crate::config::{KafkaConfig, Secrets};
-use crate::model::{Position, RawChunk};
+use crate::model::{Position, RawChunk, SourceMsg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
@@ -49,6 +59,146 @@ fn set_default(c: &mut ClientConfig, k: &str, v: &str) {
     }
 }
 
+/// The consumer's context: rebalance handling and lag statistics.
+pub struct PulseContext {
+    topic: Arc<str>,
+    checkpoints: CheckpointStore,
+    start_at_end: bool,
+    tx: mpsc::Sender<SourceMsg>,
+    /// The chunk in the making, delivered before any assignment change.
+    building: Mutex<RawChunk>,
+    /// Set once the pipeline stopped listening.
+    closed: AtomicBool,
+}
+
+impl PulseContext {
+    fn send(&self, m: SourceMsg) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.tx.blocking_send(m).is_err() {
+            self.closed.store(true, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Sends the chunk in the making, if any.
+    fn flush(&self) -> bool {
+        let chunk = {
+            let mut b = self.building.lock().unwrap_or_else(|e| e.into_inner());
+            if b.is_empty() {
+                return true;
+            }
+            std::mem::replace(&mut *b, new_chunk(&self.topic))
+        };
+        count_consumed(&chunk);
+        self.send(SourceMsg::Chunk(chunk))
+    }
+}
+
+fn new_chunk(topic: &Arc<str>) -> RawChunk {
+    let mut c = RawChunk::new(topic.clone());
+    c.partitioned_time = true;
+    c
+}
+
+fn count_consumed(chunk: &RawChunk) {
+    let mut per_part: BTreeMap<i32, u64> = BTreeMap::new();
+    for pos in &chunk.positions {
+        *per_part.entry(pos.partition).or_default() += 1;
+    }
+    for (p, n) in per_part {
+        metrics::counter!("pulse_records_consumed_total", "source" => "kafka", "partition" => p.to_string())
+            .increment(n);
+    }
+}
+
+impl ClientContext for PulseContext {
+    fn stats(&self, s: rdkafka::Statistics) {
+        LagContext.stats(s)
+    }
+}
+
+impl ConsumerContext for PulseContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let parts: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut resumes = Vec::new();
+                for &p in &parts {
+                    let cp = match self.checkpoints.load(p) {
+                        Ok(cp) => cp,
+                        Err(e) => {
+                            // Refusing the assignment would stall the group; a corrupt
+                            // checkpoint is a bug or a disk fault an operator must see.
+                            tracing::error!(partition = p, error = %e, "cannot read checkpoint, stopping");
+                            self.closed.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    };
+                    let offset = match &cp {
+                        Some(c) => Offset::Offset(c.replay_from),
+                        None if self.start_at_end => Offset::End,
+                        None => Offset::Beginning,
+                    };
+                    tracing::info!(partition = p, offset = ?offset, checkpoint = cp.is_some(), "partition assigned");
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
+                        tracing::error!(partition = p, error = %e, "cannot set start offset");
+                    }
+                    resumes.push((p, cp));
+                }
+                if !self.flush() || !self.send(SourceMsg::Assigned(resumes)) {
+                    return;
+                }
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = ?parts, lost = consumer.assignment_lost(), "partitions revoked");
+                let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+                if self.flush() && self.send(SourceMsg::Revoked(parts, ack_tx)) {
+                    // Released only once their work is checkpointed.
+                    if ack_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                        tracing::warn!("pipeline did not confirm the revocation in time");
+                    }
+                }
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
 /// Publishes librdkafka's per-partition consumer lag as a gauge.
 pub struct LagContext;
 
@@ -65,133 +215,163 @@ impl ClientContext for LagContext {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for LagContext {}
+/// Offsets whose effects are durable, per partition: the pipeline sets them
+/// after each checkpoint and the source commits them to the group as a hint.
+pub type Progress = Arc<Mutex<BTreeMap<i32, i64>>>;
 
-pub struct KafkaSource {
-    consumer: StreamConsumer<LagContext>,
-    topic: Arc<str>,
-    /// Next offset to consume per partition, for commits.
-    consumed: BTreeMap<i32, i64>,
+/// How the consumer thread runs and where it delivers.
+pub struct ConsumerRun {
+    /// Where the checkpoints live (`parquet.data_dir`).
+    pub data_dir: std::path::PathBuf,
+    /// Messages per chunk.
+    pub batch: usize,
+    /// Longest wait for a partial chunk.
+    pub linger: Duration,
+    /// Stop after this long without messages, once partitions are assigned.
+    pub idle: Option<Duration>,
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    pub tx: mpsc::Sender<SourceMsg>,
+    pub progress: Progress,
 }
 
-impl KafkaSource {
-    pub fn new(cfg: &KafkaConfig, secrets: &Secrets) -> Result<Self, KafkaError> {
-        let mut c = base_config(cfg, secrets);
-        c.set("group.id", &cfg.group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        set_default(&mut c, "auto.offset.reset", "earliest");
-        set_default(
-            &mut c,
-            "partition.assignment.strategy",
-            "cooperative-sticky",
-        );
-        set_default(&mut c, "session.timeout.ms", "10000");
-        set_default(&mut c, "fetch.wait.max.ms", "100");
-        set_default(&mut c, "statistics.interval.ms", "5000");
-        let consumer: StreamConsumer<LagContext> = c.create_with_context(LagContext)?;
-        consumer.subscribe(&[&cfg.topic])?;
-        Ok(KafkaSource {
-            consumer,
-            topic: cfg.topic.as_str().into(),
-            consumed: BTreeMap::new(),
-        })
-    }
-
-    /// Waits for the next chunk: up to `max` messages, returning early once
-    /// `linger` has passed since the first message. `None` after `idle`
-    /// without any message (when `idle` is set).
-    pub async fn next_chunk(
-        &mut self,
-        max: usize,
-        linger: Duration,
-        idle: Option<Duration>,
-        stop: Option<&tokio::sync::watch::Receiver<bool>>,
-    ) -> Result<Option<RawChunk>, KafkaError> {
-        let mut chunk = RawChunk::new(self.topic.clone());
-        let mut first_at: Option<Instant> = None;
-        let mut idle_deadline = idle.map(|d| Instant::now() + d);
-        loop {
-            if stop.is_some_and(|s| *s.borrow()) {
-                break;
+/// Runs the consumer on the calling thread until `stop`, an idle period or
+/// the pipeline hangs up.
+pub fn run_consumer(
+    cfg: &KafkaConfig,
+    secrets: &Secrets,
+    run: ConsumerRun,
+) -> Result<(), KafkaError> {
+    let ConsumerRun {
+        data_dir,
+        batch,
+        linger,
+        idle,
+        stop,
+        tx,
+        progress,
+    } = run;
+    let mut c = base_config(cfg, secrets);
+    c.set("group.id", &cfg.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    set_default(&mut c, "auto.offset.reset", "earliest");
+    set_default(
+        &mut c,
+        "partition.assignment.strategy",
+        "cooperative-sticky",
+    );
+    set_default(&mut c, "session.timeout.ms", "10000");
+    set_default(&mut c, "fetch.wait.max.ms", "100");
+    set_default(&mut c, "statistics.interval.ms", "5000");
+    let start_at_end = c
+        .get("auto.offset.reset")
+        .is_some_and(|v| v == "latest" || v == "largest" || v == "end");
+    let topic: Arc<str> = cfg.topic.as_str().into();
+    let ctx = PulseContext {
+        topic: topic.clone(),
+        checkpoints: CheckpointStore::new(&data_dir, &cfg.topic),
+        start_at_end,
+        tx,
+        building: Mutex::new(new_chunk(&topic)),
+        closed: AtomicBool::new(false),
+    };
+    let consumer: BaseConsumer<PulseContext> = c.create_with_context(ctx)?;
+    consumer.subscribe(&[&cfg.topic])?;
+    let ctx = consumer.context();
+    let mut first_at: Option<Instant> = None;
+    let mut last_msg = Instant::now();
+    let mut last_commit = Instant::now();
+    let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
+    loop {
+        if *stop.borrow() || ctx.closed.load(Ordering::Relaxed) {
+            break;
+        }
+        let wait = match first_at {
+            Some(t) => linger.saturating_sub(t.elapsed()),
+            None => Duration::from_millis(100),
+        };
+        match consumer.poll(wait.max(Duration::from_millis(1))) {
+            None => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "kafka consume error");
+                metrics::counter!("pulse_kafka_errors_total").increment(1);
             }
-            let wait = match first_at {
-                Some(t) => linger.saturating_sub(t.elapsed()),
-                // Short waits so a stop request is seen within half a second.
-                None => idle_deadline.map_or(Duration::from_millis(500), |d| {
-                    d.saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(500))
-                }),
-            };
-            if wait.is_zero() {
-                if first_at.is_none() && !self.has_assignment() {
-                    // Idle time only counts once the group gave us partitions.
-                    idle_deadline = idle.map(|d| Instant::now() + d);
-                    continue;
-                }
-                break;
-            }
-            match tokio::time::timeout(wait, self.consumer.recv()).await {
-                Err(_) => {
-                    if first_at.is_some() {
-                        break;
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka consume error");
-                    metrics::counter!("pulse_kafka_errors_total").increment(1);
-                }
-                Ok(Ok(m)) => {
-                    let pos = Position {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                    };
-                    chunk.push(m.payload().unwrap_or_default(), pos);
-                    self.consumed.insert(pos.partition, pos.offset + 1);
-                    first_at.get_or_insert_with(Instant::now);
-                    if chunk.len() >= max {
-                        break;
-                    }
+            Some(Ok(m)) => {
+                let pos = Position {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                };
+                let ts = m.timestamp().to_millis();
+                let full = {
+                    let mut b = ctx.building.lock().unwrap_or_else(|e| e.into_inner());
+                    b.push(m.payload().unwrap_or_default(), pos);
+                    b.timestamps.push(ts.unwrap_or(-1));
+                    b.len() >= batch
+                };
+                first_at.get_or_insert_with(Instant::now);
+                last_msg = Instant::now();
+                if full {
+                    ctx.flush();
+                    first_at = None;
                 }
             }
         }
-        chunk.partitioned_time = true;
-        let mut per_part: BTreeMap<i32, u64> = BTreeMap::new();
-        for pos in &chunk.positions {
-            *per_part.entry(pos.partition).or_default() += 1;
+        if first_at.is_some_and(|t| t.elapsed() >= linger) {
+            ctx.flush();
+            first_at = None;
         }
-        for (p, n) in per_part {
-            metrics::counter!("pulse_records_consumed_total", "source" => "kafka", "partition" => p.to_string())
-                .increment(n);
-        }
-        chunk.assigned = self.consumer.assignment().ok().map(|tpl| {
-            tpl.elements_for_topic(&self.topic)
-                .iter()
-                .map(|e| e.partition())
-                .collect()
-        });
-        Ok((!chunk.is_empty()).then_some(chunk))
-    }
-
-    fn has_assignment(&self) -> bool {
-        self.consumer
+        let assigned = consumer
             .assignment()
             .map(|a| a.count() > 0)
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if !assigned {
+            last_msg = Instant::now();
+        }
+        if idle.is_some_and(|d| first_at.is_none() && last_msg.elapsed() >= d) {
+            tracing::info!("kafka source idle, draining");
+            break;
+        }
+        if last_commit.elapsed() >= Duration::from_secs(2) {
+            commit_progress(&consumer, &topic, &progress, &mut committed);
+            last_commit = Instant::now();
+        }
     }
+    ctx.flush();
+    ctx.closed.store(true, Ordering::Relaxed);
+    Ok(())
+}
 
-    /// Commits the consumed positions to the group (a progress hint for lag
-    /// monitoring and the restart point of this at-least-once source).
-    pub fn commit(&self) -> Result<(), KafkaError> {
-        if self.consumed.is_empty() {
-            return Ok(());
+/// Commits the durable offsets of the partitions still assigned (a hint).
+fn commit_progress(
+    consumer: &BaseConsumer<PulseContext>,
+    topic: &str,
+    progress: &Progress,
+    committed: &mut BTreeMap<i32, i64>,
+) {
+    let Ok(assigned) = consumer.assignment() else {
+        return;
+    };
+    let owned: Vec<i32> = assigned
+        .elements_for_topic(topic)
+        .iter()
+        .map(|e| e.partition())
+        .collect();
+    let p = progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut tpl = TopicPartitionList::new();
+    for (part, off) in p {
+        if owned.contains(&part)
+            && committed.get(&part) != Some(&off)
+            && tpl
+                .add_partition_offset(topic, part, Offset::Offset(off))
+                .is_ok()
+        {
+            committed.insert(part, off);
         }
-        let mut tpl = TopicPartitionList::new();
-        for (&p, &o) in &self.consumed {
-            tpl.add_partition_offset(&self.topic, p, Offset::Offset(o))?;
-        }
-        self.consumer.commit(&tpl, CommitMode::Sync)?;
-        Ok(())
+    }
+    if tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+    {
+        tracing::debug!(error = %e, "progress commit failed");
     }
 }
 
