@@ -516,8 +516,11 @@ struct Task {
 
 impl Task {
     fn fresh(params: WindowParams, top_n: usize, key: i32) -> Self {
+        let mut pw = PartitionWindows::new(params, top_n, key);
+        // The store shows windows as they fill, not only once closed.
+        pw.table.live = true;
         Task {
-            pw: PartitionWindows::new(params, top_n, key),
+            pw,
             next_offset: i64::MIN,
             replay: None,
             history: VecDeque::new(),
@@ -533,6 +536,8 @@ impl Task {
         cp: &PartitionCheckpoint,
     ) -> Option<Self> {
         let pw = PartitionWindows::restore(params, top_n, key, &cp.windows)?;
+        let mut pw = pw;
+        pw.table.live = true;
         let replay = (cp.replay_from < cp.next_offset)
             .then(|| Windower::restored(params, key, cp.replay_max_ts));
         Some(Task {
@@ -572,6 +577,8 @@ struct Core {
     scored_upto: i64,
     /// Version of file-source emissions (Kafka uses offsets).
     seq: i64,
+    /// The input ended (files, generator): every window is complete.
+    ended: bool,
 }
 
 impl Core {
@@ -602,6 +609,7 @@ impl Core {
             latest: BTreeMap::new(),
             scored_upto: i64::MIN,
             seq: 0,
+            ended: false,
         }
     }
 
@@ -1074,7 +1082,11 @@ impl Core {
         // Score complete windows once, in order, from the merged rows.
         let (mut anomalies, mut alerts) = (Vec::new(), Vec::new());
         if self.detects() {
-            let wm = self.instance.watermark();
+            let wm = if self.ended {
+                i64::MAX
+            } else {
+                self.instance.watermark()
+            };
             let size = self.params.size_ms;
             let ready: Vec<i64> = self
                 .latest
@@ -1192,8 +1204,7 @@ impl Core {
             emits.extend(t.pw.table.advance(wm, true).into_iter().map(|e| (k, e)));
         }
         // Score what is left, as if the watermark had passed everything.
-        self.instance = Windower::new(self.params);
-        self.instance.observe(0, i64::MAX / 2);
+        self.ended = true;
         self.emit(emits, pq).await?;
         for k in keys {
             let t = self.tasks.get_mut(&k).expect("listed");

@@ -319,6 +319,8 @@ pub struct WindowEmit {
 pub struct WindowTable {
     params: WindowParams,
     top_n: usize,
+    /// Also emit changed windows that are still open (live values).
+    pub live: bool,
     open: BTreeMap<i64, WindowState>,
     finalised_upto: i64,
 }
@@ -328,6 +330,7 @@ impl WindowTable {
         WindowTable {
             params,
             top_n,
+            live: false,
             open: BTreeMap::new(),
             finalised_upto: i64::MIN,
         }
@@ -364,7 +367,8 @@ impl WindowTable {
     }
 
     /// Emissions due at `watermark`: updates for windows that closed or changed
-    /// after closing, finals (and purge) for windows past allowed lateness.
+    /// after closing, finals (and purge) for windows past allowed lateness;
+    /// with `live`, also updates of changed windows still open.
     /// `end_of_input` closes and finalises everything.
     pub fn advance(&mut self, watermark: i64, end_of_input: bool) -> Vec<WindowEmit> {
         let size = self.params.size_ms;
@@ -374,7 +378,22 @@ impl WindowTable {
         for (&ws, w) in self.open.iter_mut() {
             let end = ws + size;
             if !end_of_input && end > watermark {
-                break; // BTreeMap order: every later window is open too
+                if self.live && w.dirty {
+                    // A live (provisional) value of a window still open.
+                    out.push(WindowEmit {
+                        window_start: ws,
+                        services: w
+                            .services
+                            .iter()
+                            .map(|(s, p)| (s.clone(), p.clone()))
+                            .collect(),
+                        top_items: top_n(&w.items, self.top_n),
+                        is_final: false,
+                        first: false,
+                    });
+                    w.dirty = false;
+                }
+                continue;
             }
             let is_final = end_of_input || end + lateness <= watermark;
             if w.dirty || !w.emitted || is_final {

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType, UInt64Type};
+use datafusion::arrow::datatypes::{
+    Float64Type, Int32Type, Int64Type, TimestampMillisecondType, UInt64Type,
+};
 use pulse::source::generator::{GenParams, Generator};
 
 /// Address of a service the test script started; a missing one is a setup error.
@@ -27,10 +29,15 @@ pub fn unique(name: &str) -> String {
 
 /// Generated lines plus hand-made invalid records of every kind.
 pub fn input_lines(events: u64, seed: u64) -> Vec<Vec<u8>> {
+    input_lines_at(events, seed, 100.0)
+}
+
+/// [`input_lines`] at `rate_per_sec` events per second of event time.
+pub fn input_lines_at(events: u64, seed: u64, rate_per_sec: f64) -> Vec<Vec<u8>> {
     let mut g = Generator::new(GenParams {
         events,
         seed,
-        rate_per_sec: 100.0,
+        rate_per_sec,
         invalid_fraction: 0.002,
         late_fraction: 0.003,
         ..GenParams::default()
@@ -129,12 +136,14 @@ pub async fn event_ids(dir: &Path) -> Vec<u64> {
     ids
 }
 
-/// (window_start, service) -> (requests, errors, client_errors, p95) from minute_stats.
-pub type StatRows = BTreeMap<(i64, String), (i64, i64, i64, f64)>;
+/// (window_start, service, partition) -> (requests, errors, client_errors, p95):
+/// per source partition from `minute_stats`, or merged (partition -1).
+pub type StatRows = BTreeMap<(i64, String, i32), (i64, i64, i64, f64)>;
 
+/// The `minute_stats` table; a (window, service, partition) twice is a failure.
 pub async fn minute_stats(dir: &Path) -> StatRows {
     let mut m = StatRows::new();
-    let q = "SELECT window_start, service, requests, errors, client_errors, latency_p95_ms FROM minute_stats";
+    let q = "SELECT window_start, service, requests, errors, client_errors, latency_p95_ms, src_partition FROM minute_stats";
     for b in sql(dir, q).await {
         let ws = b.column(0).as_primitive::<TimestampMillisecondType>();
         let svc = b.column(1).as_string::<i32>();
@@ -142,12 +151,11 @@ pub async fn minute_stats(dir: &Path) -> StatRows {
         let e = b.column(3).as_primitive::<Int64Type>();
         let c = b.column(4).as_primitive::<Int64Type>();
         let p = b.column(5).as_primitive::<Float64Type>();
+        let part = b.column(6).as_primitive::<Int32Type>();
         for i in 0..b.num_rows() {
-            let prev = m.insert(
-                (ws.value(i), svc.value(i).to_string()),
-                (r.value(i), e.value(i), c.value(i), p.value(i)),
-            );
-            assert!(prev.is_none(), "minute_stats holds a window twice");
+            let k = (ws.value(i), svc.value(i).to_string(), part.value(i));
+            let prev = m.insert(k.clone(), (r.value(i), e.value(i), c.value(i), p.value(i)));
+            assert!(prev.is_none(), "minute_stats holds {k:?} twice");
         }
     }
     m
@@ -157,10 +165,11 @@ pub async fn minute_stats(dir: &Path) -> StatRows {
 type Acc = (i64, i64, i64, Vec<f64>);
 
 /// Recomputes minute_stats from the events the pipeline stored (all but
-/// too-late ones), with exact percentiles.
-pub async fn recompute(dir: &Path) -> StatRows {
-    let q = "SELECT ts, service, status, latency_ms FROM events WHERE lateness <> 'too_late'";
-    let mut groups: BTreeMap<(i64, String), Acc> = BTreeMap::new();
+/// too-late ones), with exact percentiles: per source partition
+/// (`by_partition`), all in partition 0 (a file run), or merged (`None`: -1).
+pub async fn recompute(dir: &Path, by_partition: Option<bool>) -> StatRows {
+    let q = "SELECT ts, service, status, latency_ms, src_partition FROM events WHERE lateness <> 'too_late'";
+    let mut groups: BTreeMap<(i64, String, i32), Acc> = BTreeMap::new();
     for b in sql(dir, q).await {
         let ts = b.column(0).as_primitive::<TimestampMillisecondType>();
         let svc = b.column(1).as_string::<i32>();
@@ -168,9 +177,15 @@ pub async fn recompute(dir: &Path) -> StatRows {
             .column(2)
             .as_primitive::<datafusion::arrow::datatypes::UInt16Type>();
         let lat = b.column(3).as_primitive::<Float64Type>();
+        let part = b.column(4).as_primitive::<Int32Type>();
         for i in 0..b.num_rows() {
             let ws = ts.value(i).div_euclid(60_000) * 60_000;
-            let g = groups.entry((ws, svc.value(i).to_string())).or_default();
+            let p = match by_partition {
+                Some(true) => part.value(i),
+                Some(false) => 0,
+                None => -1,
+            };
+            let g = groups.entry((ws, svc.value(i).to_string(), p)).or_default();
             g.0 += 1;
             let s = st.value(i);
             g.1 += i64::from(s >= 500);
@@ -190,6 +205,17 @@ pub async fn recompute(dir: &Path) -> StatRows {
         .collect()
 }
 
+fn assert_row(k: &(i64, String, i32), g: &(i64, i64, i64, f64), w: &(i64, i64, i64, f64)) {
+    assert_eq!((g.0, g.1, g.2), (w.0, w.1, w.2), "counts of {k:?}");
+    let tol = w.3 * 0.05 + 1.0;
+    assert!(
+        (g.3 - w.3).abs() <= tol,
+        "p95 of {k:?}: {} vs exact {}",
+        g.3,
+        w.3
+    );
+}
+
 /// Asserts counts are equal and p95 agrees within HDR precision (+ one rank).
 pub fn assert_stats_match(got: &StatRows, want: &StatRows) {
     assert_eq!(got.len(), want.len(), "number of (window, service) rows");
@@ -197,15 +223,79 @@ pub fn assert_stats_match(got: &StatRows, want: &StatRows) {
         let g = got
             .get(k)
             .unwrap_or_else(|| panic!("minute_stats lacks {k:?}"));
-        assert_eq!((g.0, g.1, g.2), (w.0, w.1, w.2), "counts of {k:?}");
-        let tol = w.3 * 0.05 + 1.0;
-        assert!(
-            (g.3 - w.3).abs() <= tol,
-            "p95 of {k:?}: {} vs exact {}",
-            g.3,
-            w.3
-        );
+        assert_row(k, g, w);
     }
+}
+
+/// Per partition: the hour before which every window is final and written
+/// (the partition's watermark minus allowed lateness, down to the hour).
+pub async fn closed_hours(dir: &Path, cfg: &pulse::config::Config) -> BTreeMap<i32, i64> {
+    let q = "SELECT src_partition, max(ts) FROM events GROUP BY src_partition";
+    let mut out = BTreeMap::new();
+    for b in sql(dir, q).await {
+        let p = b.column(0).as_primitive::<Int32Type>();
+        let t = b.column(1).as_primitive::<TimestampMillisecondType>();
+        for i in 0..b.num_rows() {
+            let wm = t.value(i) - cfg.window.out_of_orderness_ms as i64;
+            let closed = wm - cfg.window.allowed_lateness_ms as i64;
+            out.insert(p.value(i), closed.div_euclid(3_600_000) * 3_600_000);
+        }
+    }
+    out
+}
+
+/// Kafka runs stop without finalising open windows: `got` (per partition)
+/// must equal `want` on every row it has, and have every row of closed hours.
+pub fn assert_closed_stats_match(got: &StatRows, want: &StatRows, closed: &BTreeMap<i32, i64>) {
+    for (k, g) in got {
+        let w = want
+            .get(k)
+            .unwrap_or_else(|| panic!("minute_stats has {k:?}, the events do not"));
+        assert_row(k, g, w);
+    }
+    let mut complete = 0;
+    for k in want.keys() {
+        if k.0 < closed.get(&k.2).copied().unwrap_or(i64::MIN) {
+            assert!(
+                got.contains_key(k),
+                "minute_stats lacks {k:?} of a closed hour"
+            );
+            complete += 1;
+        }
+    }
+    assert!(complete > 0, "no hour was closed: the input is too short");
+}
+
+/// Merged per-minute stats as Redis holds them (the dashboard's view).
+pub async fn redis_stats(url: &str, prefix: &str) -> StatRows {
+    use redis::AsyncCommands;
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let services: BTreeSet<String> = con.smembers(format!("{prefix}:services")).await.unwrap();
+    let mut out = StatRows::new();
+    for svc in services {
+        let minutes: Vec<i64> = con
+            .zrange(format!("{prefix}:minutes:{svc}"), 0, -1)
+            .await
+            .unwrap();
+        for m in minutes {
+            let h: std::collections::HashMap<String, String> = con
+                .hgetall(format!("{prefix}:stats:{svc}:{m}"))
+                .await
+                .unwrap();
+            let n = |f: &str| h[f].parse::<i64>().unwrap();
+            out.insert(
+                (m * 1000, svc.clone(), -1),
+                (
+                    n("requests"),
+                    n("errors"),
+                    n("client_errors"),
+                    h["latency_p95_ms"].parse().unwrap(),
+                ),
+            );
+        }
+    }
+    out
 }
 
 /// Row counts read by pyarrow, an independent Parquet reader.
