@@ -1,0 +1,330 @@
+//! Exactly-once across crashes, rebalances and restarts, against the real
+//! broker (tansu) and redis-server: `pulse run` runs as a child process and
+//! is killed with SIGKILL, stopped with SIGTERM, or joined by a second
+//! instance in its group while events keep arriving. Afterwards `events`
+//! must hold every valid event exactly once, `minute_stats` (Parquet, per
+//! partition) and the merged Redis rows must equal a recomputation from the
+//! events, and no partial file may be visible.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+struct Harness {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    config: PathBuf,
+    cfg: pulse::config::Config,
+    redis: String,
+    prefix: String,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let config = dir.path().join("pulse.toml");
+        // Small batches, frequent checkpoints and files rolled by size keep
+        // every crash in the middle of something.
+        std::fs::write(
+            &config,
+            r#"
+[pipeline]
+batch_size = 2000
+checkpoint_ms = 300
+
+[parquet]
+max_file_rows = 8000
+
+[kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+"#,
+        )
+        .unwrap();
+        let mut cfg = pulse::config::Config::load_with_env(Some(&config), &[]).unwrap();
+        cfg.kafka.brokers = service("PULSE_TEST_BROKERS");
+        cfg.kafka.topic = unique("eo");
+        cfg.kafka.group = unique("eo-g");
+        cfg.parquet.data_dir = data.clone();
+        let redis = service("PULSE_TEST_REDIS");
+        let prefix = unique("eo");
+        cfg.redis.url = redis.clone();
+        cfg.redis.prefix = prefix.clone();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        Harness {
+            dir,
+            data,
+            config,
+            cfg,
+            redis,
+            prefix,
+        }
+    }
+
+    /// Starts `pulse run` on the topic; its log goes to `logs/<name>.log`.
+    fn spawn(&self, name: &str, idle_exit_ms: u64) -> Child {
+        let log = std::fs::File::create(self.log_path(name)).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_pulse"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .args(["--brokers", &self.cfg.kafka.brokers])
+            .args(["--topic", &self.cfg.kafka.topic])
+            .args(["--group", &self.cfg.kafka.group])
+            .args(["--redis", &self.redis])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--idle-exit-ms", &idle_exit_ms.to_string()])
+            .env("PULSE_REDIS__PREFIX", &self.prefix)
+            .env("PULSE_RECO__ENABLED", "false")
+            .env("PULSE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("logs").join(format!("{name}.log"))
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// Waits until some partition checkpoint is newer than `since`: the
+    /// instance has joined, restored and processed data.
+    fn wait_checkpoint_after(&self, since: SystemTime, child: &mut Child) -> Duration {
+        let dir = self
+            .data
+            .join("_pulse/checkpoints")
+            .join(&self.cfg.kafka.topic);
+        let t0 = Instant::now();
+        loop {
+            let newest = std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| e.metadata().ok()?.modified().ok())
+                        .max()
+                })
+                .ok()
+                .flatten();
+            if newest.is_some_and(|m| m > since) {
+                return t0.elapsed();
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("pulse run exited early: {st}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "no checkpoint within 90 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    async fn produce(&self, lines: &[Vec<u8>], first_key: usize) {
+        let records = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (((first_key + i) % 97) as u64, l.clone()))
+            .collect();
+        produce(&self.cfg, 4, records).await;
+    }
+
+    /// The whole guarantee, checked on what the instances left behind.
+    async fn verify(&self, exp: &Expected) {
+        let ids = event_ids(&self.data).await;
+        let unique: BTreeSet<u64> = ids.iter().copied().collect();
+        assert_eq!(ids.len(), unique.len(), "duplicated events");
+        assert_eq!(unique, ids_set(exp), "missing or unknown events");
+        let dead: usize = sql(&self.data, "SELECT src_offset FROM dead_letters")
+            .await
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(dead, exp.invalid, "dead letters exactly once");
+
+        let got = minute_stats(&self.data).await;
+        let want = recompute(&self.data, Some(true)).await;
+        let closed = closed_hours(&self.data, &self.cfg).await;
+        assert_closed_stats_match(&got, &want, &closed);
+        let merged = recompute(&self.data, None).await;
+        assert_stats_match(&redis_stats(&self.redis, &self.prefix).await, &merged);
+
+        // Readers see only complete files: pyarrow reads every visible file,
+        // and no in-progress file is left once the last owner stopped.
+        let (ev, req, dl) = pyarrow_counts(&self.data);
+        assert_eq!((ev as usize, dl as usize), (exp.valid.len(), exp.invalid));
+        assert_eq!(req as i64, got.values().map(|v| v.0).sum::<i64>());
+        let leftovers = walk(&self.data)
+            .into_iter()
+            .filter(|p| p.contains(".inprogress"))
+            .count();
+        assert_eq!(leftovers, 0, "in-progress files left behind");
+    }
+
+    /// Median size of the `events` files, MB.
+    fn median_events_file_mb(&self) -> f64 {
+        let mut sizes: Vec<u64> = walk(&self.data.join("events"))
+            .iter()
+            .filter(|p| p.ends_with(".parquet"))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .collect();
+        sizes.sort_unstable();
+        sizes[sizes.len() / 2] as f64 / 1e6
+    }
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("pulse run did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kill_9_while_consuming() {
+    let h = Harness::new();
+    const N: u64 = 200_000;
+    const KILLS: usize = 10;
+    // ~1.4 h of event time, so hours close and their files are committed.
+    let lines = input_lines_at(N, 21, 40.0);
+    let exp = expected(&lines);
+    let waves: Vec<&[Vec<u8>]> = lines.chunks(lines.len().div_ceil(KILLS)).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut recover = Vec::new();
+    let mut child = h.spawn("run-0", 4000);
+    let mut sent = 0;
+    for (i, wave) in waves.iter().enumerate() {
+        let since = SystemTime::now();
+        h.produce(wave, sent).await;
+        sent += wave.len();
+        recover.push(h.wait_checkpoint_after(since, &mut child));
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..1500)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        child = h.spawn(&format!("run-{}", i + 1), 4000);
+    }
+    let t0 = Instant::now();
+    let st = wait_exit(&mut child, Duration::from_secs(240));
+    assert!(st.success(), "final drain: {st}\n{}", h.log("run-10"));
+    h.verify(&exp).await;
+    recover.sort();
+    eprintln!(
+        "chaos: N={N} kills={KILLS} time to first checkpoint after a restart: median {:?} max {:?}; final drain {:?}; median events file {:.2} MB",
+        recover[recover.len() / 2],
+        recover.last().unwrap(),
+        t0.elapsed(),
+        h.median_events_file_mb()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_two_instances_one_killed() {
+    let h = Harness::new();
+    let lines = input_lines_at(60_000, 22, 12.0);
+    let exp = expected(&lines);
+    let third = lines.len() / 3;
+    let mut a = h.spawn("a", 30_000);
+    h.produce(&lines[..third], 0).await;
+    h.wait_checkpoint_after(SystemTime::UNIX_EPOCH, &mut a);
+    let mut b = h.spawn("b", 15_000);
+    // B joins: the group rebalances and B gets partitions of its own.
+    let t0 = Instant::now();
+    while !h.log("b").contains("partition owned") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "b never got a partition"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(h.log("a").contains("partition released after checkpoint"));
+    h.produce(&lines[third..2 * third], third).await;
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill().unwrap();
+    a.wait().unwrap();
+    h.produce(&lines[2 * third..], 2 * third).await;
+    let st = wait_exit(&mut b, Duration::from_secs(180));
+    assert!(st.success(), "b: {st}\n{}", h.log("b"));
+    // B took over everything A had.
+    let owned_by_b = h.log("b").matches("partition owned").count();
+    assert!(
+        owned_by_b >= 4,
+        "b owned {owned_by_b} partitions:\n{}",
+        h.log("b")
+    );
+    h.verify(&exp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_and_restart_mid_stream() {
+    let h = Harness::new();
+    let lines = input_lines_at(60_000, 23, 12.0);
+    let exp = expected(&lines);
+    let half = lines.len() / 2;
+    let mut c = h.spawn("first", 30_000);
+    h.produce(&lines[..half], 0).await;
+    h.wait_checkpoint_after(SystemTime::UNIX_EPOCH, &mut c);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    sigterm(&c);
+    let st = wait_exit(&mut c, Duration::from_secs(30));
+    let stop = t0.elapsed();
+    assert!(st.success(), "SIGTERM exit: {st}\n{}", h.log("first"));
+    h.produce(&lines[half..], half).await;
+    let since = SystemTime::now();
+    let mut c = h.spawn("second", 4000);
+    let resumed = h.wait_checkpoint_after(since, &mut c);
+    let st = wait_exit(&mut c, Duration::from_secs(120));
+    assert!(st.success(), "{st}\n{}", h.log("second"));
+    // A graceful stop commits its open files: the restart replays nothing.
+    assert!(
+        !h.log("second")
+            .contains("replayed rows already in committed files"),
+        "{}",
+        h.log("second")
+    );
+    h.verify(&exp).await;
+    eprintln!("graceful: stop took {stop:?}, restart processing again after {resumed:?}");
+}
