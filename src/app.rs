@@ -1,15 +1,20 @@
 //! Wires the stages with bounded channels and owns shutdown.
 //!
 //! ```text
-//! source ──RawChunk──▶ decode ──Decoded──▶ core (windows + SQL) ──Emission──▶ store (Redis | memory)
-//! (kafka|files|gen)   (thread)      │                 │
-//!                                   └──events, dead letters, minute_stats, top_items──▶ parquet (thread)
+//! source ──SourceMsg──▶ decode ──CoreMsg──▶ core: per-partition windows + SQL ──▶ store (Redis | memory)
+//! (kafka thread|files|gen)  (thread)          │  merged rows ─▶ detection        partials in, merged rows out
+//!                                              ├──events, dead letters, closed hours' rows──▶ parquet (thread)
+//!                                              └──fresh events──▶ factor trainer (thread) ──▶ Redis
 //! ```
 //! Consumes a [`SourceSpec`]; produces Parquet tables, store updates and a
 //! [`Summary`]. Every record read ends up in `events` or `dead_letters`.
-//! Delivery: files and generator runs are complete or fail; Kafka runs commit
-//! offsets to the group only after the Parquet files covering them are
-//! committed, at shutdown (at-least-once).
+//! Delivery: files and generator runs are complete or fail. Kafka runs are
+//! exactly-once per source partition: the core checkpoints each partition's
+//! window state and pending rows with the offset they cover and the offset to
+//! replay the still-open Parquet files from ([`crate::checkpoint`]); on
+//! assignment it resumes from there, the Parquet writer skips rows already
+//! committed, and the store's writes are version-guarded. Revocation and
+//! shutdown checkpoint first; shutdown never finalises open windows.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;

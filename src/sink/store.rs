@@ -1,22 +1,30 @@
-//! The aggregate store the dashboard reads. Consumes window emissions
-//! (`minute_stats` rows and top items per window, upserts); produces Redis keys
-//! in the layout below, or the same data in process memory for `pulse demo`.
-//! Every write sets absolute values, so re-applying an emission is idempotent.
+//! The aggregate store the dashboard reads. Consumes per-partition partial
+//! aggregates of windows and the rows merged from them, top items, the
+//! watermark and detections; produces Redis keys in the layout below, or the
+//! same data in process memory for `pulse demo`.
 //!
 //! Redis layout (`{p}` = `redis.prefix`, `{m}` = window start in epoch seconds):
 //! - `{p}:services` — set of service names.
 //! - `{p}:minutes:{service}` — sorted set of `{m}` (score `{m}`), the index for range reads.
-//! - `{p}:stats:{service}:{m}` — hash: requests, errors, client_errors, error_rate,
-//!   latency_mean_ms, latency_p50_ms, latency_p95_ms, latency_p99_ms, latency_max_ms,
-//!   unique_users, final (0 while late events may still update it, 1 after).
-//! - `{p}:top:{m}` — sorted set item_id → requests (top N of the window).
-//! - `{p}:watermark` — string, epoch ms of the pipeline's watermark.
+//! - `{p}:parts:{service}:{m}` — hash per source partition `P`: `v:P` version
+//!   (offset), `f:P` final flag, `b:P` the partial ([`crate::window::Partial::to_bytes`]).
+//! - `{p}:stats:{service}:{m}` — hash merged over partitions: requests, errors,
+//!   client_errors, error_rate, latency_mean_ms, latency_p50_ms, latency_p95_ms,
+//!   latency_p99_ms, latency_max_ms, unique_users, final, version (sum of the
+//!   partition versions it was computed from).
+//! - `{p}:top:{m}` — sorted set item_id → requests (union of the partitions' top
+//!   lists, trimmed to N); `{p}:topv:{m}` and `{p}:top:{m}:pP` per partition.
+//! - `{p}:watermark` — string, the highest watermark written, epoch ms.
 //! - `{p}:anomalies` — stream (capped ~10,000): window_start_ms, service, metric, value, score.
 //! - `{p}:alerts` — stream (capped ~10,000): `json`, one entry per incident start or recovery.
 //! - `{p}:status:{service}` — hash: status (ok | anomalous), since_ms, metrics, score.
 //!
-//! Per-minute keys expire after `redis.ttl_secs`; writes are pipelined, one
-//! round trip per emission batch.
+//! Delivery: every write is an absolute value behind a guard (Lua): a
+//! partition's partial only replaces an older version, a merged row only one
+//! computed from an older read, stream entries have deterministic ids. So
+//! replays after a crash and concurrent instances converge to exactly-once
+//! values. Per-minute keys expire after `redis.ttl_secs`; writes are
+//! pipelined, one round trip per step of a batch.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
