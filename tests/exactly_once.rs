@@ -26,7 +26,10 @@ struct Harness {
 }
 
 impl Harness {
-    fn new() -> Self {
+    /// `static_id`: a `group.instance.id` (static membership) for runs that
+    /// replace each other one at a time; a restart then takes over the dead
+    /// member's assignment without waiting out its session.
+    fn new(static_id: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let config = dir.path().join("pulse.toml");
@@ -45,7 +48,11 @@ max_file_rows = 8000
 [kafka.properties]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "1000"
-"#,
+"#
+            .to_string()
+                + &static_id.map_or(String::new(), |id| {
+                    format!("\"group.instance.id\" = \"{id}\"\n")
+                }),
         )
         .unwrap();
         let mut cfg = pulse::config::Config::load_with_env(Some(&config), &[]).unwrap();
@@ -225,7 +232,7 @@ fn sigterm(child: &Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kill_9_while_consuming() {
-    let h = Harness::new();
+    let h = Harness::new(Some(&unique("chaos")));
     const N: u64 = 200_000;
     const KILLS: usize = 10;
     // ~1.4 h of event time, so hours close and their files are committed.
@@ -262,7 +269,7 @@ async fn chaos_kill_9_while_consuming() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_two_instances_one_killed() {
-    let h = Harness::new();
+    let h = Harness::new(None);
     let lines = input_lines_at(60_000, 22, 12.0);
     let exp = expected(&lines);
     let third = lines.len() / 3;
@@ -299,7 +306,7 @@ async fn rebalance_two_instances_one_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_and_restart_mid_stream() {
-    let h = Harness::new();
+    let h = Harness::new(None);
     let lines = input_lines_at(60_000, 23, 12.0);
     let exp = expected(&lines);
     let half = lines.len() / 2;
