@@ -328,6 +328,7 @@ pub async fn run(
     };
 
     // factor training stage (and its Redis publisher)
+    let trained: crate::source::kafka::Progress = Default::default();
     let (trainer_tx, trainer_handle, publisher) = if cfg.reco.enabled {
         let (tx, mut rx) = mpsc::channel::<RecordBatch>(cap);
         let (delta_tx, mut delta_rx) = mpsc::channel::<crate::factors::store::Delta>(2);
@@ -339,13 +340,60 @@ pub async fn run(
         let flush = Duration::from_millis(cfg.reco.flush_ms);
         let seed = cfg.reco.seed;
         let model_cfg = cfg.reco.model_config();
+        // Kafka: the model continues from its snapshot, learning each event once.
+        let snap = kafka.then(|| {
+            let id = cfg
+                .kafka
+                .properties
+                .get("group.instance.id")
+                .map_or("default".to_string(), |s| s.replace(['/', '.'], "_"));
+            (
+                crate::checkpoint::reco_dir(&cfg.parquet.data_dir, &cfg.kafka.topic),
+                format!("model-{id}.cbor"),
+                Duration::from_millis(cfg.reco.snapshot_ms.max(1)),
+            )
+        });
+        let mut t = crate::factors::trainer::Trainer::new(model_cfg.clone(), seed);
+        if let Some((dir, name, _)) = &snap {
+            t.positioned = true;
+            match std::fs::read(dir.join(name)) {
+                Ok(bytes) => {
+                    t = crate::factors::trainer::Trainer::restore(model_cfg, seed, &bytes)
+                        .map_err(|e| PipelineError::Stage(e.to_string()))?;
+                    tracing::info!(events = t.model.events(), offsets = ?t.offsets(), "factor model restored");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(PipelineError::Stage(format!("reading model snapshot: {e}"))),
+            }
+            *trained.lock().unwrap_or_else(|e| e.into_inner()) = t.offsets().clone();
+        }
+        let trained_w = trained.clone();
         let handle = tokio::task::spawn_blocking(move || {
-            let mut t = crate::factors::trainer::Trainer::new(model_cfg, seed);
             let mut last = Instant::now();
+            let mut last_snap = Instant::now();
             let mut busy = Duration::ZERO;
+            let save = |t: &crate::factors::trainer::Trainer| {
+                let Some((dir, name, _)) = &snap else { return };
+                let r = t.snapshot().map_err(|e| e.to_string()).and_then(|b| {
+                    crate::checkpoint::write_atomic(dir, name, &b).map_err(|e| e.to_string())
+                });
+                match r {
+                    // Durable: checkpoints may now stop replaying what it learned.
+                    Ok(()) => {
+                        *trained_w.lock().unwrap_or_else(|e| e.into_inner()) = t.offsets().clone()
+                    }
+                    Err(e) => tracing::warn!(error = %e, "model snapshot failed"),
+                }
+            };
             while let Some(b) = rx.blocking_recv() {
                 let t0 = Instant::now();
                 t.train(&b);
+                if let Some((_, _, every)) = &snap
+                    && last_snap.elapsed() >= *every
+                {
+                    save(&t);
+                    last_snap = Instant::now();
+                }
                 busy += t0.elapsed();
                 if publish && last.elapsed() >= flush {
                     let d = t.flush(chrono::Utc::now().timestamp_millis());
@@ -355,8 +403,15 @@ pub async fn run(
                     last = Instant::now();
                 }
             }
+            save(&t);
             if publish {
                 let _ = delta_tx.blocking_send(t.flush(chrono::Utc::now().timestamp_millis()));
+            }
+            if t.skipped > 0 {
+                tracing::info!(
+                    rows = t.skipped,
+                    "replayed events the model had learned were skipped"
+                );
             }
             (t.model.events(), busy)
         });
@@ -407,6 +462,7 @@ pub async fn run(
     let mut core = Core::new(cfg, secrets, store, kafka);
     core.trainer = trainer_tx;
     core.progress = Some(progress);
+    core.trained = (kafka && cfg.reco.enabled).then_some(trained);
     let core_result: Result<(), PipelineError> = async {
         let mut watching = true;
         loop {
@@ -439,18 +495,26 @@ pub async fn run(
             }
             core.busy += t0.elapsed();
         }
-        let t0 = Instant::now();
-        let r = core.finish(&pq_tx).await;
-        core.busy += t0.elapsed();
-        r
+        Ok(())
     }
     .await;
-    drop(pq_tx);
+    // The trainer ends first: its final snapshot lets the last checkpoints
+    // start after everything it learned.
     core.trainer = None;
     let (trained, train_busy) = match trainer_handle {
         Some(h) => h.await.map_err(|e| PipelineError::Stage(e.to_string()))?,
         None => (0, Duration::ZERO),
     };
+    let core_result = match core_result {
+        Ok(()) => {
+            let t0 = Instant::now();
+            let r = core.finish(&pq_tx).await;
+            core.busy += t0.elapsed();
+            r
+        }
+        Err(e) => Err(e),
+    };
+    drop(pq_tx);
     if let Some(p) = publisher {
         p.await.map_err(|e| PipelineError::Stage(e.to_string()))??;
     }
@@ -584,6 +648,9 @@ struct Core {
     seq: i64,
     /// The input ended (files, generator): every window is complete.
     ended: bool,
+    /// Kafka with training: offsets the model snapshot covers, per partition
+    /// (a checkpoint never replays from later than these).
+    trained: Option<crate::source::kafka::Progress>,
 }
 
 impl Core {
@@ -615,6 +682,7 @@ impl Core {
             scored_upto: i64::MIN,
             seq: 0,
             ended: false,
+            trained: None,
         }
     }
 
@@ -694,26 +762,35 @@ impl Core {
         if t.next_offset == i64::MIN {
             return Ok(()); // nothing consumed yet
         }
-        let replay_from = open_first.map_or(t.next_offset, |f| f.min(t.next_offset));
-        let replay_max_ts = if replay_from >= t.next_offset {
+        let trained_floor = match &self.trained {
+            Some(tr) => tr
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&p)
+                .copied()
+                .unwrap_or(i64::MIN),
+            None => i64::MAX,
+        };
+        // Replay must cover the oldest open file and what the model snapshot lacks.
+        let wanted = open_first
+            .map_or(t.next_offset, |f| f.min(t.next_offset))
+            .min(trained_floor);
+        if wanted >= t.next_offset {
             t.history.clear();
-            t.pw.windower.max_event_time()
         } else {
-            // The latest batch start at or before the oldest open file.
+            // The latest batch start at or before it; if none, the oldest known
+            // point (where this partition was restored or started).
             let i = t
                 .history
                 .iter()
-                .rposition(|(o, _)| *o <= replay_from)
-                .ok_or_else(|| {
-                    PipelineError::Stage(format!("no replay point for partition {p}"))
-                })?;
+                .rposition(|(o, _)| *o <= wanted)
+                .unwrap_or(0);
             t.history.drain(..i);
-            t.history[0].1
+        }
+        let (replay_from, replay_max_ts) = match t.history.front() {
+            Some(&(o, ts)) if o < t.next_offset => (o, ts),
+            _ => (t.next_offset, t.pw.windower.max_event_time()),
         };
-        let replay_from = t
-            .history
-            .front()
-            .map_or(replay_from, |h| h.0.min(replay_from));
         let cp = PartitionCheckpoint {
             topic: String::new(),
             partition: p,
@@ -891,7 +968,9 @@ impl Core {
                 filter_record_batch(&sql_in, &mask)?
             };
             if let Some(t) = &self.trainer {
-                let fresh = BooleanArray::from(fresh);
+                // With Kafka the trainer sees replays too and skips what its
+                // snapshot holds (it may be older than this checkpoint).
+                let fresh = BooleanArray::from(if self.kafka { vec![true; n] } else { fresh });
                 let train = if fresh.true_count() == n {
                     full.clone()
                 } else {

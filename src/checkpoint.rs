@@ -53,6 +53,49 @@ pub struct PartitionCheckpoint {
     pub written_ms: i64,
 }
 
+/// Writes `bytes` to `dir/name` atomically and durably (temporary file,
+/// fsync, rename, directory fsync).
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CheckpointError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(
+        ".{name}.{}.tmp",
+        crate::sink::parquet::instance_id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// A topic name made safe as a directory name.
+fn safe_name(topic: &str) -> String {
+    topic
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Where the factor model snapshots of a topic live.
+pub fn reco_dir(data_dir: &Path, topic: &str) -> PathBuf {
+    data_dir.join("_pulse").join("reco").join(safe_name(topic))
+}
+
 /// Checkpoint files of one topic.
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
@@ -61,18 +104,11 @@ pub struct CheckpointStore {
 
 impl CheckpointStore {
     pub fn new(data_dir: &Path, topic: &str) -> Self {
-        let safe: String = topic
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
         CheckpointStore {
-            dir: data_dir.join("_pulse").join("checkpoints").join(safe),
+            dir: data_dir
+                .join("_pulse")
+                .join("checkpoints")
+                .join(safe_name(topic)),
         }
     }
 
@@ -95,30 +131,16 @@ impl CheckpointStore {
 
     /// Replaces the partition's checkpoint atomically and durably.
     pub fn save(&self, cp: &PartitionCheckpoint) -> Result<(), CheckpointError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CheckpointError::Io { path, source }
-        };
-        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let path = self.path(cp.partition);
-        let tmp = self.dir.join(format!(
-            ".partition-{:05}.{}.tmp",
-            cp.partition,
-            crate::sink::parquet::instance_id()
-        ));
         let body = serde_json::to_vec(cp).map_err(|source| CheckpointError::Corrupt {
             path: path.clone(),
             source,
         })?;
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&body).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        if let Ok(d) = std::fs::File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_atomic(
+            &self.dir,
+            &format!("partition-{:05}.json", cp.partition),
+            &body,
+        )
     }
 }
 

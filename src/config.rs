@@ -60,6 +60,8 @@ pub struct RecoSection {
     pub weight_purchase: f32,
     /// Half-life of the trending model, seconds of event time.
     pub trending_half_life_secs: u64,
+    /// Kafka: how often the model and its offsets are snapshotted, ms.
+    pub snapshot_ms: u64,
 }
 
 impl RecoSection {
@@ -91,6 +93,7 @@ impl Default for RecoSection {
             weight_cart: 3.0,
             weight_purchase: 5.0,
             trending_half_life_secs: 3600,
+            snapshot_ms: 10000,
         }
     }
 }

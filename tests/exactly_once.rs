@@ -23,13 +23,16 @@ struct Harness {
     cfg: pulse::config::Config,
     redis: String,
     prefix: String,
+    static_id: Option<String>,
+    /// Train the factor model too (and check it learned each event once).
+    reco: bool,
 }
 
 impl Harness {
     /// `static_id`: a `group.instance.id` (static membership) for runs that
     /// replace each other one at a time; a restart then takes over the dead
     /// member's assignment without waiting out its session.
-    fn new(static_id: Option<&str>) -> Self {
+    fn new(static_id: Option<&str>, reco: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let config = dir.path().join("pulse.toml");
@@ -72,6 +75,8 @@ max_file_rows = 8000
             cfg,
             redis,
             prefix,
+            static_id: static_id.map(str::to_string),
+            reco,
         }
     }
 
@@ -89,7 +94,8 @@ max_file_rows = 8000
             .arg(&self.data)
             .args(["--idle-exit-ms", &idle_exit_ms.to_string()])
             .env("PULSE_REDIS__PREFIX", &self.prefix)
-            .env("PULSE_RECO__ENABLED", "false")
+            .env("PULSE_RECO__ENABLED", self.reco.to_string())
+            .env("PULSE_RECO__SNAPSHOT_MS", "1500")
             .env("PULSE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -175,6 +181,27 @@ max_file_rows = 8000
             .filter(|p| p.contains(".inprogress"))
             .count();
         assert_eq!(leftovers, 0, "in-progress files left behind");
+
+        if self.reco {
+            // The model's lineage holds every valid event exactly once.
+            let name = format!(
+                "model-{}.cbor",
+                self.static_id.as_deref().unwrap_or("default")
+            );
+            let path = pulse::checkpoint::reco_dir(&self.data, &self.cfg.kafka.topic).join(name);
+            let bytes = std::fs::read(&path).unwrap();
+            let t = pulse::factors::trainer::Trainer::restore(
+                self.cfg.reco.model_config(),
+                self.cfg.reco.seed,
+                &bytes,
+            )
+            .unwrap();
+            assert_eq!(
+                t.model.events() as usize,
+                exp.valid.len(),
+                "events learned by the factor model"
+            );
+        }
     }
 
     /// Median size of the `events` files, MB.
@@ -232,7 +259,7 @@ fn sigterm(child: &Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kill_9_while_consuming() {
-    let h = Harness::new(Some(&unique("chaos")));
+    let h = Harness::new(Some(&unique("chaos")), true);
     const N: u64 = 200_000;
     const KILLS: usize = 10;
     // ~1.4 h of event time, so hours close and their files are committed.
@@ -269,7 +296,7 @@ async fn chaos_kill_9_while_consuming() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_two_instances_one_killed() {
-    let h = Harness::new(None);
+    let h = Harness::new(None, false);
     let lines = input_lines_at(60_000, 22, 12.0);
     let exp = expected(&lines);
     let third = lines.len() / 3;
@@ -306,7 +333,7 @@ async fn rebalance_two_instances_one_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_and_restart_mid_stream() {
-    let h = Harness::new(None);
+    let h = Harness::new(None, true);
     let lines = input_lines_at(60_000, 23, 12.0);
     let exp = expected(&lines);
     let half = lines.len() / 2;

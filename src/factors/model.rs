@@ -39,7 +39,7 @@ pub struct Interaction {
 }
 
 /// How negatives are drawn for the pairwise loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Sampling {
     /// Uniformly over the items seen so far.
     Uniform,
@@ -48,7 +48,7 @@ pub enum Sampling {
 }
 
 /// Hyper-parameters of all three models.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RecoConfig {
     /// Latent dimension of the implicit model.
     pub dim: usize,
@@ -153,6 +153,11 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// A standard normal draw (Box–Muller), deterministic given the generator.
+/// Placeholder generator of a deserialised model, until [`RecoModel::reseed`].
+fn unseeded() -> StdRng {
+    StdRng::seed_from_u64(0)
+}
+
 fn normal(rng: &mut StdRng) -> f32 {
     let u1: f64 = rng.random::<f64>().max(1e-12);
     let u2: f64 = rng.random();
@@ -195,7 +200,7 @@ impl FactorRecord {
 }
 
 /// A growable Fenwick tree of non-negative weights for proportional sampling.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Fenwick {
     /// 1-based: `tree[i - 1]` holds the sum over `(i - lowbit(i), i]`.
     tree: Vec<u64>,
@@ -247,7 +252,7 @@ impl Fenwick {
 }
 
 /// Dense ids for sparse u64 keys, in order of first appearance.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Index {
     map: HashMap<u64, u32>,
     ids: Vec<u64>,
@@ -271,7 +276,7 @@ impl Index {
 }
 
 /// Fixed-capacity ring of a user's recent (item index, weight) pairs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Ring {
     items: Vec<(u32, f32)>,
     next: usize,
@@ -353,9 +358,10 @@ pub(crate) fn top_k(
 /// Implicit-feedback model: BPR (Rendle et al. 2009) trained online, one
 /// positive at a time against sampled negatives from the items seen so far.
 /// Score of (u, i) = `b_i + β·ln(1 + n_i) + p_u · q_i` (β = `pop_prior`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Bpr {
     cfg: RecoConfig,
+    #[serde(skip, default = "unseeded")]
     rng: StdRng,
     users: Index,
     items: Index,
@@ -367,6 +373,7 @@ pub struct Bpr {
     item_n: Vec<u32>,
     counts: Fenwick,
     recent: Vec<Ring>,
+    #[serde(skip)]
     scratch: Vec<f32>,
 }
 
@@ -626,9 +633,10 @@ impl Bpr {
 
 /// Explicit-rating model: `r̂ = μ + b_u + b_i + p_u · q_i`, SGD on squared
 /// error (Koren 2009), μ the running mean of ratings seen.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BiasedMf {
     cfg: RecoConfig,
+    #[serde(skip, default = "unseeded")]
     rng: StdRng,
     sum: f64,
     n: u64,
@@ -725,7 +733,7 @@ impl BiasedMf {
 /// Time-decayed popularity: each item's score is `Σ w · 2^(-(now - ts)/h)`.
 /// Stored as `Σ w · 2^((ts - t_ref)/h)`, rescaled when the exponent grows, so
 /// an update is O(1) and out-of-order events are exact.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Trending {
     half_life_ms: f64,
     t_ref: i64,
@@ -801,7 +809,7 @@ pub struct Recommendation {
 }
 
 /// The three models behind one `observe`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RecoModel {
     pub cfg: RecoConfig,
     pub implicit: Bpr,
@@ -824,6 +832,14 @@ impl RecoModel {
     /// Events learned so far.
     pub fn events(&self) -> u64 {
         self.events
+    }
+
+    /// Seeds the random generators of a restored model from `seed` and the
+    /// number of events learned, so a restored run is deterministic too.
+    pub fn reseed(&mut self, seed: u64) {
+        let s = seed ^ self.events.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.implicit.rng = StdRng::seed_from_u64(s);
+        self.explicit.rng = StdRng::seed_from_u64(s ^ 0x9E37_79B9_7F4A_7C15);
     }
 
     /// Learns from one event: every kind feeds the implicit and trending

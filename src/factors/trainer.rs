@@ -4,12 +4,21 @@
 //! the item records whose bytes changed since the last flush, appended
 //! history, the trending list — at most every `flush_ms` and at the end.
 //! Pure apart from the clock that paces flushes.
+//!
+//! Exactly once for the model: with positions (Kafka), the trainer keeps per
+//! source partition the next offset it learned from and skips anything below
+//! it, and [`Trainer::snapshot`] captures model and offsets together; a run
+//! restored from a snapshot is fed again from at most those offsets (the
+//! pipeline's checkpoints never replay from later), so each event is in the
+//! model's lineage once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{Float32Type, TimestampMillisecondType, UInt64Type};
+use datafusion::arrow::datatypes::{
+    Float32Type, Int32Type, Int64Type, TimestampMillisecondType, UInt64Type,
+};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::factors::store::Delta;
@@ -26,6 +35,30 @@ pub struct Trainer {
     /// Every item named by an event: the model samples negatives among them.
     items: Vec<u64>,
     seen_items: HashSet<u64>,
+    /// Next offset to learn from, per source partition (positioned input).
+    offsets: BTreeMap<i32, i64>,
+    /// Whether batches carry Kafka positions to deduplicate on.
+    pub positioned: bool,
+    /// Rows skipped because the model already learned them.
+    pub skipped: u64,
+}
+
+/// The durable state of a trainer.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    model: RecoModel,
+    offsets: BTreeMap<i32, i64>,
+    items: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("model snapshot encoding: {0}")]
+    Encode(String),
+    #[error("model snapshot is corrupt: {0}")]
+    Decode(String),
+    #[error("model snapshot has dimension {got}, the configuration {want}")]
+    Dimension { got: usize, want: usize },
 }
 
 fn fingerprint(b: &[u8]) -> u64 {
@@ -43,7 +76,47 @@ impl Trainer {
             published: HashMap::new(),
             items: Vec::new(),
             seen_items: HashSet::new(),
+            offsets: BTreeMap::new(),
+            positioned: false,
+            skipped: 0,
         }
+    }
+
+    /// Next offset to learn from, per source partition.
+    pub fn offsets(&self) -> &BTreeMap<i32, i64> {
+        &self.offsets
+    }
+
+    /// The model and its offsets, as bytes (CBOR).
+    pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        let s = Snapshot {
+            model: self.model.clone(),
+            offsets: self.offsets.clone(),
+            items: self.items.clone(),
+        };
+        let mut out = Vec::new();
+        ciborium::into_writer(&s, &mut out).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// A trainer continuing from a snapshot; the configuration must keep the model's shape.
+    pub fn restore(cfg: RecoConfig, seed: u64, bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let s: Snapshot =
+            ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        if s.model.cfg.dim != cfg.dim {
+            return Err(SnapshotError::Dimension {
+                got: s.model.cfg.dim,
+                want: cfg.dim,
+            });
+        }
+        let mut t = Trainer::new(cfg, seed);
+        t.model = s.model;
+        t.model.reseed(seed);
+        t.seen_items = s.items.iter().copied().collect();
+        t.items = s.items;
+        t.offsets = s.offsets;
+        t.positioned = true;
+        Ok(t)
     }
 
     /// Trains on every event of the batch with a user, an item and a known type.
@@ -62,8 +135,29 @@ impl Trainer {
         ) else {
             return 0;
         };
+        let pos = if self.positioned {
+            match (
+                b.column_by_name("src_partition")
+                    .and_then(|c| c.as_primitive_opt::<Int32Type>()),
+                b.column_by_name("src_offset")
+                    .and_then(|c| c.as_primitive_opt::<Int64Type>()),
+            ) {
+                (Some(p), Some(o)) => Some((p, o)),
+                _ => return 0,
+            }
+        } else {
+            None
+        };
         let mut n = 0;
         for i in 0..b.num_rows() {
+            if let Some((p, o)) = pos {
+                let next = self.offsets.entry(p.value(i)).or_insert(i64::MIN);
+                if o.value(i) < *next {
+                    self.skipped += 1;
+                    continue;
+                }
+                *next = o.value(i) + 1;
+            }
             if user.is_null(i) || item.is_null(i) || kind.is_null(i) {
                 continue;
             }
@@ -118,5 +212,73 @@ impl Trainer {
         d.history = std::mem::take(&mut self.history);
         d.trending = self.model.trending(TRENDING_TOP);
         d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Position, RawChunk};
+    use crate::source::generator::{GenParams, Generator};
+
+    /// Decoded events of `n` generated records at offsets `first..` of partition 2.
+    fn batch(n: u64, first: i64) -> RecordBatch {
+        let mut g = Generator::new(GenParams {
+            events: n + first as u64,
+            seed: 3,
+            ..GenParams::default()
+        });
+        let mut chunk = RawChunk::new("t".into());
+        let mut line = Vec::new();
+        for off in 0..(n as i64 + first) {
+            line.clear();
+            g.next_into(&mut line).unwrap();
+            if off >= first {
+                chunk.push(
+                    &line,
+                    Position {
+                        partition: 2,
+                        offset: off,
+                    },
+                );
+            }
+        }
+        let mut d = crate::decode::Decoder::new(crate::config::ValidationConfig::default());
+        d.decode(&chunk, 0).events
+    }
+
+    #[test]
+    fn restored_trainer_skips_what_it_learned_and_keeps_learning() {
+        let cfg = crate::config::RecoSection::default().model_config();
+        let mut t = Trainer::new(cfg.clone(), 1);
+        t.positioned = true;
+        let first = t.train(&batch(500, 0));
+        assert!(first > 400);
+        let snap = t.snapshot().unwrap();
+        let mut r = Trainer::restore(cfg.clone(), 1, &snap).unwrap();
+        assert_eq!(r.model.events(), t.model.events());
+        assert_eq!(r.offsets(), t.offsets());
+        // a replay of offsets 0..800 after the crash: the first 500 are skipped
+        let more = r.train(&batch(800, 0));
+        assert_eq!(r.skipped as usize, batch(500, 0).num_rows());
+        assert_eq!(r.model.events(), t.model.events() + more as u64);
+        assert_eq!(r.offsets()[&2], 800);
+        // the restored model's vectors are the snapshot's
+        let u = (0..100_000u64)
+            .find(|u| t.model.implicit.user_record(*u).is_some())
+            .unwrap();
+        let t2 = Trainer::restore(cfg.clone(), 1, &snap).unwrap();
+        assert_eq!(
+            t2.model.implicit.user_record(u),
+            t.model.implicit.user_record(u)
+        );
+        // a model of another shape is refused, garbage too
+        let mut other = cfg;
+        other.dim += 1;
+        assert!(matches!(
+            Trainer::restore(other.clone(), 1, &snap),
+            Err(SnapshotError::Dimension { .. })
+        ));
+        assert!(Trainer::restore(other, 1, b"nonsense").is_err());
     }
 }
