@@ -94,6 +94,11 @@ pub struct Summary {
     /// Busy time of each stage (they run concurrently).
     pub stage_seconds: Vec<(String, f64)>,
     pub watermark_ms: Option<i64>,
+    /// When the first batch reached the core, and when the last one was done.
+    pub first_batch_at: Option<Instant>,
+    pub last_batch_done_at: Option<Instant>,
+    /// Event freshness: event time to its batch's store write, ms (HDR).
+    pub freshness: Option<crate::sketch::LatencyHist>,
 }
 
 enum ParquetMsg {
@@ -826,6 +831,8 @@ impl Core {
         pq: &mpsc::Sender<ParquetMsg>,
     ) -> Result<(), PipelineError> {
         let t0 = Instant::now();
+        self.summary.first_batch_at.get_or_insert(t0);
+        let mut fresh_ts: Vec<i64> = Vec::new();
         let now = chrono::Utc::now().timestamp_millis();
         self.instance.tick(now);
         let part_col = |b: &RecordBatch| -> Result<(Vec<i32>, Vec<i64>), PipelineError> {
@@ -924,6 +931,9 @@ impl Core {
                         task.pw.windower.observe(k, t)
                     }
                 };
+                if !replayed {
+                    fresh_ts.push(t);
+                }
                 ws.push(w);
                 keys.push(k);
                 counted.push(!replayed && class != Lateness::TooLate);
@@ -1028,6 +1038,19 @@ impl Core {
             emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
         }
         self.emit(emits, pq).await?;
+        // Freshness: from event time to the store showing the event.
+        let done = chrono::Utc::now().timestamp_millis();
+        let h = self
+            .summary
+            .freshness
+            .get_or_insert_with(crate::sketch::new_hist);
+        let mut worst = 0i64;
+        for t in fresh_ts {
+            let age = done.saturating_sub(t).max(0);
+            worst = worst.max(age);
+            crate::sketch::record_ms(h, age as f64);
+        }
+        metrics::histogram!("pulse_event_freshness_seconds").record(worst as f64 / 1000.0);
         self.close_hours(&span.keys().copied().collect::<Vec<_>>(), pq)
             .await?;
         let wm = self.instance.watermark();
@@ -1044,6 +1067,7 @@ impl Core {
             self.last_checkpoint = Instant::now();
         }
         metrics::histogram!("pulse_batch_seconds").record(t0.elapsed().as_secs_f64());
+        self.summary.last_batch_done_at = Some(Instant::now());
         Ok(())
     }
 

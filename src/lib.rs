@@ -20,6 +20,7 @@
 //! - [`checkpoint`]: per-partition checkpoints (window state, pending rows, positions).
 //! - [`app`]: wires the stages with bounded channels and owns shutdown.
 //! - [`query`]: DataFusion SQL over the Parquet tables.
+//! - [`bench`]: the Kafka-path benchmarks of `pulse bench --kafka`.
 //!
 //! Delivery: every record read lands in `events` or `dead_letters`; file runs
 //! are complete or fail; Kafka runs are exactly-once per source partition
@@ -28,6 +29,7 @@
 
 pub mod alert;
 pub mod app;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;

@@ -106,6 +106,17 @@ enum Cmd {
         /// Keep the generated input and output here (default: a temp dir, removed).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Benchmark the Kafka path on these brokers instead: a raw consumer vs
+        /// the pipeline on the same topic, then event-to-store freshness.
+        #[arg(long)]
+        kafka: Option<String>,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Freshness phase: events per second, and for how long (0 = skip).
+        #[arg(long, default_value_t = 5000.0)]
+        fresh_rate: f64,
+        #[arg(long, default_value_t = 30)]
+        fresh_secs: u64,
     },
     /// Prequential evaluation of the recommendation model (the pipeline's update code).
     RecoEval {
@@ -271,7 +282,23 @@ async fn main() -> Result<()> {
             .await?;
             Ok(())
         }
-        Cmd::Bench { events, redis, dir } => bench(events, redis, dir).await,
+        Cmd::Bench {
+            events,
+            redis,
+            dir,
+            kafka: Some(brokers),
+            partitions,
+            fresh_rate,
+            fresh_secs,
+        } => {
+            bench_kafka(
+                events, redis, dir, brokers, partitions, fresh_rate, fresh_secs,
+            )
+            .await
+        }
+        Cmd::Bench {
+            events, redis, dir, ..
+        } => bench(events, redis, dir).await,
         Cmd::RecoEval {
             ratings,
             format,
@@ -670,6 +697,73 @@ async fn bench(events: u64, redis: Option<String>, dir: Option<PathBuf>) -> Resu
         "  invalid {}, late {}, minute rows {}, anomalies {}",
         s.invalid, s.late, s.minute_rows_final, s.anomalies
     );
+    Ok(())
+}
+
+async fn bench_kafka(
+    events: u64,
+    redis: Option<String>,
+    dir: Option<PathBuf>,
+    brokers: String,
+    partitions: i32,
+    fresh_rate: f64,
+    fresh_secs: u64,
+) -> Result<()> {
+    let tmp = tempfile_dir(dir)?;
+    let mut cfg = Config::load(None)?;
+    cfg.parquet.data_dir = tmp.join("data");
+    cfg.kafka.brokers = brokers;
+    let store = || async {
+        Ok::<Store, anyhow::Error>(match &redis {
+            Some(r) => Store::Redis(
+                RedisStore::connect(r, None, &format!("bench{}", std::process::id()), 600).await?,
+            ),
+            None => Store::Memory(MemoryStore::default()),
+        })
+    };
+    let r = pulse::bench::kafka_throughput(&cfg, store().await?, events, partitions).await?;
+    println!(
+        "kafka path, {} records, {partitions} partitions (group joins excluded):",
+        r.events
+    );
+    println!(
+        "  raw rdkafka consumer (count only): {:.2}s = {:.0} records/s",
+        r.raw_secs,
+        r.raw_rate()
+    );
+    println!(
+        "  pulse pipeline:                    {:.2}s = {:.0} records/s  ({:.0}% of raw)",
+        r.pulse_secs,
+        r.pulse_rate(),
+        100.0 * r.pulse_rate() / r.raw_rate()
+    );
+    for (stage, busy) in &r.summary.stage_seconds {
+        println!("    stage {stage:<26} busy {busy:6.2}s");
+    }
+    if fresh_secs > 0 {
+        let s = pulse::bench::freshness(&cfg, store().await?, fresh_rate, fresh_secs).await?;
+        let q = |x: f64| {
+            s.freshness
+                .as_ref()
+                .and_then(|h| pulse::sketch::quantile_ms(h, x))
+                .unwrap_or(f64::NAN)
+        };
+        println!(
+            "freshness ({fresh_rate:.0} events/s for {fresh_secs}s, event time to {} write): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} events",
+            if redis.is_some() { "Redis" } else { "store" },
+            q(0.5),
+            q(0.99),
+            q(1.0),
+            s.events
+        );
+        println!(
+            "  bound for the target: window.out_of_orderness_ms + 200 = {} ms",
+            cfg.window.out_of_orderness_ms + 200
+        );
+    }
+    if let Some(rss) = peak_rss_bytes() {
+        println!("peak RSS: {:.0} MB", rss as f64 / 1e6);
+    }
     Ok(())
 }
 

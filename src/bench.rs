@@ -1,0 +1,231 @@
+//! Benchmarks of the Kafka path (`pulse bench --kafka`), run by hand against a
+//! real broker, never by the test suite. Consumes a broker address and a
+//! configuration; produces a report:
+//! - throughput: N generated events are produced to a fresh topic first (not
+//!   timed); then a raw rdkafka consumer that only counts messages and the
+//!   whole pulse pipeline drain the same topic, each in its own group, timed
+//!   from the first message to the last one processed (group joins excluded);
+//! - freshness: events stamped with the wall clock are produced at a steady
+//!   rate while the pipeline runs; freshness is the time from an event's
+//!   timestamp until the store write of its batch completed.
+//!
+//! Delivery: the bench topics and groups are throw-away; the pipeline writes
+//! to a temporary data directory.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+
+use crate::app::{PipelineError, SourceSpec, Summary};
+use crate::config::{Config, Secrets};
+use crate::sink::store::Store;
+use crate::source::generator::{GenParams, Generator};
+use crate::source::kafka::{EventProducer, KafkaError, create_topic};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("kafka: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("bench: {0}")]
+    Other(String),
+}
+
+/// Throughput of the Kafka path.
+#[derive(Debug, Clone)]
+pub struct KafkaReport {
+    pub events: u64,
+    pub raw_secs: f64,
+    pub pulse_secs: f64,
+    pub summary: Summary,
+}
+
+impl KafkaReport {
+    pub fn raw_rate(&self) -> f64 {
+        self.events as f64 / self.raw_secs
+    }
+    pub fn pulse_rate(&self) -> f64 {
+        self.events as f64 / self.pulse_secs
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis()
+    )
+}
+
+/// Produces `lines` to `topic`, keys spread over partitions.
+fn produce(cfg: &Config, topic: &str, lines: &[Vec<u8>]) -> Result<(), BenchError> {
+    let p = EventProducer::new(&cfg.kafka, &Secrets::default(), topic)?;
+    for (i, l) in lines.iter().enumerate() {
+        p.send(&(i as u64 % 97).to_le_bytes(), l)?;
+    }
+    p.finish()?;
+    Ok(())
+}
+
+fn generate(p: GenParams) -> Vec<Vec<u8>> {
+    let mut g = Generator::new(p);
+    let mut out = Vec::new();
+    loop {
+        let mut l = Vec::with_capacity(256);
+        if g.next_into(&mut l).is_none() {
+            return out;
+        }
+        out.push(l);
+    }
+}
+
+/// Counts `n` messages of `topic` with a plain consumer in a new group.
+fn raw_consume(cfg: &Config, topic: &str, n: u64) -> Result<f64, BenchError> {
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", unique("pulse-bench-raw"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()?;
+    c.subscribe(&[topic])?;
+    let mut seen = 0u64;
+    let mut first: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while seen < n {
+        if Instant::now() > deadline {
+            return Err(BenchError::Other(format!("raw consumer saw {seen} of {n}")));
+        }
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let m = m?;
+            first.get_or_insert_with(Instant::now);
+            // Touch the payload like a real consumer would.
+            std::hint::black_box(m.payload().map(|p| p.len()));
+            seen += 1;
+        }
+    }
+    Ok(first.map_or(0.0, |t| t.elapsed().as_secs_f64()))
+}
+
+/// Raw consumer vs the pipeline on the same `events` events, same broker.
+pub async fn kafka_throughput(
+    cfg: &Config,
+    store: Store,
+    events: u64,
+    partitions: i32,
+) -> Result<KafkaReport, BenchError> {
+    let topic = unique("pulse-bench");
+    create_topic(&cfg.kafka, &Secrets::default(), &topic, partitions).await?;
+    let lines = generate(GenParams {
+        events,
+        seed: 7,
+        ..GenParams::default()
+    });
+    let n = lines.len() as u64;
+    let t = Instant::now();
+    {
+        let cfg = cfg.clone();
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || produce(&cfg, &topic, &lines))
+            .await
+            .map_err(|e| BenchError::Other(e.to_string()))??;
+    }
+    eprintln!(
+        "produced {n} records to {topic} ({partitions} partitions) in {:.1}s (not timed)",
+        t.elapsed().as_secs_f64()
+    );
+    let raw_secs = {
+        let cfg = cfg.clone();
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || raw_consume(&cfg, &topic, n))
+            .await
+            .map_err(|e| BenchError::Other(e.to_string()))??
+    };
+    let mut pcfg = cfg.clone();
+    pcfg.kafka.topic = topic;
+    pcfg.kafka.group = unique("pulse-bench");
+    pcfg.pipeline.idle_exit_ms = 1500;
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let s = crate::app::run(&pcfg, &Secrets::default(), SourceSpec::Kafka, store, rx).await?;
+    if s.records != n {
+        return Err(BenchError::Other(format!(
+            "pipeline processed {} of {n} records",
+            s.records
+        )));
+    }
+    let pulse_secs = match (s.first_batch_at, s.last_batch_done_at) {
+        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
+        _ => return Err(BenchError::Other("no batch processed".into())),
+    };
+    Ok(KafkaReport {
+        events: n,
+        raw_secs,
+        pulse_secs,
+        summary: s,
+    })
+}
+
+/// Runs the pipeline while events stamped with the wall clock arrive at
+/// `rate` per second for `secs`; the summary's freshness histogram has the answer.
+pub async fn freshness(
+    cfg: &Config,
+    store: Store,
+    rate: f64,
+    secs: u64,
+) -> Result<Summary, BenchError> {
+    let topic = unique("pulse-fresh");
+    create_topic(&cfg.kafka, &Secrets::default(), &topic, 4).await?;
+    let mut pcfg = cfg.clone();
+    pcfg.kafka.topic = topic.clone();
+    pcfg.kafka.group = unique("pulse-fresh");
+    pcfg.pipeline.idle_exit_ms = 3000;
+    let run = {
+        let pcfg = pcfg.clone();
+        tokio::spawn(async move {
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            crate::app::run(&pcfg, &Secrets::default(), SourceSpec::Kafka, store, rx).await
+        })
+    };
+    // Let the consumer join its group first: freshness is about steady state.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let kcfg = cfg.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), BenchError> {
+        let p = EventProducer::new(&kcfg.kafka, &Secrets::default(), &topic)?;
+        let start = chrono::Utc::now().timestamp_millis();
+        let mut g = Generator::new(GenParams {
+            events: (rate * secs as f64) as u64,
+            seed: 11,
+            rate_per_sec: rate,
+            start_ms: start,
+            late_fraction: 0.0,
+            invalid_fraction: 0.0,
+            ..GenParams::default()
+        });
+        let t0 = Instant::now();
+        let mut l = Vec::with_capacity(256);
+        let mut i = 0u64;
+        loop {
+            l.clear();
+            if g.next_into(&mut l).is_none() {
+                break;
+            }
+            // Pace: event i is due at i / rate seconds.
+            let due = Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            p.send(&(i % 97).to_le_bytes(), &l)?;
+            i += 1;
+        }
+        p.finish()?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| BenchError::Other(e.to_string()))??;
+    let s = run.await.map_err(|e| BenchError::Other(e.to_string()))??;
+    Ok(s)
+}
