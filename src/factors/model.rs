@@ -371,6 +371,9 @@ pub struct Bpr {
     /// `pop_prior * ln(1 + count_i)` plus `item_b`: the item's score offset.
     item_off: Vec<f32>,
     item_n: Vec<u32>,
+    /// `pop_prior * ln(1 + item_n)`, recomputed only when `item_n` changes.
+    #[serde(default)]
+    prior: Vec<f32>,
     counts: Fenwick,
     recent: Vec<Ring>,
     #[serde(skip)]
@@ -389,6 +392,7 @@ impl Bpr {
             item_b: Vec::new(),
             item_off: Vec::new(),
             item_n: Vec::new(),
+            prior: Vec::new(),
             counts: Fenwick::default(),
             recent: Vec::new(),
             scratch: Vec::new(),
@@ -439,6 +443,7 @@ impl Bpr {
             self.item_b.push(0.0);
             self.item_off.push(0.0);
             self.item_n.push(0);
+            self.prior.push(0.0);
             self.counts.push(0);
         }
         i
@@ -469,12 +474,19 @@ impl Bpr {
     }
 
     fn refresh_offset(&mut self, i: usize) {
-        let prior = self.cfg.pop_prior * (self.item_n[i] as f32).ln_1p();
-        self.item_off[i] = self.item_b[i] + prior;
+        if self.prior.len() != self.item_n.len() {
+            // A snapshot from before the cache existed.
+            self.prior = self
+                .item_n
+                .iter()
+                .map(|&n| self.cfg.pop_prior * (n as f32).ln_1p())
+                .collect();
+        }
+        self.item_off[i] = self.item_b[i] + self.prior[i];
     }
 
-    /// One BPR SGD step on (u, pos ≻ neg) with step `lr`; returns the loss
-    /// `-ln σ(x_uij)` before the step.
+    /// One BPR SGD step on (u, pos ≻ neg) with step `lr`; returns the margin
+    /// `x_uij` before the step.
     fn step(&mut self, u: usize, i: usize, j: usize, lr: f32) -> f32 {
         let d = self.cfg.dim;
         let (reg, breg) = (self.cfg.reg, self.cfg.bias_reg);
@@ -502,29 +514,44 @@ impl Bpr {
         self.item_b[j] += lr * (-g - breg * self.item_b[j]);
         self.refresh_offset(i);
         self.refresh_offset(j);
-        // -ln σ(x), numerically stable.
-        if x > 0.0 {
-            (-x).exp().ln_1p()
-        } else {
-            -x + x.exp().ln_1p()
-        }
+        x
     }
 
     /// Learns from one event with implicit weight `w`; returns the mean
     /// pairwise loss of the steps taken (before each step), or `None` when no
     /// negative could be drawn.
     pub fn observe(&mut self, user: u64, item: u64, w: f32) -> Option<f32> {
+        self.learn_inner(user, item, w, true)
+    }
+
+    /// [`Bpr::observe`] without computing the loss (the pipeline's path).
+    pub fn learn(&mut self, user: u64, item: u64, w: f32) {
+        self.learn_inner(user, item, w, false);
+    }
+
+    fn learn_inner(&mut self, user: u64, item: u64, w: f32, want_loss: bool) -> Option<f32> {
         let u = self.user_index(user);
         let i = self.item_index(item);
         self.counts.add(i, 1);
         self.item_n[i] += 1;
+        if self.prior.len() == self.item_n.len() {
+            self.prior[i] = self.cfg.pop_prior * (self.item_n[i] as f32).ln_1p();
+        }
         self.refresh_offset(i);
         let lr = self.cfg.lr * w.clamp(0.0, self.cfg.max_step_weight);
         let mut loss = 0.0;
         let mut steps = 0;
         for _ in 0..self.cfg.negatives {
             if let Some(j) = self.sample_negative(u, i) {
-                loss += self.step(u, i, j, lr);
+                let x = self.step(u, i, j, lr);
+                if want_loss {
+                    // -ln σ(x), numerically stable.
+                    loss += if x > 0.0 {
+                        (-x).exp().ln_1p()
+                    } else {
+                        -x + x.exp().ln_1p()
+                    };
+                }
                 steps += 1;
             }
         }
@@ -847,7 +874,7 @@ impl RecoModel {
     pub fn observe(&mut self, ev: &Interaction) {
         let w = self.cfg.weight(ev.kind);
         self.trending.observe(ev.ts_ms, ev.item, w);
-        self.implicit.observe(ev.user, ev.item, w);
+        self.implicit.learn(ev.user, ev.item, w);
         if let Kind::Rating(r) = ev.kind
             && r.is_finite()
         {
