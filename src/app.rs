@@ -372,6 +372,7 @@ pub async fn run(
             }
             *trained.lock().unwrap_or_else(|e| e.into_inner()) = t.offsets().clone();
         }
+        t.collect = publish;
         let trained_w = trained.clone();
         let handle = tokio::task::spawn_blocking(move || {
             let mut last = Instant::now();

@@ -41,6 +41,9 @@ pub struct Trainer {
     pub positioned: bool,
     /// Rows skipped because the model already learned them.
     pub skipped: u64,
+    /// Whether deltas are collected for [`Trainer::flush`] (off when nothing
+    /// publishes them, so memory stays flat).
+    pub collect: bool,
 }
 
 /// The durable state of a trainer.
@@ -79,6 +82,7 @@ impl Trainer {
             offsets: BTreeMap::new(),
             positioned: false,
             skipped: 0,
+            collect: true,
         }
     }
 
@@ -175,11 +179,13 @@ impl Trainer {
                 kind: k,
             };
             self.model.observe(&ev);
-            self.users.insert(ev.user);
             if self.seen_items.insert(ev.item) {
                 self.items.push(ev.item);
             }
-            self.history.push((ev.user, ev.item));
+            if self.collect {
+                self.users.insert(ev.user);
+                self.history.push((ev.user, ev.item));
+            }
             n += 1;
         }
         n

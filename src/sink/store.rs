@@ -420,13 +420,18 @@ impl Store {
                     if e.get(&u.partition).is_none_or(|c| c.0 < u.version) {
                         e.insert(u.partition, (u.version, u.is_final, u.partial.clone()));
                     }
+                    let all_final = e.values().all(|v| v.1);
                     out.push(MergeInput {
                         window_start_ms: u.window_start_ms,
                         service: u.service.clone(),
-                        all_final: e.values().all(|v| v.1),
+                        all_final,
                         version_sum: e.values().map(|v| v.0).sum(),
                         parts: e.iter().map(|(p, v)| (*p, v.2.clone())).collect(),
                     });
+                    if all_final {
+                        // No partition changes a final window again: keep memory flat.
+                        g.parts.remove(&(u.service.clone(), u.window_start_ms));
+                    }
                 }
                 Ok(out)
             }
