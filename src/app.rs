@@ -591,9 +591,7 @@ struct Task {
 
 impl Task {
     fn fresh(params: WindowParams, top_n: usize, key: i32) -> Self {
-        let mut pw = PartitionWindows::new(params, top_n, key);
-        // The store shows windows as they fill, not only once closed.
-        pw.table.live = true;
+        let pw = PartitionWindows::new(params, top_n, key);
         Task {
             pw,
             next_offset: i64::MIN,
@@ -611,8 +609,6 @@ impl Task {
         cp: &PartitionCheckpoint,
     ) -> Option<Self> {
         let pw = PartitionWindows::restore(params, top_n, key, &cp.windows)?;
-        let mut pw = pw;
-        pw.table.live = true;
         let replay = (cp.replay_from < cp.next_offset)
             .then(|| Windower::restored(params, key, cp.replay_max_ts));
         Some(Task {
@@ -654,6 +650,8 @@ struct Core {
     seq: i64,
     /// The input ended (files, generator): every window is complete.
     ended: bool,
+    live_every: Option<Duration>,
+    last_live: Instant,
     /// Kafka with training: offsets the model snapshot covers, per partition
     /// (a checkpoint never replays from later than these).
     trained: Option<crate::source::kafka::Progress>,
@@ -688,6 +686,9 @@ impl Core {
             scored_upto: i64::MIN,
             seq: 0,
             ended: false,
+            live_every: (cfg.window.live_emit_ms > 0)
+                .then(|| Duration::from_millis(cfg.window.live_emit_ms)),
+            last_live: Instant::now(),
             trained: None,
         }
     }
@@ -1033,8 +1034,18 @@ impl Core {
         }
         let touched: Vec<i32> = span.keys().copied().collect();
         let mut emits = Vec::new();
-        for k in touched {
-            let t = self.tasks.get_mut(&k).expect("touched tasks are owned");
+        // Live values of open windows at most every `live_emit_ms`.
+        let live = self
+            .live_every
+            .is_some_and(|d| self.last_live.elapsed() >= d);
+        if live {
+            self.last_live = Instant::now();
+        }
+        for (&k, t) in self.tasks.iter_mut() {
+            if !live && !touched.contains(&k) {
+                continue;
+            }
+            t.pw.table.live = live;
             let wm = t.pw.windower.watermark();
             emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
         }
@@ -1297,6 +1308,14 @@ impl Core {
     async fn finish(&mut self, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
         let keys: Vec<i32> = self.tasks.keys().copied().collect();
         if self.kafka {
+            // The store gets the latest values of the windows still open.
+            let mut emits = Vec::new();
+            for (&k, t) in self.tasks.iter_mut() {
+                t.pw.table.live = true;
+                let wm = t.pw.windower.watermark();
+                emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
+            }
+            self.emit(emits, pq).await?;
             for k in keys {
                 let (tx, rx) = oneshot::channel();
                 send(pq, ParquetMsg::ClosePartition(k, tx)).await?;

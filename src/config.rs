@@ -207,6 +207,9 @@ pub struct WindowConfig {
     /// A Kafka partition with no record for this long (processing time, ms)
     /// stops holding the watermark back.
     pub idle_partition_ms: u64,
+    /// How often windows still open are written to the store as live values
+    /// (processing time, ms; 0 = only when they close).
+    pub live_emit_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -296,6 +299,7 @@ impl Default for WindowConfig {
             allowed_lateness_ms: 60000,
             top_items: 10,
             idle_partition_ms: 10000,
+            live_emit_ms: 250,
         }
     }
 }
