@@ -652,6 +652,8 @@ struct Core {
     ended: bool,
     live_every: Option<Duration>,
     last_live: Instant,
+    /// Event times of events not yet visible in the store (until the next live tick).
+    unseen_ts: Vec<i64>,
     /// Kafka with training: offsets the model snapshot covers, per partition
     /// (a checkpoint never replays from later than these).
     trained: Option<crate::source::kafka::Progress>,
@@ -689,6 +691,7 @@ impl Core {
             live_every: (cfg.window.live_emit_ms > 0)
                 .then(|| Duration::from_millis(cfg.window.live_emit_ms)),
             last_live: Instant::now(),
+            unseen_ts: Vec::new(),
             trained: None,
         }
     }
@@ -1050,19 +1053,12 @@ impl Core {
             emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
         }
         self.emit(emits, pq).await?;
-        // Freshness: from event time to the store showing the event.
-        let done = chrono::Utc::now().timestamp_millis();
-        let h = self
-            .summary
-            .freshness
-            .get_or_insert_with(crate::sketch::new_hist);
-        let mut worst = 0i64;
-        for t in fresh_ts {
-            let age = done.saturating_sub(t).max(0);
-            worst = worst.max(age);
-            crate::sketch::record_ms(h, age as f64);
+        // Freshness: from event time to the store showing the event (the
+        // next live tick, or this batch when live values are off).
+        self.unseen_ts.extend(fresh_ts);
+        if live || self.live_every.is_none() {
+            self.record_freshness();
         }
-        metrics::histogram!("pulse_event_freshness_seconds").record(worst as f64 / 1000.0);
         self.close_hours(&span.keys().copied().collect::<Vec<_>>(), pq)
             .await?;
         let wm = self.instance.watermark();
@@ -1081,6 +1077,25 @@ impl Core {
         metrics::histogram!("pulse_batch_seconds").record(t0.elapsed().as_secs_f64());
         self.summary.last_batch_done_at = Some(Instant::now());
         Ok(())
+    }
+
+    /// Records the freshness of the events the store now shows.
+    fn record_freshness(&mut self) {
+        if self.unseen_ts.is_empty() {
+            return;
+        }
+        let done = chrono::Utc::now().timestamp_millis();
+        let h = self
+            .summary
+            .freshness
+            .get_or_insert_with(crate::sketch::new_hist);
+        let mut worst = 0i64;
+        for t in self.unseen_ts.drain(..) {
+            let age = done.saturating_sub(t).max(0);
+            worst = worst.max(age);
+            crate::sketch::record_ms(h, age as f64);
+        }
+        metrics::histogram!("pulse_event_freshness_seconds").record(worst as f64 / 1000.0);
     }
 
     /// Writes the pending final rows of hours the partitions' watermarks closed,
@@ -1316,6 +1331,7 @@ impl Core {
                 emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
             }
             self.emit(emits, pq).await?;
+            self.record_freshness();
             for k in keys {
                 let (tx, rx) = oneshot::channel();
                 send(pq, ParquetMsg::ClosePartition(k, tx)).await?;

@@ -182,7 +182,8 @@ pub async fn freshness(
     let mut pcfg = cfg.clone();
     pcfg.kafka.topic = topic.clone();
     pcfg.kafka.group = unique("pulse-fresh");
-    pcfg.pipeline.idle_exit_ms = 3000;
+    // Longer than the producer's start delay below.
+    pcfg.pipeline.idle_exit_ms = 15000;
     let run = {
         let pcfg = pcfg.clone();
         tokio::spawn(async move {
@@ -203,6 +204,8 @@ pub async fn freshness(
             start_ms: start,
             late_fraction: 0.0,
             invalid_fraction: 0.0,
+            disorder_fraction: 0.0,
+            incidents: false,
             ..GenParams::default()
         });
         let t0 = Instant::now();

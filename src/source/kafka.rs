@@ -320,16 +320,21 @@ pub fn run_consumer(
             ctx.flush();
             first_at = None;
         }
-        let assigned = consumer
-            .assignment()
-            .map(|a| a.count() > 0)
-            .unwrap_or(false);
-        if !assigned {
+        if let Some(d) = idle
+            && first_at.is_none()
+            && last_msg.elapsed() >= d
+        {
+            // Idle time only counts once the group gave us partitions
+            // (asked only when idle: the call is not cheap).
+            let assigned = consumer
+                .assignment()
+                .map(|a| a.count() > 0)
+                .unwrap_or(false);
+            if assigned {
+                tracing::info!("kafka source idle, draining");
+                break;
+            }
             last_msg = Instant::now();
-        }
-        if idle.is_some_and(|d| first_at.is_none() && last_msg.elapsed() >= d) {
-            tracing::info!("kafka source idle, draining");
-            break;
         }
         if last_commit.elapsed() >= Duration::from_secs(2) {
             commit_progress(&consumer, &topic, &progress, &mut committed);
