@@ -1283,37 +1283,11 @@ impl Core {
         &self,
         ups: &[PartialUpdate],
     ) -> Result<Vec<MergeInput>, PipelineError> {
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1.. {
-            match self.store.put_partials(ups).await {
-                Ok(v) => return Ok(v),
-                Err(err) if err.is_retryable() && attempt < 8 => {
-                    tracing::warn!(error = %err, attempt, "store write failed, retrying");
-                    metrics::counter!("pulse_store_retries_total").increment(1);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(err) => return Err(err.into()),
-            }
-        }
-        unreachable!("the loop returns")
+        with_retry(|| self.store.put_partials(ups)).await
     }
 
     async fn apply_with_retry(&self, e: &Emission) -> Result<(), PipelineError> {
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1.. {
-            match self.store.apply(e).await {
-                Ok(()) => return Ok(()),
-                Err(err) if err.is_retryable() && attempt < 8 => {
-                    tracing::warn!(error = %err, attempt, "store write failed, retrying");
-                    metrics::counter!("pulse_store_retries_total").increment(1);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(err) => return Err(err.into()),
-            }
-        }
-        unreachable!("the loop returns")
+        with_retry(|| self.store.apply(e)).await
     }
 
     /// End of the run. Files and the generator ended: every window is
@@ -1356,6 +1330,29 @@ impl Core {
             write_rows(flush, pq, &mut self.summary).await?;
         }
         Ok(())
+    }
+}
+
+/// Runs a store write, retrying connection-level failures with backoff.
+async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, PipelineError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(err) if err.is_retryable() && attempt < 8 => {
+                tracing::warn!(error = %err, attempt, "store write failed, retrying");
+                metrics::counter!("pulse_store_retries_total").increment(1);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            Err(err) => return Err(err.into()),
+        }
     }
 }
 

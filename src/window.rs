@@ -301,6 +301,22 @@ struct WindowState {
     dirty: bool,
 }
 
+impl WindowState {
+    fn emit(&self, window_start: i64, top: usize, is_final: bool, first: bool) -> WindowEmit {
+        WindowEmit {
+            window_start,
+            services: self
+                .services
+                .iter()
+                .map(|(s, p)| (s.clone(), p.clone()))
+                .collect(),
+            top_items: top_n(&self.items, top),
+            is_final,
+            first,
+        }
+    }
+}
+
 /// One window's current aggregate, as emitted.
 #[derive(Debug, Clone)]
 pub struct WindowEmit {
@@ -380,34 +396,14 @@ impl WindowTable {
             if !end_of_input && end > watermark {
                 if self.live && w.dirty {
                     // A live (provisional) value of a window still open.
-                    out.push(WindowEmit {
-                        window_start: ws,
-                        services: w
-                            .services
-                            .iter()
-                            .map(|(s, p)| (s.clone(), p.clone()))
-                            .collect(),
-                        top_items: top_n(&w.items, self.top_n),
-                        is_final: false,
-                        first: false,
-                    });
+                    out.push(w.emit(ws, self.top_n, false, false));
                     w.dirty = false;
                 }
                 continue;
             }
             let is_final = end_of_input || end + lateness <= watermark;
             if w.dirty || !w.emitted || is_final {
-                out.push(WindowEmit {
-                    window_start: ws,
-                    services: w
-                        .services
-                        .iter()
-                        .map(|(s, p)| (s.clone(), p.clone()))
-                        .collect(),
-                    top_items: top_n(&w.items, self.top_n),
-                    is_final,
-                    first: !w.emitted,
-                });
+                out.push(w.emit(ws, self.top_n, is_final, !w.emitted));
                 w.emitted = true;
                 w.dirty = false;
             }

@@ -169,13 +169,7 @@ impl TableWriter {
     /// deleted unpublished (the next owner rewrites them from the checkpoint)
     /// and its committed positions are looked up afresh if it comes back.
     pub fn drop_partition(&mut self, partition: i32) {
-        let keys: Vec<_> = self
-            .open
-            .keys()
-            .filter(|k| k.1 == partition)
-            .copied()
-            .collect();
-        for k in keys {
+        for k in self.open_keys(|k| k.1 == partition) {
             if let Some(f) = self.open.remove(&k) {
                 drop(f.writer);
                 let _ = std::fs::remove_file(&f.tmp);
@@ -186,13 +180,17 @@ impl TableWriter {
 
     /// Closes every open file of `partition`.
     pub fn close_partition(&mut self, partition: i32) -> Result<(), ParquetError> {
-        let keys: Vec<_> = self
-            .open
-            .keys()
-            .filter(|k| k.1 == partition)
-            .copied()
-            .collect();
-        for k in keys {
+        self.commit_where(|k| k.1 == partition)
+    }
+
+    /// Keys of the open files that satisfy `pred`.
+    fn open_keys(&self, pred: impl Fn(&(i64, i32)) -> bool) -> Vec<(i64, i32)> {
+        self.open.keys().filter(|k| pred(k)).copied().collect()
+    }
+
+    /// Commits the open files whose (hour, partition) satisfies `pred`.
+    fn commit_where(&mut self, pred: impl Fn(&(i64, i32)) -> bool) -> Result<(), ParquetError> {
+        for k in self.open_keys(pred) {
             let f = self.open.remove(&k).expect("key listed");
             self.commit(k, f)?;
         }
@@ -326,17 +324,7 @@ impl TableWriter {
 
     /// Closes the files of hours that end at or before `ms`.
     pub fn close_hours_before(&mut self, ms: i64) -> Result<(), ParquetError> {
-        let keys: Vec<_> = self
-            .open
-            .keys()
-            .filter(|k| k.0 + HOUR_MS <= ms)
-            .copied()
-            .collect();
-        for k in keys {
-            let f = self.open.remove(&k).expect("key listed");
-            self.commit(k, f)?;
-        }
-        Ok(())
+        self.commit_where(|k| k.0 + HOUR_MS <= ms)
     }
 
     /// Closes the files of `partition` whose hours end at or before `ms`.
@@ -345,17 +333,7 @@ impl TableWriter {
         partition: i32,
         ms: i64,
     ) -> Result<(), ParquetError> {
-        let keys: Vec<_> = self
-            .open
-            .keys()
-            .filter(|k| k.1 == partition && k.0 + HOUR_MS <= ms)
-            .copied()
-            .collect();
-        for k in keys {
-            let f = self.open.remove(&k).expect("key listed");
-            self.commit(k, f)?;
-        }
-        Ok(())
+        self.commit_where(|k| k.1 == partition && k.0 + HOUR_MS <= ms)
     }
 
     /// Closes every open file.
