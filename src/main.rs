@@ -13,6 +13,12 @@ use pulse::config::{Config, Secrets};
 use pulse::sink::store::{MemoryStore, RedisStore, Store};
 use pulse::source::generator::{GenParams, Generator};
 
+/// mimalloc instead of the system allocator: `pulse serve` allocates small
+/// buffers per request on every worker thread, where glibc's arenas showed
+/// up as lock waits and consolidation in profiles.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "pulse",

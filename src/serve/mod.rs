@@ -1,22 +1,30 @@
 //! `pulse serve` (and the side port of `pulse run`): an axum router over the
 //! Redis aggregates. Consumes the Redis layout of [`crate::sink::store`];
 //! produces the dashboard page (assets embedded, no CDN), a bounded JSON API
-//! under `/api/`, Prometheus metrics at `/metrics`, `/healthz` and `/readyz`.
+//! under `/api/`, Prometheus metrics at `/metrics`, `/healthz` and `/readyz`,
+//! and `/recommend/{user_id}` from the factor layout of
+//! [`crate::factors::store`] (items, trending and meta cached in process per
+//! model version; the user's record and history read per request).
 //! Read-only: it never writes Redis, so any number of `pulse run` instances
 //! can feed it.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+use crate::factors::index::ItemIndex;
+use crate::factors::mips::MipsIndex;
+use crate::factors::model::FactorRecord;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 /// Longest range `/api/stats` returns, in minutes (7 days).
@@ -46,16 +54,47 @@ pub struct ServeState {
     pub prefix: String,
     /// When set, `/readyz` also checks that the brokers answer.
     pub kafka_brokers: Option<String>,
-    /// Item factors cached in process, refreshed by [`serve`] on an interval.
+    /// The published model's items and trending list, cached in process and
+    /// refreshed by [`serve`] on an interval.
     pub items: ItemCache,
 }
 
-/// The in-process item factor cache.
-pub type ItemCache =
-    std::sync::Arc<std::sync::RwLock<std::sync::Arc<crate::factors::index::ItemIndex>>>;
+/// One snapshot of the published recommendation model, as `/recommend` serves it.
+#[derive(Debug, Default)]
+pub struct Catalogue {
+    /// Every item factor, clustered for exact top-k.
+    pub index: MipsIndex,
+    /// The trending list, best first (the fallback for unknown users).
+    pub trending: Vec<(u64, f32)>,
+    /// `version` and `updated_ms` of `{p}:reco:meta` read with the items.
+    pub version: Option<u64>,
+    pub updated_ms: Option<i64>,
+}
 
-/// How often the item factor cache is reloaded from Redis.
+/// The in-process catalogue cache.
+pub type ItemCache = Arc<RwLock<Arc<Catalogue>>>;
+
+/// How often the catalogue cache checks Redis for a new model version.
 pub const ITEM_REFRESH: Duration = Duration::from_secs(5);
+/// Trending items kept in the cache: the writer keeps 200, and a fallback
+/// needs at most `k` (≤ 100) plus the excluded history (≤ 50).
+pub const TRENDING_KEPT: isize = 200;
+
+/// Item records, trending (item, score) and the meta hash, as read from Redis.
+type Snapshot = (
+    Vec<(u64, Vec<u8>)>,
+    Vec<(u64, f64)>,
+    HashMap<String, String>,
+);
+
+/// Why the catalogue could not be refreshed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("building the item index: {0}")]
+    Build(#[from] tokio::task::JoinError),
+}
 
 impl ServeState {
     pub fn new(
@@ -71,14 +110,53 @@ impl ServeState {
         }
     }
 
-    /// Reloads the item factor cache from Redis.
-    pub async fn refresh_items(&self) -> Result<usize, redis::RedisError> {
+    /// The current catalogue snapshot.
+    pub fn catalogue(&self) -> Arc<Catalogue> {
+        self.items.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reloads the catalogue from Redis unless the cached one already has the
+    /// published model version; returns the number of items cached. Items,
+    /// trending and meta are read in one MULTI/EXEC, so they belong to one
+    /// flush of the writer; the index is built off the async workers.
+    pub async fn refresh_items(&self) -> Result<usize, RefreshError> {
         let Some(mut c) = self.redis.clone() else {
             return Ok(0);
         };
-        let idx = crate::factors::store::load_index(&mut c, &self.prefix).await?;
-        let n = idx.len();
-        *self.items.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(idx);
+        let p = &self.prefix;
+        let version: Option<u64> = redis::cmd("HGET")
+            .arg(format!("{p}:reco:meta"))
+            .arg("version")
+            .query_async(&mut c)
+            .await?;
+        let cur = self.catalogue();
+        if version.is_some() && cur.version == version && !cur.index.is_empty() {
+            return Ok(cur.index.len());
+        }
+        let (items, trending, meta): Snapshot = redis::pipe()
+            .atomic()
+            .hgetall(format!("{p}:reco:item"))
+            .zrevrange_withscores(format!("{p}:reco:trending"), 0, TRENDING_KEPT - 1)
+            .hgetall(format!("{p}:reco:meta"))
+            .query_async(&mut c)
+            .await?;
+        let started = std::time::Instant::now();
+        let cat = tokio::task::spawn_blocking(move || Catalogue {
+            index: MipsIndex::build(&ItemIndex::from_records(items), 0x5eed),
+            trending: trending.into_iter().map(|(i, s)| (i, s as f32)).collect(),
+            version: meta.get("version").and_then(|v| v.parse().ok()),
+            updated_ms: meta.get("updated_ms").and_then(|v| v.parse().ok()),
+        })
+        .await?;
+        let n = cat.index.len();
+        tracing::debug!(
+            items = n,
+            clusters = cat.index.clusters(),
+            version = cat.version,
+            build_ms = started.elapsed().as_millis() as u64,
+            "item index rebuilt"
+        );
+        *self.items.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cat);
         Ok(n)
     }
 }
@@ -118,7 +196,8 @@ pub fn router(state: ServeState) -> Router {
             get(|| async { Json(json!({ "status": "alive" })) }),
         )
         .route("/readyz", get(readyz))
-        .with_state(state)
+        // one Arc per request instead of a deep clone of the state
+        .with_state(Arc::new(state))
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves.
@@ -138,6 +217,12 @@ pub async fn serve(
             }
         });
     }
+    // Responses are single writes; no reason to hold any back.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
@@ -176,7 +261,7 @@ async fn service_list(s: &ServeState) -> Result<(Vec<String>, Option<i64>), ApiE
     Ok((svcs, wm))
 }
 
-async fn services(State(s): State<ServeState>) -> Result<Json<Value>, ApiError> {
+async fn services(State(s): State<Arc<ServeState>>) -> Result<Json<Value>, ApiError> {
     let (svcs, wm) = service_list(&s).await?;
     Ok(Json(json!({ "services": svcs, "watermark_ms": wm })))
 }
@@ -201,7 +286,7 @@ fn parse_i64(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
 }
 
 async fn stats(
-    State(s): State<ServeState>,
+    State(s): State<Arc<ServeState>>,
     q: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = q.map_err(|e| bad(e.body_text()))?;
@@ -310,7 +395,7 @@ async fn read_stream(s: &ServeState, name: &str, n: usize) -> Result<StreamEntri
 }
 
 async fn anomalies(
-    State(s): State<ServeState>,
+    State(s): State<Arc<ServeState>>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (n, since) = list_params(q)?;
@@ -335,7 +420,7 @@ async fn anomalies(
 }
 
 async fn alerts(
-    State(s): State<ServeState>,
+    State(s): State<Arc<ServeState>>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (n, since) = list_params(q)?;
@@ -360,7 +445,7 @@ struct TopQuery {
 }
 
 async fn top(
-    State(s): State<ServeState>,
+    State(s): State<Arc<ServeState>>,
     q: Result<Query<TopQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = q.map_err(|e| bad(e.body_text()))?;
@@ -404,7 +489,7 @@ async fn top(
     Ok(Json(json!({ "window_start_ms": m * 1000, "items": items })))
 }
 
-async fn status(State(s): State<ServeState>) -> Result<Json<Value>, ApiError> {
+async fn status(State(s): State<Arc<ServeState>>) -> Result<Json<Value>, ApiError> {
     let (svcs, _) = service_list(&s).await?;
     let mut c = conn(&s)?;
     let mut pipe = redis::pipe();
@@ -442,7 +527,7 @@ async fn metrics_text() -> Response {
     }
 }
 
-async fn readyz(State(s): State<ServeState>) -> Response {
+async fn readyz(State(s): State<Arc<ServeState>>) -> Response {
     let mut checks = serde_json::Map::new();
     let mut ok = true;
     if let Some(mut c) = s.redis.clone() {
@@ -487,11 +572,29 @@ struct RecoQuery {
     k: Option<String>,
 }
 
+#[derive(serde::Serialize)]
+struct RecoItem {
+    item_id: u64,
+    score: f32,
+}
+
+#[derive(serde::Serialize)]
+struct RecoAnswer {
+    user_id: u64,
+    items: Vec<RecoItem>,
+    fallback: bool,
+    model_version: Option<u64>,
+    updated_ms: Option<i64>,
+}
+
+/// `GET /recommend/{user_id}?k=`: one Redis round trip (the user's record and
+/// recent history), then the cached catalogue: exact top-k by branch and
+/// bound, or the cached trending list for unknown users. Both skip the history.
 async fn recommend(
-    State(s): State<ServeState>,
+    State(s): State<Arc<ServeState>>,
     axum::extract::Path(user): axum::extract::Path<String>,
     q: Result<Query<RecoQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RecoAnswer>, ApiError> {
     let Query(q) = q.map_err(|e| bad(e.body_text()))?;
     let user: u64 = user.parse().map_err(|_| {
         bad(format!(
@@ -505,51 +608,42 @@ async fn recommend(
     let k = k as usize;
     let p = &s.prefix;
     let mut c = conn(&s)?;
-    let (rec, hist, meta): (Option<Vec<u8>>, Vec<u64>, HashMap<String, String>) = redis::pipe()
+    let (rec, mut hist): (Option<Vec<u8>>, Vec<u64>) = redis::pipe()
         .hget(format!("{p}:reco:user"), user)
         .lrange(
             format!("{p}:reco:hist:{user}"),
             0,
             crate::factors::store::HISTORY_LEN - 1,
         )
-        .hgetall(format!("{p}:reco:meta"))
         .query_async(&mut c)
         .await?;
-    let exclude: std::collections::HashSet<u64> = hist.iter().copied().collect();
-    let index = s.items.read().unwrap_or_else(|e| e.into_inner()).clone();
+    hist.sort_unstable();
+    let excluded = |i: u64| hist.binary_search(&i).is_ok();
+    let cat = s.catalogue();
     let personal = rec
         .as_deref()
-        .and_then(crate::factors::index::decode)
-        .map(|(_, v)| index.top_k(&v, k, &exclude))
+        .and_then(FactorRecord::from_bytes)
+        .map(|r| cat.index.top_k(&r.vector, k, excluded))
         .filter(|v| !v.is_empty());
-    let (items, fallback) = match personal {
-        Some(v) => (v, false),
-        None => {
-            let t: Vec<(u64, f64)> = redis::cmd("ZREVRANGE")
-                .arg(format!("{p}:reco:trending"))
-                .arg(0)
-                .arg((k + exclude.len()) as i64 - 1)
-                .arg("WITHSCORES")
-                .query_async(&mut c)
-                .await?;
-            let v = t
-                .into_iter()
-                .filter(|(i, _)| !exclude.contains(i))
-                .take(k)
-                .map(|(i, s)| (i, s as f32))
-                .collect();
-            (v, true)
-        }
+    let fallback = personal.is_none();
+    let items = match personal {
+        Some(v) => v,
+        None => cat
+            .trending
+            .iter()
+            .copied()
+            .filter(|&(i, _)| !excluded(i))
+            .take(k)
+            .collect(),
     };
-    let items: Vec<Value> = items
-        .iter()
-        .map(|(i, s)| json!({ "item_id": i, "score": s }))
-        .collect();
-    Ok(Json(json!({
-        "user_id": user,
-        "items": items,
-        "fallback": fallback,
-        "model_version": meta.get("version").and_then(|v| v.parse::<u64>().ok()),
-        "updated_ms": meta.get("updated_ms").and_then(|v| v.parse::<i64>().ok()),
-    })))
+    Ok(Json(RecoAnswer {
+        user_id: user,
+        items: items
+            .into_iter()
+            .map(|(item_id, score)| RecoItem { item_id, score })
+            .collect(),
+        fallback,
+        model_version: cat.version,
+        updated_ms: cat.updated_ms,
+    }))
 }
