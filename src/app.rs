@@ -740,10 +740,7 @@ impl Core {
                 continue;
             }
             self.checkpoint(p, pq).await?;
-            let (tx, rx) = oneshot::channel();
-            send(pq, ParquetMsg::DropPartition(p, tx)).await?;
-            rx.await
-                .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))?;
+            ask(pq, |tx| ParquetMsg::DropPartition(p, tx)).await?;
             self.tasks.remove(&p);
             tracing::info!(partition = p, "partition released after checkpoint");
         }
@@ -761,11 +758,7 @@ impl Core {
         let Some(store) = &self.checkpoints else {
             return Ok(());
         };
-        let (tx, rx) = oneshot::channel();
-        send(pq, ParquetMsg::OpenFirst(p, tx)).await?;
-        let open_first = rx
-            .await
-            .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))?;
+        let open_first = ask(pq, |tx| ParquetMsg::OpenFirst(p, tx)).await?;
         let Some(t) = self.tasks.get_mut(&p) else {
             return Ok(());
         };
@@ -1028,11 +1021,6 @@ impl Core {
                 if t.replay.is_some() && t.history.back().is_some_and(|h| h.0 >= t.next_offset) {
                     t.replay = None;
                 }
-            }
-        }
-        for t in self.tasks.values_mut() {
-            if t.replay.as_ref().is_some() && span.is_empty() {
-                continue;
             }
         }
         let touched: Vec<i32> = span.keys().copied().collect();
@@ -1307,10 +1295,7 @@ impl Core {
             self.emit(emits, pq).await?;
             self.record_freshness();
             for k in keys {
-                let (tx, rx) = oneshot::channel();
-                send(pq, ParquetMsg::ClosePartition(k, tx)).await?;
-                rx.await
-                    .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))?;
+                ask(pq, |tx| ParquetMsg::ClosePartition(k, tx)).await?;
                 self.checkpoint(k, pq).await?;
             }
             return Ok(());
@@ -1440,6 +1425,18 @@ fn top_items_batch(rows: &[(i64, u64, u64, i64)], key: i32) -> Result<RecordBatc
             ])),
         ],
     )?)
+}
+
+/// Sends a request to the parquet stage and waits for its answer (it comes
+/// after every message sent before).
+async fn ask<T>(
+    pq: &mpsc::Sender<ParquetMsg>,
+    make: impl FnOnce(oneshot::Sender<T>) -> ParquetMsg,
+) -> Result<T, PipelineError> {
+    let (tx, rx) = oneshot::channel();
+    send(pq, make(tx)).await?;
+    rx.await
+        .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))
 }
 
 async fn send(pq: &mpsc::Sender<ParquetMsg>, m: ParquetMsg) -> Result<(), PipelineError> {
