@@ -21,6 +21,7 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::arrow::record_batch::RecordBatch;
 
+use crate::factors::model::FastHash;
 use crate::factors::store::Delta;
 use crate::factors::{Interaction, Kind, RecoConfig, RecoModel};
 
@@ -29,12 +30,12 @@ pub const TRENDING_TOP: usize = 200;
 
 pub struct Trainer {
     pub model: RecoModel,
-    users: HashSet<u64>,
+    users: HashSet<u64, FastHash>,
     history: Vec<(u64, u64)>,
-    published: HashMap<u64, u64>,
+    published: HashMap<u64, u64, FastHash>,
     /// Every item named by an event: the model samples negatives among them.
     items: Vec<u64>,
-    seen_items: HashSet<u64>,
+    seen_items: HashSet<u64, FastHash>,
     /// Next offset to learn from, per source partition (positioned input).
     offsets: BTreeMap<i32, i64>,
     /// Whether batches carry Kafka positions to deduplicate on.
@@ -74,11 +75,11 @@ impl Trainer {
     pub fn new(cfg: RecoConfig, seed: u64) -> Self {
         Trainer {
             model: RecoModel::new(cfg, seed),
-            users: HashSet::new(),
+            users: HashSet::default(),
             history: Vec::new(),
-            published: HashMap::new(),
+            published: HashMap::default(),
             items: Vec::new(),
-            seen_items: HashSet::new(),
+            seen_items: HashSet::default(),
             offsets: BTreeMap::new(),
             positioned: false,
             skipped: 0,
@@ -116,6 +117,7 @@ impl Trainer {
         let mut t = Trainer::new(cfg, seed);
         t.model = s.model;
         t.model.reseed(seed);
+        t.model.implicit.repair();
         t.seen_items = s.items.iter().copied().collect();
         t.items = s.items;
         t.offsets = s.offsets;
