@@ -101,6 +101,10 @@ enum Cmd {
         redis: Option<String>,
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Serving threads, each with its own listener, runtime and Redis
+        /// connection (default: one per core).
+        #[arg(long, env = "PULSE_SERVE_THREADS")]
+        threads: Option<usize>,
     },
     /// Benchmark the whole file pipeline: generate N events first (not timed), then run them.
     Bench {
@@ -269,6 +273,7 @@ async fn main() -> Result<()> {
             config,
             redis,
             listen,
+            threads,
         } => {
             let mut cfg = Config::load(config.as_deref())?;
             if let Some(r) = redis {
@@ -277,14 +282,23 @@ async fn main() -> Result<()> {
             let _ = pulse::serve::metrics_handle();
             let secrets = Secrets::from_env();
             let state = serve_state(&cfg, &secrets, None).await?;
-            let listener = tokio::net::TcpListener::bind(&listen)
+            let addr = tokio::net::lookup_host(&listen)
                 .await
+                .with_context(|| format!("resolving {listen}"))?
+                .next()
+                .with_context(|| format!("{listen} resolves to no address"))?;
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let listeners = pulse::serve::bind_shards(addr, threads)
                 .with_context(|| format!("binding {listen}"))?;
-            tracing::info!(addr = %listener.local_addr()?, "dashboard at http://{}/", listener.local_addr()?);
-            let mut stop = shutdown_on_signals();
-            pulse::serve::serve(listener, state, async move {
-                let _ = stop.wait_for(|v| *v).await;
-            })
+            let bound = listeners[0].local_addr()?;
+            tracing::info!(addr = %bound, threads, "dashboard at http://{bound}/");
+            pulse::serve::serve_sharded(
+                listeners,
+                state,
+                redis_client(&cfg, &secrets)?,
+                shutdown_on_signals(),
+            )
             .await?;
             Ok(())
         }
@@ -395,20 +409,27 @@ async fn main() -> Result<()> {
     }
 }
 
+/// The Redis client of the configuration (password from the environment).
+fn redis_client(cfg: &Config, secrets: &Secrets) -> Result<Option<redis::Client>> {
+    if cfg.redis.url.is_empty() {
+        return Ok(None);
+    }
+    let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.redis.url.as_str())?;
+    if let Some(p) = &secrets.redis_password {
+        let settings = info.redis_settings().clone().set_password(p);
+        info = info.set_redis_settings(settings);
+    }
+    Ok(Some(redis::Client::open(info)?))
+}
+
 async fn serve_state(
     cfg: &Config,
     secrets: &Secrets,
     kafka: Option<String>,
 ) -> Result<pulse::serve::ServeState> {
-    let redis = if cfg.redis.url.is_empty() {
-        None
-    } else {
-        let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.redis.url.as_str())?;
-        if let Some(p) = &secrets.redis_password {
-            let settings = info.redis_settings().clone().set_password(p);
-            info = info.set_redis_settings(settings);
-        }
-        Some(redis::aio::ConnectionManager::new(redis::Client::open(info)?).await?)
+    let redis = match redis_client(cfg, secrets)? {
+        Some(c) => Some(redis::aio::ConnectionManager::new(c).await?),
+        None => None,
     };
     Ok(pulse::serve::ServeState::new(
         redis,

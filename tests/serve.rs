@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pulse::app::{self, SourceSpec};
 use pulse::config::{Config, Secrets};
-use pulse::serve::{ServeState, metrics_handle, serve};
+use pulse::serve::{ServeState, bind_shards, metrics_handle, serve_sharded};
 use pulse::sink::store::{RedisStore, Store};
 use pulse::source::generator::{GenParams, Generator};
 use serde_json::Value;
@@ -57,16 +57,26 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
 
     let client = redis::Client::open(redis_url.as_str()).unwrap();
     let state = ServeState::new(
-        Some(redis::aio::ConnectionManager::new(client).await.unwrap()),
+        Some(
+            redis::aio::ConnectionManager::new(client.clone())
+                .await
+                .unwrap(),
+        ),
         &prefix,
         None,
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, state, async move {
-        let _ = stop_rx.await;
-    }));
+    // thread-per-core serving, as `pulse serve` does: two listeners on one port
+    let listeners = bind_shards("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+    assert_eq!(listeners.len(), 2);
+    let addr = listeners[0].local_addr().unwrap();
+    assert_ne!(addr.port(), 0);
+    assert_eq!(listeners[1].local_addr().unwrap(), addr);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(serve_sharded(listeners, state, Some(client), stop_rx));
+
+    // many connections at once, spread by the kernel over both shards, all answered
+    let answers = futures::future::join_all((0..64).map(|_| get(addr, "/healthz"))).await;
+    assert!(answers.iter().all(|(code, _)| *code == 200), "{answers:?}");
 
     // the API
     let (code, body) = get(addr, "/api/services").await;
@@ -236,7 +246,7 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
         "screenshot saved"
     );
 
-    let _ = stop_tx.send(());
+    stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(5), server)
         .await
         .unwrap()
