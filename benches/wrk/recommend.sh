@@ -47,6 +47,9 @@ redis="redis://127.0.0.1:$rport/"
 "$PULSE" run --config config/pulse.toml --input "$dir/events.jsonl" --redis "$redis" \
   --data-dir "$dir/data" >/dev/null 2>&1
 rm -f "$dir/events.jsonl"
+# let the training run's writes reach the disk before measuring serving
+sync
+sleep 5
 echo "users $(redis-cli -p "$rport" hlen pulse:reco:user), items $(redis-cli -p "$rport" hlen pulse:reco:item)" >&2
 
 sport="$(free_port)"
