@@ -85,6 +85,7 @@ fn stages(c: &mut Criterion) {
                 col("latency_ms"),
                 col("user_id"),
                 col("item_id"),
+                col("src_partition"),
             ],
         )
         .unwrap()
