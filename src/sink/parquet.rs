@@ -56,6 +56,9 @@ pub struct TableSpec {
     /// Int64 or timestamp column that orders a partition's rows (the source
     /// offset, or the window start); file names and the replay skip use it.
     pub position_column: &'static str,
+    /// Columns whose values rarely repeat (ids, offsets, timestamps): written
+    /// without a dictionary, which would only fill up and be abandoned.
+    pub plain_columns: &'static [&'static str],
 }
 
 /// One file made visible.
@@ -107,10 +110,13 @@ impl TableWriter {
         zstd_level: i32,
     ) -> Result<Self, ParquetError> {
         let level = ZstdLevel::try_new(zstd_level)?;
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
-            .set_max_row_group_row_count(Some(row_group_rows.max(1)))
-            .build();
+            .set_max_row_group_row_count(Some(row_group_rows.max(1)));
+        for c in spec.plain_columns {
+            props = props.set_column_dictionary_enabled((*c).into(), false);
+        }
+        let props = props.build();
         Ok(TableWriter {
             root: data_dir.join(spec.name),
             spec,
@@ -418,6 +424,7 @@ pub fn events_spec() -> TableSpec {
         time_column: "ts",
         positioned: true,
         position_column: "src_offset",
+        plain_columns: &["event_id", "ts", "src_offset", "session_id", "latency_ms"],
     }
 }
 
@@ -428,6 +435,7 @@ pub fn dead_letters_spec() -> TableSpec {
         time_column: "received_at",
         positioned: true,
         position_column: "src_offset",
+        plain_columns: &["received_at", "src_offset", "raw"],
     }
 }
 
@@ -438,6 +446,7 @@ pub fn minute_stats_spec() -> TableSpec {
         time_column: "window_start",
         positioned: true,
         position_column: "window_start",
+        plain_columns: &[],
     }
 }
 
@@ -448,6 +457,7 @@ pub fn top_items_spec() -> TableSpec {
         time_column: "window_start",
         positioned: true,
         position_column: "window_start",
+        plain_columns: &[],
     }
 }
 
@@ -458,6 +468,7 @@ pub fn anomalies_spec() -> TableSpec {
         time_column: "window_start",
         positioned: false,
         position_column: "window_start",
+        plain_columns: &[],
     }
 }
 
