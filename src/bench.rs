@@ -42,6 +42,33 @@ pub struct KafkaReport {
     pub raw_secs: f64,
     pub pulse_secs: f64,
     pub summary: Summary,
+    /// Peak RSS while the pipeline drained the topic (the high-water mark is
+    /// reset after producing and the raw run; memory the allocator kept from
+    /// them still counts, so this is an upper bound). `None` off Linux.
+    pub pipeline_peak_rss: Option<u64>,
+    /// RSS when the pipeline started (what the earlier phases left behind).
+    pub rss_before_pipeline: Option<u64>,
+}
+
+/// Resets this process's peak-RSS mark to the current RSS (Linux ≥ 4.0).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// This process's peak RSS in bytes since start or the last reset (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kb("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// This process's current RSS in bytes (Linux).
+pub fn rss_bytes() -> Option<u64> {
+    status_kb("VmRSS:").map(|kb| kb * 1024)
+}
+
+fn status_kb(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl KafkaReport {
@@ -150,7 +177,10 @@ pub async fn kafka_throughput(
     pcfg.kafka.group = unique("pulse-bench");
     pcfg.pipeline.idle_exit_ms = 1500;
     let (_tx, rx) = tokio::sync::watch::channel(false);
+    let reset = reset_peak_rss();
+    let rss_before_pipeline = rss_bytes();
     let s = crate::app::run(&pcfg, &Secrets::default(), SourceSpec::Kafka, store, rx).await?;
+    let pipeline_peak_rss = if reset { peak_rss_bytes() } else { None };
     if s.records != n {
         return Err(BenchError::Other(format!(
             "pipeline processed {} of {n} records",
@@ -166,6 +196,8 @@ pub async fn kafka_throughput(
         raw_secs,
         pulse_secs,
         summary: s,
+        pipeline_peak_rss,
+        rss_before_pipeline,
     })
 }
 

@@ -665,13 +665,7 @@ fn user_key(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
-/// Peak resident set size of this process, in bytes (Linux).
-fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+use pulse::bench::peak_rss_bytes;
 
 async fn bench(events: u64, redis: Option<String>, dir: Option<PathBuf>) -> Result<()> {
     let tmp = tempfile_dir(dir)?;
@@ -766,6 +760,13 @@ async fn bench_kafka(
     );
     for (stage, busy) in &r.summary.stage_seconds {
         println!("    stage {stage:<26} busy {busy:6.2}s");
+    }
+    if let (Some(peak), Some(before)) = (r.pipeline_peak_rss, r.rss_before_pipeline) {
+        println!(
+            "  peak RSS while the pipeline drained: {:.0} MB (RSS at its start: {:.0} MB)",
+            peak as f64 / 1e6,
+            before as f64 / 1e6
+        );
     }
     if fresh_secs > 0 {
         let s = pulse::bench::freshness(&cfg, store().await?, fresh_rate, fresh_secs).await?;
