@@ -150,6 +150,25 @@ impl RawChunk {
             ..Default::default()
         }
     }
+    /// An empty chunk sized like `prev` (plus an eighth): a source filling
+    /// chunks of similar size then never regrows one (each doubling of a
+    /// multi-megabyte buffer copied it and faulted in fresh zeroed pages).
+    pub fn sized_like(prev: &RawChunk) -> Self {
+        let records = prev.len() + prev.len() / 8;
+        RawChunk {
+            source: prev.source.clone(),
+            data: Vec::with_capacity(prev.data.len() + prev.data.len() / 8),
+            ends: Vec::with_capacity(records),
+            positions: Vec::with_capacity(records),
+            assigned: None,
+            partitioned_time: prev.partitioned_time,
+            timestamps: Vec::with_capacity(if prev.timestamps.is_empty() {
+                0
+            } else {
+                records
+            }),
+        }
+    }
     pub fn push(&mut self, payload: &[u8], pos: Position) {
         self.data.extend_from_slice(payload);
         self.ends.push(self.data.len());

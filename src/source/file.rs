@@ -101,7 +101,8 @@ pub fn read_files(
             );
             total += 1;
             if chunk.len() >= batch_size {
-                let full = std::mem::replace(&mut chunk, RawChunk::new(source.clone()));
+                let next = RawChunk::sized_like(&chunk);
+                let full = std::mem::replace(&mut chunk, next);
                 if tx.blocking_send(SourceMsg::Chunk(full)).is_err() {
                     return Ok(total); // the pipeline is shutting down
                 }

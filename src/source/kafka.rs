@@ -90,7 +90,8 @@ impl PulseContext {
             if b.is_empty() {
                 return true;
             }
-            std::mem::replace(&mut *b, new_chunk(&self.topic))
+            let next = RawChunk::sized_like(&b);
+            std::mem::replace(&mut *b, next)
         };
         count_consumed(&chunk);
         self.send(SourceMsg::Chunk(chunk))
