@@ -356,7 +356,8 @@ async fn graceful_stop_and_restart_mid_stream() {
     assert!(
         !h.log("second")
             .contains("replayed rows already in committed files"),
-        "{}",
+        "the restart replayed committed rows\n--- first (stopped) ---\n{}\n--- second ---\n{}",
+        h.log("first"),
         h.log("second")
     );
     h.verify(&exp).await;
