@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use pulse::app::{self, SourceSpec, Summary};
+use pulse::bench::peak_rss_bytes;
 use pulse::config::{Config, Secrets};
 use pulse::sink::store::{MemoryStore, RedisStore, Store};
 use pulse::source::generator::{GenParams, Generator};
@@ -664,8 +665,6 @@ fn user_key(line: &[u8]) -> Option<u64> {
         .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
-
-use pulse::bench::peak_rss_bytes;
 
 async fn bench(events: u64, redis: Option<String>, dir: Option<PathBuf>) -> Result<()> {
     let tmp = tempfile_dir(dir)?;

@@ -16,11 +16,11 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// A fast, fixed-seed hasher for dense-id maps (the keys are ids, not input
 /// an attacker picks bucket by bucket; SipHash cost a fifth of training).
 pub type FastHash = foldhash::fast::FixedState;
-use rand::{Rng, SeedableRng};
 
 /// What the user did with the item.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -388,6 +388,11 @@ impl Bpr {
 
     pub fn n_items(&self) -> usize {
         self.items.ids.len()
+    }
+
+    /// Every item learned so far, in order of first appearance.
+    pub fn item_ids(&self) -> &[u64] {
+        &self.items.ids
     }
 
     pub fn knows_user(&self, user: u64) -> bool {

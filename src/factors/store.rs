@@ -11,8 +11,6 @@
 
 use std::collections::HashMap;
 
-use crate::factors::index::ItemIndex;
-
 /// Longest user history kept.
 pub const HISTORY_LEN: isize = 50;
 
@@ -80,16 +78,4 @@ pub async fn write(
     )
     .ignore();
     pipe.exec_async(conn).await
-}
-
-/// Loads every item factor into a serving index.
-pub async fn load_index(
-    conn: &mut redis::aio::ConnectionManager,
-    prefix: &str,
-) -> redis::RedisResult<ItemIndex> {
-    let all: Vec<(u64, Vec<u8>)> = redis::cmd("HGETALL")
-        .arg(format!("{prefix}:reco:item"))
-        .query_async(conn)
-        .await?;
-    Ok(ItemIndex::from_records(all))
 }

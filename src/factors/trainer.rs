@@ -33,9 +33,6 @@ pub struct Trainer {
     users: HashSet<u64, FastHash>,
     history: Vec<(u64, u64)>,
     published: HashMap<u64, u64, FastHash>,
-    /// Every item named by an event: the model samples negatives among them.
-    items: Vec<u64>,
-    seen_items: HashSet<u64, FastHash>,
     /// Next offset to learn from, per source partition (positioned input).
     offsets: BTreeMap<i32, i64>,
     /// Whether batches carry Kafka positions to deduplicate on.
@@ -52,7 +49,6 @@ pub struct Trainer {
 struct Snapshot {
     model: RecoModel,
     offsets: BTreeMap<i32, i64>,
-    items: Vec<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +74,6 @@ impl Trainer {
             users: HashSet::default(),
             history: Vec::new(),
             published: HashMap::default(),
-            items: Vec::new(),
-            seen_items: HashSet::default(),
             offsets: BTreeMap::new(),
             positioned: false,
             skipped: 0,
@@ -97,7 +91,6 @@ impl Trainer {
         let s = Snapshot {
             model: self.model.clone(),
             offsets: self.offsets.clone(),
-            items: self.items.clone(),
         };
         let mut out = Vec::new();
         ciborium::into_writer(&s, &mut out).map_err(|e| SnapshotError::Encode(e.to_string()))?;
@@ -118,8 +111,6 @@ impl Trainer {
         t.model = s.model;
         t.model.reseed(seed);
         t.model.implicit.repair();
-        t.seen_items = s.items.iter().copied().collect();
-        t.items = s.items;
         t.offsets = s.offsets;
         t.positioned = true;
         Ok(t)
@@ -181,9 +172,6 @@ impl Trainer {
                 kind: k,
             };
             self.model.observe(&ev);
-            if self.seen_items.insert(ev.item) {
-                self.items.push(ev.item);
-            }
             if self.collect {
                 self.users.insert(ev.user);
                 self.history.push((ev.user, ev.item));
@@ -208,7 +196,7 @@ impl Trainer {
         }
         // Negative sampling touches items the events did not name, so compare
         // every item's bytes with what was last published.
-        for &item in &self.items {
+        for &item in self.model.implicit.item_ids() {
             if let Some(r) = self.model.implicit.item_record(item) {
                 let bytes = r.to_bytes();
                 let fp = fingerprint(&bytes);
