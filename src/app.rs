@@ -144,6 +144,7 @@ fn parquet_stage(
             pc.max_file_rows,
             pc.zstd_level,
         )
+        .map(|w| w.with_buffer_limit(pc.buffer_mb << 20))
     };
     let mut events = mk(events_spec())?;
     let mut dead = mk(dead_letters_spec())?;

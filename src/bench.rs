@@ -89,25 +89,23 @@ fn unique(name: &str) -> String {
 }
 
 /// Produces `lines` to `topic`, keys spread over partitions.
-fn produce(cfg: &Config, topic: &str, lines: &[Vec<u8>]) -> Result<(), BenchError> {
-    let p = EventProducer::new(&cfg.kafka, &Secrets::default(), topic)?;
-    for (i, l) in lines.iter().enumerate() {
-        p.send(&(i as u64 % 97).to_le_bytes(), l)?;
-    }
-    p.finish()?;
-    Ok(())
-}
-
-fn generate(p: GenParams) -> Vec<Vec<u8>> {
+/// Generates the events straight into the producer (the producer's own
+/// queue bounds what is in memory) and returns how many were sent.
+fn produce(cfg: &Config, topic: &str, p: GenParams) -> Result<u64, BenchError> {
+    let prod = EventProducer::new(&cfg.kafka, &Secrets::default(), topic)?;
     let mut g = Generator::new(p);
-    let mut out = Vec::new();
+    let mut line = Vec::with_capacity(512);
+    let mut n = 0u64;
     loop {
-        let mut l = Vec::with_capacity(256);
-        if g.next_into(&mut l).is_none() {
-            return out;
+        line.clear();
+        if g.next_into(&mut line).is_none() {
+            break;
         }
-        out.push(l);
+        prod.send(&(n % 97).to_le_bytes(), &line)?;
+        n += 1;
     }
+    prod.finish()?;
+    Ok(n)
 }
 
 /// Counts `n` messages of `topic` with a plain consumer in a new group.
@@ -147,20 +145,19 @@ pub async fn kafka_throughput(
 ) -> Result<KafkaReport, BenchError> {
     let topic = unique("pulse-bench");
     create_topic(&cfg.kafka, &Secrets::default(), &topic, partitions).await?;
-    let lines = generate(GenParams {
-        events,
-        seed: 7,
-        ..GenParams::default()
-    });
-    let n = lines.len() as u64;
     let t = Instant::now();
-    {
+    let n = {
         let cfg = cfg.clone();
         let topic = topic.clone();
-        tokio::task::spawn_blocking(move || produce(&cfg, &topic, &lines))
+        let p = GenParams {
+            events,
+            seed: 7,
+            ..GenParams::default()
+        };
+        tokio::task::spawn_blocking(move || produce(&cfg, &topic, p))
             .await
-            .map_err(|e| BenchError::Other(e.to_string()))??;
-    }
+            .map_err(|e| BenchError::Other(e.to_string()))??
+    };
     eprintln!(
         "produced {n} records to {topic} ({partitions} partitions) in {:.1}s (not timed)",
         t.elapsed().as_secs_f64()
@@ -175,7 +172,8 @@ pub async fn kafka_throughput(
     let mut pcfg = cfg.clone();
     pcfg.kafka.topic = topic;
     pcfg.kafka.group = unique("pulse-bench");
-    pcfg.pipeline.idle_exit_ms = 1500;
+    // At least 1.5 s; longer when configured (slow runs: profilers, heaptrack).
+    pcfg.pipeline.idle_exit_ms = cfg.pipeline.idle_exit_ms.max(1500);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let reset = reset_peak_rss();
     let rss_before_pipeline = rss_bytes();

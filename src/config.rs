@@ -232,6 +232,8 @@ pub struct ParquetConfig {
     pub row_group_rows: usize,
     /// Roll a file at this many rows.
     pub max_file_rows: usize,
+    /// Most bytes the open files of one table buffer in unwritten row groups.
+    pub buffer_mb: usize,
     /// zstd level.
     pub zstd_level: i32,
 }
@@ -320,6 +322,7 @@ impl Default for ParquetConfig {
             data_dir: PathBuf::from("pulse-data"),
             row_group_rows: 131_072,
             max_file_rows: 4_000_000,
+            buffer_mb: 32,
             zstd_level: 3,
         }
     }
@@ -425,8 +428,14 @@ impl Config {
         if self.pipeline.batch_size == 0 || self.pipeline.channel_capacity == 0 {
             return bad("pipeline.batch_size and pipeline.channel_capacity must be > 0".into());
         }
-        if self.parquet.row_group_rows == 0 || self.parquet.max_file_rows == 0 {
-            return bad("parquet.row_group_rows and parquet.max_file_rows must be > 0".into());
+        if self.parquet.row_group_rows == 0
+            || self.parquet.max_file_rows == 0
+            || self.parquet.buffer_mb == 0
+        {
+            return bad(
+                "parquet.row_group_rows, parquet.max_file_rows and parquet.buffer_mb must be > 0"
+                    .into(),
+            );
         }
         if !(1..=22).contains(&self.parquet.zstd_level) {
             return bad("parquet.zstd_level must be 1..=22".into());

@@ -20,6 +20,31 @@ use pulse::source::generator::{GenParams, Generator};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` of mimalloc v3 (its `mimalloc.h`; the Rust
+/// bindings name no constant for it). Its default in v3's `options.c` is
+/// 1000 (ms; the header still says 10).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const MI_DEFAULT_PURGE_DELAY: std::ffi::c_long = 1000;
+
+/// The pipeline frees multi-megabyte buffers (source chunks, decoded
+/// batches, Parquet pages) at a high rate; with mimalloc's default one
+/// second purge delay the freed pages stayed resident and the
+/// Kafka path's peak RSS was ~110 MB higher, at no measurable speed gain.
+/// Freed memory now goes back at once, unless `MIMALLOC_PURGE_DELAY` says
+/// otherwise. Not for `pulse serve`, whose small per-request buffers churn.
+fn purge_freed_memory_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: plain reads and writes of mimalloc's option table, which is
+    // initialised before main; the index is checked against its default.
+    unsafe {
+        if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == MI_DEFAULT_PURGE_DELAY {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "pulse",
@@ -203,6 +228,9 @@ fn shutdown_on_signals() -> watch::Receiver<bool> {
 async fn main() -> Result<()> {
     init_tracing();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        purge_freed_memory_at_once();
+    }
     match cli.cmd {
         Cmd::Demo {
             events,
@@ -804,4 +832,23 @@ fn tempfile_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purge_delay_option_is_the_one_set() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // SAFETY: reads of mimalloc's option table.
+        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        // The index names the purge delay: no other option defaults to 1000.
+        assert_eq!(before, MI_DEFAULT_PURGE_DELAY);
+        purge_freed_memory_at_once();
+        let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(after, 0);
+    }
 }

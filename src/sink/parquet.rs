@@ -84,6 +84,8 @@ pub struct TableWriter {
     spec: TableSpec,
     props: WriterProperties,
     max_file_rows: usize,
+    /// Most bytes the open files may hold in unwritten row groups together.
+    buffer_bytes: usize,
     open: HashMap<(i64, i32), OpenFile>,
     written: Vec<WrittenFile>,
     seq: u64,
@@ -122,12 +124,53 @@ impl TableWriter {
             spec,
             props,
             max_file_rows: max_file_rows.max(1),
+            buffer_bytes: usize::MAX,
             open: HashMap::new(),
             written: Vec::new(),
             seq: 0,
             committed: HashMap::new(),
             skipped: 0,
         })
+    }
+
+    /// Bounds the bytes all open files buffer in unwritten row groups: past
+    /// it, the largest row group is written early (smaller, never lost).
+    /// Each open file (one per hour and source partition) would otherwise
+    /// hold up to a full row group, so memory grew with the partitions owned.
+    pub fn with_buffer_limit(mut self, bytes: usize) -> Self {
+        self.buffer_bytes = bytes.max(1);
+        self
+    }
+
+    /// Bytes buffered in the open files' unwritten row groups.
+    pub fn buffered_bytes(&self) -> usize {
+        self.open.values().map(|f| f.writer.memory_size()).sum()
+    }
+
+    fn enforce_buffer_limit(&mut self) -> Result<(), ParquetError> {
+        if self.buffer_bytes == usize::MAX {
+            return Ok(());
+        }
+        loop {
+            let mut total = 0;
+            let mut largest: Option<(usize, (i64, i32))> = None;
+            for (k, f) in &self.open {
+                let n = f.writer.memory_size();
+                total += n;
+                if largest.is_none_or(|(m, _)| n > m) {
+                    largest = Some((n, *k));
+                }
+            }
+            match largest {
+                Some((n, key)) if total > self.buffer_bytes && n > 0 => {
+                    let f = self.open.get_mut(&key).expect("listed above");
+                    f.writer.flush()?;
+                    metrics::counter!("pulse_parquet_early_row_groups_total", "table" => self.spec.name)
+                        .increment(1);
+                }
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// The last position committed for (hour, partition): from this writer's
@@ -265,7 +308,7 @@ impl TableWriter {
             };
             self.append(key, &part, first, last)?;
         }
-        Ok(())
+        self.enforce_buffer_limit()
     }
 
     fn append(
@@ -658,5 +701,54 @@ mod tests {
             files.iter().map(|f| f.rows).collect::<Vec<_>>(),
             vec![3, 3, 1]
         );
+    }
+
+    #[test]
+    fn buffer_limit_writes_the_largest_row_group_early_and_keeps_every_row() {
+        // Rows of four partitions, each file's row group large enough to matter.
+        let batch = |base: i64| {
+            let rows: Vec<(i64, i32, i64)> = (0..4000)
+                .map(|i| (1_000 + i, (i % 4) as i32, base + i))
+                .collect();
+            dead(&rows)
+        };
+        let unbounded = tempfile::tempdir().unwrap();
+        let mut w =
+            TableWriter::new(unbounded.path(), dead_letters_spec(), 1 << 20, 1 << 30, 3).unwrap();
+        for k in 0..8 {
+            w.write(&batch(k * 4000)).unwrap();
+        }
+        let grown = w.buffered_bytes();
+        assert_eq!(w.open_files(), 4);
+
+        let limit = grown / 4;
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = TableWriter::new(dir.path(), dead_letters_spec(), 1 << 20, 1 << 30, 3)
+            .unwrap()
+            .with_buffer_limit(limit);
+        for k in 0..8 {
+            b.write(&batch(k * 4000)).unwrap();
+            assert!(
+                b.buffered_bytes() <= limit,
+                "{} > {limit}",
+                b.buffered_bytes()
+            );
+        }
+        b.close_all().unwrap();
+        let files = list_files(dir.path(), "dead_letters");
+        assert_eq!(files.len(), 4);
+        let mut rows = 0;
+        let mut groups = 0;
+        for f in &files {
+            let r = ParquetRecordBatchReaderBuilder::try_new(File::open(f).unwrap()).unwrap();
+            groups += r.metadata().num_row_groups();
+            rows += r
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap().num_rows())
+                .sum::<usize>();
+        }
+        assert_eq!(rows, 32_000);
+        assert!(groups > 4, "row groups written early: {groups}");
     }
 }
