@@ -101,6 +101,13 @@ pub struct Summary {
     pub freshness: Option<crate::sketch::LatencyHist>,
 }
 
+/// Events for the factor trainer and, with Kafka, the offset after the
+/// batch per partition (it covers records the trainer does not get).
+struct TrainMsg {
+    batch: Option<RecordBatch>,
+    upto: Vec<(i32, i64)>,
+}
+
 enum ParquetMsg {
     Events(RecordBatch),
     Dead(RecordBatch),
@@ -336,7 +343,7 @@ pub async fn run(
     // factor training stage (and its Redis publisher)
     let trained: crate::source::kafka::Progress = Default::default();
     let (trainer_tx, trainer_handle, publisher) = if cfg.reco.enabled {
-        let (tx, mut rx) = mpsc::channel::<RecordBatch>(cap);
+        let (tx, mut rx) = mpsc::channel::<TrainMsg>(cap);
         let (delta_tx, mut delta_rx) = mpsc::channel::<crate::factors::store::Delta>(2);
         let redis = match &store {
             Store::Redis(r) => Some(r.connection()),
@@ -392,9 +399,14 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "model snapshot failed"),
                 }
             };
-            while let Some(b) = rx.blocking_recv() {
+            while let Some(m) = rx.blocking_recv() {
                 let t0 = Instant::now();
-                t.train(&b);
+                if let Some(b) = &m.batch {
+                    t.train(b);
+                }
+                for (p, next) in m.upto {
+                    t.advance(p, next);
+                }
                 if let Some((_, _, every)) = &snap
                     && last_snap.elapsed() >= *every
                 {
@@ -637,7 +649,7 @@ struct Core {
     summary: Summary,
     tracker: crate::alert::AnomalyTracker,
     busy: Duration,
-    trainer: Option<mpsc::Sender<RecordBatch>>,
+    trainer: Option<mpsc::Sender<TrainMsg>>,
     notifier: Option<crate::notify::Notifier>,
     kafka: bool,
     checkpoints: Option<CheckpointStore>,
@@ -893,6 +905,12 @@ impl Core {
             }
         }
 
+        // The trainer's offsets move past the whole batch, dead letters included.
+        let mut trainer_upto: Vec<(i32, i64)> = if self.kafka && self.trainer.is_some() {
+            span.iter().map(|(k, (_, last))| (*k, last + 1)).collect()
+        } else {
+            Vec::new()
+        };
         let n_dead = dead.num_rows() as u64;
         self.summary.records += n_dead + ev.num_rows() as u64;
         self.summary.invalid += n_dead;
@@ -986,9 +1004,13 @@ impl Core {
                     filter_record_batch(&full, &fresh)?
                 };
                 if train.num_rows() > 0 {
-                    t.send(train)
-                        .await
-                        .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))?;
+                    let upto = std::mem::take(&mut trainer_upto);
+                    t.send(TrainMsg {
+                        batch: Some(train),
+                        upto,
+                    })
+                    .await
+                    .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))?;
                 }
             }
             send(pq, ParquetMsg::Events(full)).await?;
@@ -1012,6 +1034,16 @@ impl Core {
                 metrics::counter!("pulse_late_events_total", "class" => "too_late")
                     .increment(too_late);
             }
+        }
+        if !trainer_upto.is_empty()
+            && let Some(t) = &self.trainer
+        {
+            t.send(TrainMsg {
+                batch: None,
+                upto: trainer_upto,
+            })
+            .await
+            .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))?;
         }
         // Positions advance, replays end.
         for (k, (_, last)) in &span {

@@ -86,6 +86,15 @@ impl Trainer {
         &self.offsets
     }
 
+    /// Marks a partition's records before `next` as seen: the pipeline says
+    /// so after each batch, so records the trainer never gets (dead letters,
+    /// events without a user or item) do not hold its offset back, which
+    /// would make a checkpoint replay rows only to skip them.
+    pub fn advance(&mut self, partition: i32, next: i64) {
+        let e = self.offsets.entry(partition).or_insert(i64::MIN);
+        *e = (*e).max(next);
+    }
+
     /// The model and its offsets, as bytes (CBOR).
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let s = Snapshot {
@@ -259,6 +268,13 @@ mod tests {
         assert_eq!(r.skipped as usize, batch(500, 0).num_rows());
         assert_eq!(r.model.events(), t.model.events() + more as u64);
         assert_eq!(r.offsets()[&2], 800);
+        // records it never got (dead letters at 800..803) move it on, never back
+        r.advance(2, 803);
+        r.advance(2, 790);
+        assert_eq!(r.offsets()[&2], 803);
+        let before = r.model.events();
+        assert_eq!(r.train(&batch(803, 0)), 0);
+        assert_eq!(r.model.events(), before);
         // the restored model's vectors are the snapshot's
         let u = (0..100_000u64)
             .find(|u| t.model.implicit.user_record(*u).is_some())
