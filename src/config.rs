@@ -323,7 +323,7 @@ impl Default for ParquetConfig {
             row_group_rows: 131_072,
             max_file_rows: 4_000_000,
             buffer_mb: 32,
-            zstd_level: 3,
+            zstd_level: 1,
         }
     }
 }
