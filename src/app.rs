@@ -1005,12 +1005,7 @@ impl Core {
                 };
                 if train.num_rows() > 0 {
                     let upto = std::mem::take(&mut trainer_upto);
-                    t.send(TrainMsg {
-                        batch: Some(train),
-                        upto,
-                    })
-                    .await
-                    .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))?;
+                    to_trainer(t, Some(train), upto).await?;
                 }
             }
             send(pq, ParquetMsg::Events(full)).await?;
@@ -1038,12 +1033,7 @@ impl Core {
         if !trainer_upto.is_empty()
             && let Some(t) = &self.trainer
         {
-            t.send(TrainMsg {
-                batch: None,
-                upto: trainer_upto,
-            })
-            .await
-            .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))?;
+            to_trainer(t, None, trainer_upto).await?;
         }
         // Positions advance, replays end.
         for (k, (_, last)) in &span {
@@ -1470,6 +1460,16 @@ async fn ask<T>(
     send(pq, make(tx)).await?;
     rx.await
         .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))
+}
+
+async fn to_trainer(
+    t: &mpsc::Sender<TrainMsg>,
+    batch: Option<RecordBatch>,
+    upto: Vec<(i32, i64)>,
+) -> Result<(), PipelineError> {
+    t.send(TrainMsg { batch, upto })
+        .await
+        .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))
 }
 
 async fn send(pq: &mpsc::Sender<ParquetMsg>, m: ParquetMsg) -> Result<(), PipelineError> {

@@ -88,9 +88,9 @@ fn unique(name: &str) -> String {
     )
 }
 
-/// Produces `lines` to `topic`, keys spread over partitions.
-/// Generates the events straight into the producer (the producer's own
-/// queue bounds what is in memory) and returns how many were sent.
+/// Generates the events straight into `topic` (keys spread over partitions;
+/// the producer's own queue bounds what is in memory) and returns how many
+/// were sent.
 fn produce(cfg: &Config, topic: &str, p: GenParams) -> Result<u64, BenchError> {
     let prod = EventProducer::new(&cfg.kafka, &Secrets::default(), topic)?;
     let mut g = Generator::new(p);

@@ -111,16 +111,39 @@ max_file_rows = 8000
         std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
     }
 
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.data
+            .join("_pulse/checkpoints")
+            .join(&self.cfg.kafka.topic)
+    }
+
+    /// Polls `check` until it holds (`Err` says what is still missing),
+    /// failing if the instance exits first or after 90 s; returns the wait.
+    fn wait_until(
+        &self,
+        child: &mut Child,
+        mut check: impl FnMut(&Path) -> Result<(), String>,
+    ) -> Duration {
+        let dir = self.checkpoint_dir();
+        let t0 = Instant::now();
+        loop {
+            let missing = match check(&dir) {
+                Ok(()) => return t0.elapsed(),
+                Err(m) => m,
+            };
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("pulse run exited early: {st}");
+            }
+            assert!(t0.elapsed() < Duration::from_secs(90), "{missing}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until some partition checkpoint is newer than `since`: the
     /// instance has joined, restored and processed data.
     fn wait_checkpoint_after(&self, since: SystemTime, child: &mut Child) -> Duration {
-        let dir = self
-            .data
-            .join("_pulse/checkpoints")
-            .join(&self.cfg.kafka.topic);
-        let t0 = Instant::now();
-        loop {
-            let newest = std::fs::read_dir(&dir)
+        self.wait_until(child, |dir| {
+            let newest = std::fs::read_dir(dir)
                 .map(|rd| {
                     rd.flatten()
                         .filter_map(|e| e.metadata().ok()?.modified().ok())
@@ -128,29 +151,17 @@ max_file_rows = 8000
                 })
                 .ok()
                 .flatten();
-            if newest.is_some_and(|m| m > since) {
-                return t0.elapsed();
+            match newest {
+                Some(m) if m > since => Ok(()),
+                _ => Err("no checkpoint within 90 s".into()),
             }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("pulse run exited early: {st}");
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(90),
-                "no checkpoint within 90 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// Waits until the checkpoints' next offsets cover `n` records in all.
     fn wait_checkpointed(&self, n: i64, child: &mut Child) {
-        let dir = self
-            .data
-            .join("_pulse/checkpoints")
-            .join(&self.cfg.kafka.topic);
-        let t0 = Instant::now();
-        loop {
-            let covered: i64 = std::fs::read_dir(&dir)
+        self.wait_until(child, |dir| {
+            let covered: i64 = std::fs::read_dir(dir)
                 .map(|rd| {
                     rd.flatten()
                         .filter_map(|e| std::fs::read(e.path()).ok())
@@ -160,17 +171,13 @@ max_file_rows = 8000
                 })
                 .unwrap_or(0);
             if covered >= n {
-                return;
+                Ok(())
+            } else {
+                Err(format!(
+                    "checkpoints cover {covered} of {n} records after 90 s"
+                ))
             }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("pulse run exited early: {st}");
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(90),
-                "checkpoints cover {covered} of {n} records after 90 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        });
     }
 
     async fn produce(&self, lines: &[Vec<u8>], first_key: usize) {
