@@ -12,8 +12,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, Float32Builder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
-    TimestampMillisecondBuilder, UInt16Builder, UInt64Builder,
+    ArrayBuilder, ArrayRef, Float32Builder, Float64Builder, Int32Builder, Int64Builder,
+    StringBuilder, TimestampMillisecondBuilder, UInt16Builder, UInt64Builder,
 };
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
@@ -209,6 +209,10 @@ pub struct Decoder {
     partition: Int32Builder,
     offset: Int64Builder,
     dead: DeadLetterBuilder,
+    /// Bytes per row of each string column (event_type, session_id,
+    /// service, endpoint) in the last chunk: the next chunk's builders are
+    /// sized from them.
+    str_bytes_per_row: [f64; 4],
 }
 
 /// One decoded chunk.
@@ -255,13 +259,37 @@ impl Decoder {
             partition: Int32Builder::with_capacity(cap),
             offset: Int64Builder::with_capacity(cap),
             dead: DeadLetterBuilder::default(),
+            str_bytes_per_row: [0.0; 4],
         }
+    }
+
+    /// Sizes the (empty) column builders for `rows` records, so that
+    /// appending never regrows a buffer: each doubling of a multi-megabyte
+    /// column copied it and faulted in fresh pages.
+    fn presize(&mut self, rows: usize) {
+        let bytes = |k: usize| (self.str_bytes_per_row[k] * rows as f64 * 1.125) as usize;
+        let (et, sid, svc, ep) = (bytes(0), bytes(1), bytes(2), bytes(3));
+        self.event_id = UInt64Builder::with_capacity(rows);
+        self.ts = TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC");
+        self.user_id = UInt64Builder::with_capacity(rows);
+        self.item_id = UInt64Builder::with_capacity(rows);
+        self.event_type = StringBuilder::with_capacity(rows, et);
+        self.rating = Float32Builder::with_capacity(rows);
+        self.price = Float64Builder::with_capacity(rows);
+        self.session_id = StringBuilder::with_capacity(rows, sid);
+        self.service = StringBuilder::with_capacity(rows, svc);
+        self.endpoint = StringBuilder::with_capacity(rows, ep);
+        self.status = UInt16Builder::with_capacity(rows);
+        self.latency = Float64Builder::with_capacity(rows);
+        self.partition = Int32Builder::with_capacity(rows);
+        self.offset = Int64Builder::with_capacity(rows);
     }
 
     /// Decodes a whole chunk. `received_at_ms` stamps its dead letters that
     /// have no source timestamp.
     pub fn decode(&mut self, chunk: &RawChunk, received_at_ms: i64) -> Decoded {
         let mut rejected: Vec<(&'static str, u64)> = Vec::new();
+        self.presize(chunk.len());
         for i in 0..chunk.len() {
             let raw = chunk.record(i);
             let pos = chunk.positions[i];
@@ -419,6 +447,18 @@ impl Decoder {
     }
 
     fn finish_events(&mut self) -> RecordBatch {
+        let rows = self.event_id.len();
+        if rows > 0 {
+            let strs = [
+                &self.event_type,
+                &self.session_id,
+                &self.service,
+                &self.endpoint,
+            ];
+            for (k, b) in strs.iter().enumerate() {
+                self.str_bytes_per_row[k] = b.values_slice().len() as f64 / rows as f64;
+            }
+        }
         let cols: Vec<ArrayRef> = vec![
             Arc::new(self.event_id.finish()),
             Arc::new(self.ts.finish()),
