@@ -1205,7 +1205,7 @@ impl Core {
         }
         let mut rows = Vec::new();
         if !latest_input.is_empty() {
-            let all: Vec<(i32, i64, &str, &crate::window::Partial)> = latest_input
+            let all: Vec<(i32, i64, &str, &crate::window::MergePart)> = latest_input
                 .values()
                 .flat_map(|m| {
                     m.parts

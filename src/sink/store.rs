@@ -295,7 +295,7 @@ pub struct PartialUpdate {
 pub struct MergeInput {
     pub window_start_ms: i64,
     pub service: String,
-    pub parts: Vec<(i32, crate::window::Partial)>,
+    pub parts: Vec<(i32, crate::window::MergePart)>,
     pub all_final: bool,
     /// Sum of the partitions' versions: grows with every accepted write, so the
     /// merged row computed from a later read always wins.
@@ -363,7 +363,7 @@ fn parse_parts(
 ) -> Result<MergeInput, StoreError> {
     let mut vers: BTreeMap<i32, i64> = BTreeMap::new();
     let mut fin: BTreeMap<i32, bool> = BTreeMap::new();
-    let mut blobs: BTreeMap<i32, crate::window::Partial> = BTreeMap::new();
+    let mut blobs: BTreeMap<i32, crate::window::MergePart> = BTreeMap::new();
     for kv in flat.chunks_exact(2) {
         let k = String::from_utf8_lossy(&kv[0]);
         let Some((kind, part)) = k.split_once(':') else {
@@ -383,10 +383,10 @@ fn parse_parts(
                 fin.insert(part, kv[1] == b"1");
             }
             "b" => {
-                let p = crate::window::Partial::from_bytes(&kv[1]).ok_or_else(|| {
+                let p = crate::window::StoredPartial::from_bytes(&kv[1]).ok_or_else(|| {
                     StoreError::Corrupt(format!("partial of {service} at {window_start_ms}"))
                 })?;
-                blobs.insert(part, p);
+                blobs.insert(part, crate::window::MergePart::Stored(p));
             }
             _ => {}
         }
@@ -426,7 +426,10 @@ impl Store {
                         service: u.service.clone(),
                         all_final,
                         version_sum: e.values().map(|v| v.0).sum(),
-                        parts: e.iter().map(|(p, v)| (*p, v.2.clone())).collect(),
+                        parts: e
+                            .iter()
+                            .map(|(p, v)| (*p, crate::window::MergePart::Decoded(v.2.clone())))
+                            .collect(),
                     });
                     if all_final {
                         // No partition changes a final window again: keep memory flat.
