@@ -44,7 +44,9 @@ use crate::sink::store::{
 use crate::source::generator::{GenParams, Generator};
 use crate::source::kafka::KafkaError;
 use crate::sql::{SqlEngine, SqlError, partials_to_batch};
-use crate::window::{Lateness, PartitionWindows, WindowEmit, WindowParams, Windower};
+use crate::window::{
+    Lateness, PartitionWindows, StoredPartial, WindowEmit, WindowParams, Windower,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -1147,7 +1149,7 @@ impl Core {
         self.summary.windows_emitted += emits.len() as u64;
         let mut updates = Vec::new();
         let mut tops = Vec::new();
-        let mut finals: Vec<(i32, i64, &str, &crate::window::Partial)> = Vec::new();
+        let mut finals: Vec<(i32, i64, &str, crate::window::StoredPartial)> = Vec::new();
         for (k, e) in &emits {
             let version = if self.kafka {
                 self.tasks.get(k).map_or(0, |t| t.next_offset)
@@ -1164,7 +1166,7 @@ impl Core {
                     partial: p.clone(),
                 });
                 if e.is_final {
-                    finals.push((*k, e.window_start, svc.as_str(), p));
+                    finals.push((*k, e.window_start, svc.as_str(), StoredPartial::of(p)));
                 }
             }
             tops.push(TopUpdate {
@@ -1176,7 +1178,8 @@ impl Core {
         }
         // Final rows per partition, kept until their hour closes.
         if !finals.is_empty() {
-            let stats = self.sql.minute_stats(partials_to_batch(&finals)).await?;
+            let refs: Vec<_> = finals.iter().map(|(k, w, s, p)| (*k, *w, *s, p)).collect();
+            let stats = self.sql.minute_stats(partials_to_batch(&refs)).await?;
             for r in minute_rows(&stats, true) {
                 if let Some(t) = self.tasks.get_mut(&r.partition) {
                     t.pending_stats.push(r);
@@ -1205,7 +1208,7 @@ impl Core {
         }
         let mut rows = Vec::new();
         if !latest_input.is_empty() {
-            let all: Vec<(i32, i64, &str, &crate::window::MergePart)> = latest_input
+            let all: Vec<(i32, i64, &str, &crate::window::StoredPartial)> = latest_input
                 .values()
                 .flat_map(|m| {
                     m.parts

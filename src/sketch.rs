@@ -41,6 +41,20 @@ pub fn hist_to_bytes(h: &LatencyHist) -> Vec<u8> {
     out
 }
 
+/// Whether `b` is framed like [`hist_to_bytes`]'s output (hdrhistogram's
+/// uncompressed V2 cookie, and a payload length matching the bytes), without
+/// decoding the counts.
+pub fn hist_bytes_framed(b: &[u8]) -> bool {
+    const V2_COOKIE: u32 = 0x1c84_9313;
+    const V2_HEADER: usize = 40;
+    let be = |r: std::ops::Range<usize>| {
+        b.get(r)
+            .and_then(|w| w.try_into().ok())
+            .map(u32::from_be_bytes)
+    };
+    be(0..4) == Some(V2_COOKIE) && be(4..8).is_some_and(|n| V2_HEADER + n as usize == b.len())
+}
+
 pub fn hist_from_bytes(b: &[u8]) -> Option<LatencyHist> {
     let h: LatencyHist = Deserializer::new().deserialize(&mut &b[..]).ok()?;
     Some(h)

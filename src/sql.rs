@@ -22,7 +22,7 @@ use crate::model::ts_type;
 use crate::sketch::{
     Hll, LatencyHist, hist_from_bytes, hist_merge, hist_to_bytes, new_hist, quantile_ms, record_ms,
 };
-use crate::window::{MergeColumns, Partial};
+use crate::window::{Partial, StoredPartial};
 
 pub const MINUTE_PARTIALS_SQL: &str = include_str!("../sql/minute_partials.sql");
 pub const TOP_ITEMS_PARTIAL_SQL: &str = include_str!("../sql/top_items_partial.sql");
@@ -256,32 +256,31 @@ fn col_i32(b: &RecordBatch) -> Result<Int32Array, SqlError> {
 }
 
 /// Builds a `partials` batch from window state: (partition, window, service, partial).
-pub fn partials_to_batch<P: MergeColumns>(rows: &[(i32, i64, &str, &P)]) -> RecordBatch {
+pub fn partials_to_batch(rows: &[(i32, i64, &str, &StoredPartial)]) -> RecordBatch {
     let ws = TimestampMillisecondArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())
         .with_timezone("UTC");
     let svc = StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
-    let counts: Vec<[i64; 4]> = rows.iter().map(|r| r.3.counts()).collect();
-    let i64s = |k: usize| Int64Array::from(counts.iter().map(|c| c[k]).collect::<Vec<_>>());
+    let i64s = |f: fn(&StoredPartial) -> i64| {
+        Int64Array::from(rows.iter().map(|r| f(r.3)).collect::<Vec<_>>())
+    };
     let mut hist = BinaryBuilder::new();
     let mut hll = BinaryBuilder::new();
     let mut lmax = Float64Builder::new();
     for r in rows {
-        hist.append_value(r.3.hist_bytes());
-        hll.append_value(r.3.users().to_bytes());
-        lmax.append_option(r.3.latency_max_ms());
+        hist.append_value(&r.3.hist);
+        hll.append_value(r.3.users.to_bytes());
+        lmax.append_option(r.3.latency_max_ms);
     }
     let cols: Vec<ArrayRef> = vec![
         Arc::new(ws),
         Arc::new(svc),
-        Arc::new(i64s(0)),
-        Arc::new(i64s(1)),
-        Arc::new(i64s(2)),
+        Arc::new(i64s(|p| p.requests)),
+        Arc::new(i64s(|p| p.errors)),
+        Arc::new(i64s(|p| p.client_errors)),
         Arc::new(Float64Array::from(
-            rows.iter()
-                .map(|r| r.3.latency_sum_ms())
-                .collect::<Vec<_>>(),
+            rows.iter().map(|r| r.3.latency_sum_ms).collect::<Vec<_>>(),
         )),
-        Arc::new(i64s(3)),
+        Arc::new(i64s(|p| p.latency_count)),
         Arc::new(lmax.finish()),
         Arc::new(hist.finish()),
         Arc::new(hll.finish()),
@@ -543,9 +542,11 @@ mod tests {
         let b2 = batch(&rows[50..]);
         let mut parts = e.partials(b1).await.unwrap();
         parts.extend(e.partials(b2).await.unwrap());
-        let refs: Vec<(i32, i64, &str, &Partial)> = parts
+        let stored: Vec<StoredPartial> = parts.iter().map(|r| StoredPartial::of(&r.3)).collect();
+        let refs: Vec<(i32, i64, &str, &StoredPartial)> = parts
             .iter()
-            .map(|(q, w, s, p)| (*q, *w, s.as_str(), p))
+            .zip(&stored)
+            .map(|((q, w, s, _), p)| (*q, *w, s.as_str(), p))
             .collect();
         let stats = e.minute_stats(partials_to_batch(&refs)).await.unwrap();
         let printed = pretty_format_batches(&[stats]).unwrap().to_string();

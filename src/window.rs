@@ -251,28 +251,16 @@ impl Partial {
 
     /// Decodes [`Partial::to_bytes`]; `None` for anything malformed.
     pub fn from_bytes(b: &[u8]) -> Option<Partial> {
-        if *b.first()? != 1 {
-            return None;
-        }
-        let word = |i: usize| -> Option<[u8; 8]> { b.get(1 + i * 8..9 + i * 8)?.try_into().ok() };
-        let i = |k: usize| word(k).map(i64::from_le_bytes);
-        let f = |k: usize| word(k).map(f64::from_le_bytes);
-        let max = f(5)?;
-        let hl = u32::from_le_bytes(b.get(49..53)?.try_into().ok()?) as usize;
-        let hist = crate::sketch::hist_from_bytes(b.get(53..53 + hl)?)?;
-        let (users, used) = Hll::from_compact(b.get(53 + hl..)?)?;
-        if 53 + hl + used != b.len() {
-            return None;
-        }
+        let s = StoredPartial::from_bytes(b)?;
         Some(Partial {
-            requests: i(0)?,
-            errors: i(1)?,
-            client_errors: i(2)?,
-            latency_count: i(3)?,
-            latency_sum_ms: f(4)?,
-            latency_max_ms: (!max.is_nan()).then_some(max),
-            hist,
-            users,
+            requests: s.requests,
+            errors: s.errors,
+            client_errors: s.client_errors,
+            latency_count: s.latency_count,
+            latency_sum_ms: s.latency_sum_ms,
+            latency_max_ms: s.latency_max_ms,
+            hist: crate::sketch::hist_from_bytes(&s.hist)?,
+            users: s.users,
         })
     }
 
@@ -291,11 +279,12 @@ impl Partial {
     }
 }
 
-/// A partial as read back from the store for a merge: counters and the
-/// distinct-user sketch decoded, the latency histogram left in its
-/// serialised form ([`crate::sketch::hist_to_bytes`]), which is what the merge
-/// query takes. Decoding an HDR histogram (and allocating its ~92 KB of
-/// counts) only to serialise it again was ~8% of the Kafka path's CPU.
+/// A partial in the form the merge query takes: counters and the
+/// distinct-user sketch decoded, the latency histogram serialised
+/// ([`crate::sketch::hist_to_bytes`]). Read back from the store, the
+/// histogram's bytes are used as they are: decoding an HDR histogram (and
+/// allocating its ~92 KB of counts) only to serialise it again was ~8% of the
+/// Kafka path's CPU.
 #[derive(Debug, Clone)]
 pub struct StoredPartial {
     pub requests: i64,
@@ -308,11 +297,21 @@ pub struct StoredPartial {
     pub users: Hll,
 }
 
-/// The uncompressed V2 HDR histogram cookie and header length (hdrhistogram's format).
-const HDR_V2_COOKIE: u32 = 0x1c84_9313;
-const HDR_V2_HEADER: usize = 40;
-
 impl StoredPartial {
+    /// The serialised form of a partial held in memory.
+    pub fn of(p: &Partial) -> StoredPartial {
+        StoredPartial {
+            requests: p.requests,
+            errors: p.errors,
+            client_errors: p.client_errors,
+            latency_count: p.latency_count,
+            latency_sum_ms: p.latency_sum_ms,
+            latency_max_ms: p.latency_max_ms,
+            hist: crate::sketch::hist_to_bytes(&p.hist),
+            users: p.users.clone(),
+        }
+    }
+
     /// Reads [`Partial::to_bytes`] without decoding the histogram (its header
     /// and length are checked); `None` for anything malformed.
     pub fn from_bytes(b: &[u8]) -> Option<StoredPartial> {
@@ -325,9 +324,7 @@ impl StoredPartial {
         let max = f(5)?;
         let hl = u32::from_le_bytes(b.get(49..53)?.try_into().ok()?) as usize;
         let hist = b.get(53..53 + hl)?;
-        let cookie = u32::from_be_bytes(hist.get(0..4)?.try_into().ok()?);
-        let payload = u32::from_be_bytes(hist.get(4..8)?.try_into().ok()?) as usize;
-        if cookie != HDR_V2_COOKIE || HDR_V2_HEADER + payload != hl {
+        if !crate::sketch::hist_bytes_framed(hist) {
             return None;
         }
         let (users, used) = Hll::from_compact(b.get(53 + hl..)?)?;
@@ -344,103 +341,6 @@ impl StoredPartial {
             hist: hist.to_vec(),
             users,
         })
-    }
-}
-
-/// What a merge reads per partition: a partial held in memory or one read
-/// back from the store.
-#[derive(Debug, Clone)]
-pub enum MergePart {
-    Decoded(Partial),
-    Stored(StoredPartial),
-}
-
-/// The columns a merge query needs from a partial.
-pub trait MergeColumns {
-    fn counts(&self) -> [i64; 4];
-    fn latency_sum_ms(&self) -> f64;
-    fn latency_max_ms(&self) -> Option<f64>;
-    /// The histogram as [`crate::sketch::hist_to_bytes`].
-    fn hist_bytes(&self) -> std::borrow::Cow<'_, [u8]>;
-    fn users(&self) -> &Hll;
-}
-
-impl MergeColumns for Partial {
-    fn counts(&self) -> [i64; 4] {
-        [
-            self.requests,
-            self.errors,
-            self.client_errors,
-            self.latency_count,
-        ]
-    }
-    fn latency_sum_ms(&self) -> f64 {
-        self.latency_sum_ms
-    }
-    fn latency_max_ms(&self) -> Option<f64> {
-        self.latency_max_ms
-    }
-    fn hist_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
-        crate::sketch::hist_to_bytes(&self.hist).into()
-    }
-    fn users(&self) -> &Hll {
-        &self.users
-    }
-}
-
-impl MergeColumns for StoredPartial {
-    fn counts(&self) -> [i64; 4] {
-        [
-            self.requests,
-            self.errors,
-            self.client_errors,
-            self.latency_count,
-        ]
-    }
-    fn latency_sum_ms(&self) -> f64 {
-        self.latency_sum_ms
-    }
-    fn latency_max_ms(&self) -> Option<f64> {
-        self.latency_max_ms
-    }
-    fn hist_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
-        (&self.hist[..]).into()
-    }
-    fn users(&self) -> &Hll {
-        &self.users
-    }
-}
-
-impl MergeColumns for MergePart {
-    fn counts(&self) -> [i64; 4] {
-        match self {
-            MergePart::Decoded(p) => p.counts(),
-            MergePart::Stored(p) => p.counts(),
-        }
-    }
-    fn latency_sum_ms(&self) -> f64 {
-        match self {
-            MergePart::Decoded(p) => p.latency_sum_ms,
-            MergePart::Stored(p) => p.latency_sum_ms,
-        }
-    }
-    fn latency_max_ms(&self) -> Option<f64> {
-        match self {
-            MergePart::Decoded(p) => p.latency_max_ms,
-            MergePart::Stored(p) => p.latency_max_ms,
-        }
-    }
-    fn hist_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
-        match self {
-            MergePart::Decoded(p) => p.hist_bytes(),
-            MergePart::Stored(p) => p.hist_bytes(),
-        }
-    }
-    fn users(&self) -> &Hll {
-        match self {
-            MergePart::Decoded(p) => &p.users,
-            MergePart::Stored(p) => &p.users,
-        }
     }
 }
 
@@ -753,11 +653,14 @@ mod tests {
         p.latency_max_ms = Some(19.0);
         let b = p.to_bytes();
         let s = StoredPartial::from_bytes(&b).unwrap();
-        assert_eq!(s.counts(), p.counts());
+        assert_eq!(
+            (s.requests, s.errors, s.client_errors, s.latency_count),
+            (p.requests, p.errors, p.client_errors, p.latency_count)
+        );
         assert_eq!(s.latency_sum_ms, 60.0);
         assert_eq!(s.latency_max_ms, Some(19.0));
         assert_eq!(s.users, p.users);
-        assert_eq!(s.hist_bytes(), p.hist_bytes());
+        assert_eq!(s.hist, crate::sketch::hist_to_bytes(&p.hist));
         assert_eq!(crate::sketch::hist_from_bytes(&s.hist).unwrap(), p.hist);
         assert!(StoredPartial::from_bytes(&b[..b.len() - 1]).is_none());
         assert!(StoredPartial::from_bytes(&[2]).is_none());

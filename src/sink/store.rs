@@ -295,7 +295,7 @@ pub struct PartialUpdate {
 pub struct MergeInput {
     pub window_start_ms: i64,
     pub service: String,
-    pub parts: Vec<(i32, crate::window::MergePart)>,
+    pub parts: Vec<(i32, crate::window::StoredPartial)>,
     pub all_final: bool,
     /// Sum of the partitions' versions: grows with every accepted write, so the
     /// merged row computed from a later read always wins.
@@ -363,7 +363,7 @@ fn parse_parts(
 ) -> Result<MergeInput, StoreError> {
     let mut vers: BTreeMap<i32, i64> = BTreeMap::new();
     let mut fin: BTreeMap<i32, bool> = BTreeMap::new();
-    let mut blobs: BTreeMap<i32, crate::window::MergePart> = BTreeMap::new();
+    let mut blobs: BTreeMap<i32, crate::window::StoredPartial> = BTreeMap::new();
     for kv in flat.chunks_exact(2) {
         let k = String::from_utf8_lossy(&kv[0]);
         let Some((kind, part)) = k.split_once(':') else {
@@ -386,7 +386,7 @@ fn parse_parts(
                 let p = crate::window::StoredPartial::from_bytes(&kv[1]).ok_or_else(|| {
                     StoreError::Corrupt(format!("partial of {service} at {window_start_ms}"))
                 })?;
-                blobs.insert(part, crate::window::MergePart::Stored(p));
+                blobs.insert(part, p);
             }
             _ => {}
         }
@@ -428,7 +428,7 @@ impl Store {
                         version_sum: e.values().map(|v| v.0).sum(),
                         parts: e
                             .iter()
-                            .map(|(p, v)| (*p, crate::window::MergePart::Decoded(v.2.clone())))
+                            .map(|(p, v)| (*p, crate::window::StoredPartial::of(&v.2)))
                             .collect(),
                     });
                     if all_final {
