@@ -138,7 +138,7 @@ impl RecoConfig {
 }
 
 /// Dot product with eight independent accumulators (auto-vectorises).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
@@ -539,6 +539,7 @@ impl Bpr {
     /// One BPR SGD step on (u, pos ≻ neg) with step `lr`; returns the margin
     /// `x_uij` before the step. The user vector moves along the old item
     /// vectors and the item vectors along the old user vector, in one pass.
+    #[inline(always)]
     fn step(&mut self, u: usize, i: usize, j: usize, lr: f32) -> f32 {
         debug_assert_ne!(i, j);
         let d = self.cfg.dim;
@@ -577,6 +578,25 @@ impl Bpr {
     }
 
     fn learn_inner(&mut self, user: u64, item: u64, w: f32, want_loss: bool) -> Option<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has just been checked to support AVX2.
+            return unsafe { self.learn_avx2(user, item, w, want_loss) };
+        }
+        self.learn_body(user, item, w, want_loss)
+    }
+
+    /// [`Bpr::learn_body`] compiled for AVX2: the factor loops run 8 lanes
+    /// wide instead of SSE's 4. No FMA, so each lane rounds as the portable
+    /// code does and the results are the same bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn learn_avx2(&mut self, user: u64, item: u64, w: f32, want_loss: bool) -> Option<f32> {
+        self.learn_body(user, item, w, want_loss)
+    }
+
+    #[inline(always)]
+    fn learn_body(&mut self, user: u64, item: u64, w: f32, want_loss: bool) -> Option<f32> {
         let u = self.user_index(user);
         let i = self.item_index(item);
         self.pool.offer(&mut self.rng, RESERVOIR_SLOTS, i as u32);
