@@ -1029,6 +1029,26 @@ mod tests {
     }
 
     #[test]
+    fn dispatched_update_equals_the_portable_one_bit_for_bit() {
+        let cfg = RecoConfig::default();
+        let (mut fast, mut portable) = (Bpr::new(&cfg, 3), Bpr::new(&cfg, 3));
+        let mut x = 88_172_645_463_325_252u64;
+        for _ in 0..5_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (u, i, w) = (x % 300, (x >> 20) % 500, 1.0 + (x >> 40) as f32 % 3.0);
+            let a = fast.observe(u, i, w);
+            let b = portable.learn_body(u, i, w, true);
+            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+        }
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast.user_f), bits(&portable.user_f));
+        assert_eq!(bits(&fast.item_f), bits(&portable.item_f));
+        assert_eq!(bits(&fast.item_b), bits(&portable.item_b));
+    }
+
+    #[test]
     fn ring_filter_never_misses_a_member() {
         let mut ring = Ring::default();
         for i in 0..40u32 {
