@@ -28,17 +28,11 @@ const MI_DEFAULT_PURGE_DELAY: std::ffi::c_long = 1000;
 
 /// The pipeline frees multi-megabyte buffers (source chunks, decoded
 /// batches, Parquet pages) at a high rate; with mimalloc's default one
-/// second purge delay the freed pages stayed resident and the Kafka path's
-/// peak RSS was ~110 MB higher. Purging at once (0 ms) kept RSS down but
-/// every reused buffer was faulted in and zeroed again: page faults were
-/// ~15% of `pulse run`'s CPU on the Kafka path. 10 ms keeps pages across
-/// back-to-back batches and still returns them within the same second:
-/// Kafka-path CPU 6.65-6.86 s -> 5.71-5.94 s per 1M records, peak RSS
-/// 456-470 MB -> 449-476 MB. `MIMALLOC_PURGE_DELAY` overrides it. Not for
-/// `pulse serve`, whose small per-request buffers churn.
-const PURGE_DELAY_MS: std::ffi::c_long = 10;
-
-fn purge_freed_memory_soon() {
+/// second purge delay the freed pages stayed resident and the
+/// Kafka path's peak RSS was ~110 MB higher, at no measurable speed gain.
+/// Freed memory now goes back at once, unless `MIMALLOC_PURGE_DELAY` says
+/// otherwise. Not for `pulse serve`, whose small per-request buffers churn.
+fn purge_freed_memory_at_once() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
     }
@@ -46,7 +40,7 @@ fn purge_freed_memory_soon() {
     // initialised before main; the index is checked against its default.
     unsafe {
         if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == MI_DEFAULT_PURGE_DELAY {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS);
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
         }
     }
 }
@@ -235,7 +229,7 @@ async fn main() -> Result<()> {
     init_tracing();
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Serve { .. }) {
-        purge_freed_memory_soon();
+        purge_freed_memory_at_once();
     }
     match cli.cmd {
         Cmd::Demo {
@@ -853,7 +847,7 @@ mod tests {
         let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
         // The index names the purge delay: no other option defaults to 1000.
         assert_eq!(before, MI_DEFAULT_PURGE_DELAY);
-        purge_freed_memory_soon();
+        purge_freed_memory_at_once();
         let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
         assert_eq!(after, 0);
     }
