@@ -164,6 +164,13 @@ fn own_layout_counts(b: &[u8], len: usize) -> Option<Vec<(usize, u64)>> {
     Some(out)
 }
 
+/// `2^-r`, exactly, from the exponent bits: `powi` per register (4,096 per
+/// count, a count per minute row) was ~0.5% of the pipeline's CPU.
+fn inv_pow2(r: u8) -> f64 {
+    // Registers hold at most 64 - HLL_P + 1 = 53: a normal f64 exponent.
+    f64::from_bits(u64::from(1023 - u16::from(r).min(1022)) << 52)
+}
+
 /// HyperLogLog with 2^12 registers (≈1.6% standard error), small-range corrected.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hll {
@@ -210,7 +217,7 @@ impl Hll {
         let m = HLL_M as f64;
         let alpha = 0.7213 / (1.0 + 1.079 / m);
         let (sum, zeros) = self.regs.iter().fold((0.0, 0usize), |(s, z), &r| {
-            (s + 2f64.powi(-(r as i32)), z + usize::from(r == 0))
+            (s + inv_pow2(r), z + usize::from(r == 0))
         });
         let est = alpha * m * m / sum;
         let est = if est <= 2.5 * m && zeros > 0 {
@@ -391,6 +398,20 @@ mod tests {
             assert!(!hist_merge_bytes(&mut h, bad));
         }
         assert_eq!(h, before);
+    }
+
+    #[test]
+    fn inv_pow2_is_exact() {
+        for r in 0..=255u8 {
+            let want = if r <= 64 {
+                2f64.powi(-(r as i32))
+            } else {
+                inv_pow2(r)
+            };
+            assert_eq!(inv_pow2(r).to_bits(), want.to_bits(), "r = {r}");
+        }
+        assert_eq!(inv_pow2(0), 1.0);
+        assert_eq!(inv_pow2(53), 1.0 / 9_007_199_254_740_992.0);
     }
 
     #[test]
