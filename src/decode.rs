@@ -295,12 +295,9 @@ impl Decoder {
         // path's CPU); a chunk with invalid bytes is parsed record by
         // record, so only the records holding them become dead letters.
         let text = std::str::from_utf8(&chunk.data).ok();
-        let mut start = 0;
         for i in 0..chunk.len() {
             let raw = chunk.record(i);
-            let end = start + raw.len();
-            let as_text = text.and_then(|t| t.get(start..end));
-            start = end;
+            let as_text = text.and_then(|t| t.get(chunk.span(i)));
             let pos = chunk.positions[i];
             if let Err(r) = self.push(raw, as_text) {
                 match rejected.iter_mut().find(|(k, _)| *k == r.kind) {

@@ -181,7 +181,12 @@ impl RawChunk {
         self.ends.is_empty()
     }
     pub fn record(&self, i: usize) -> &[u8] {
+        &self.data[self.span(i)]
+    }
+
+    /// Where record `i` lies in `data`.
+    pub fn span(&self, i: usize) -> std::ops::Range<usize> {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.data[start..self.ends[i]]
+        start..self.ends[i]
     }
 }
