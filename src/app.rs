@@ -260,6 +260,8 @@ pub async fn run(
     let (dec_tx, mut dec_rx) = mpsc::channel::<CoreMsg>(cap);
     let (pq_tx, pq_rx) = mpsc::channel::<ParquetMsg>(cap * 4);
     let kafka = matches!(source, SourceSpec::Kafka);
+    // Decoded chunks go back to the source to be refilled.
+    let pool = crate::model::ChunkPool::new(2);
     let progress: crate::source::kafka::Progress = Default::default();
 
     // parquet stage
@@ -268,6 +270,7 @@ pub async fn run(
 
     // source stage
     let batch = cfg.pipeline.batch_size;
+    let src_pool = pool.clone();
     let src_handle: tokio::task::JoinHandle<Result<(), PipelineError>> = match source {
         SourceSpec::Files(paths) => tokio::task::spawn_blocking(move || {
             let total = crate::source::file::total_bytes(&paths);
@@ -277,7 +280,7 @@ pub async fn run(
                     b.inc(n)
                 }
             };
-            crate::source::file::read_files(&paths, batch, &chunk_tx, &done)?;
+            crate::source::file::read_files(&paths, batch, &chunk_tx, &src_pool, &done)?;
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
@@ -288,8 +291,8 @@ pub async fn run(
             let source: Arc<str> = "generator".into();
             let mut line = Vec::with_capacity(512);
             let mut n = 0i64;
+            let mut chunk = RawChunk::new(source.clone());
             loop {
-                let mut chunk = RawChunk::new(source.clone());
                 while chunk.len() < batch {
                     line.clear();
                     if g.next_into(&mut line).is_none() {
@@ -305,7 +308,9 @@ pub async fn run(
                     );
                 }
                 let last = chunk.len() < batch;
-                if !chunk.is_empty() && chunk_tx.blocking_send(SourceMsg::Chunk(chunk)).is_err() {
+                let next = RawChunk::reused_like(&chunk, &src_pool);
+                let full = std::mem::replace(&mut chunk, next);
+                if !full.is_empty() && chunk_tx.blocking_send(SourceMsg::Chunk(full)).is_err() {
                     break;
                 }
                 if last {
@@ -335,6 +340,7 @@ pub async fn run(
                         stop,
                         tx: chunk_tx,
                         progress,
+                        pool: src_pool,
                     },
                 )?;
                 Ok(())
@@ -466,6 +472,7 @@ pub async fn run(
                     let t0 = Instant::now();
                     let now = chrono::Utc::now().timestamp_millis();
                     let out = d.decode(&c, now);
+                    pool.put(c);
                     busy += t0.elapsed();
                     CoreMsg::Batch(out)
                 }

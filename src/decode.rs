@@ -157,6 +157,41 @@ pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// A JSON string borrowed from the input when it has no escapes (the usual
+/// case), owned only when unescaping changed it. serde's own `Option<Cow<str>>`
+/// always allocates: its borrowing applies to a bare `Cow<str>` field only.
+#[derive(Debug)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 #[derive(Deserialize)]
 struct RawEvent<'a> {
     event_id: Option<u64>,
@@ -164,15 +199,15 @@ struct RawEvent<'a> {
     user_id: Option<u64>,
     item_id: Option<u64>,
     #[serde(borrow)]
-    event_type: Option<Cow<'a, str>>,
+    event_type: Option<Text<'a>>,
     rating: Option<f32>,
     price: Option<f64>,
     #[serde(borrow)]
-    session_id: Option<Cow<'a, str>>,
+    session_id: Option<Text<'a>>,
     #[serde(borrow)]
-    service: Option<Cow<'a, str>>,
+    service: Option<Text<'a>>,
     #[serde(borrow)]
-    endpoint: Option<Cow<'a, str>>,
+    endpoint: Option<Text<'a>>,
     status: Option<u16>,
     latency_ms: Option<f64>,
 }
@@ -572,6 +607,25 @@ mod tests {
     use crate::model::Position;
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::datatypes::{TimestampMillisecondType, UInt64Type};
+
+    #[test]
+    fn strings_without_escapes_are_borrowed_and_escaped_ones_unescaped() {
+        let line = r#"{"service":"cart","endpoint":"/a\"b","session_id":"s\u00e9"}"#;
+        let ev: RawEvent = serde_json::from_str(line).unwrap();
+        let svc = ev.service.unwrap();
+        assert!(matches!(svc.0, Cow::Borrowed("cart")));
+        let ep = ev.endpoint.unwrap();
+        assert!(matches!(&ep.0, Cow::Owned(s) if s == "/a\"b"));
+        assert_eq!(&*ev.session_id.unwrap(), "s\u{e9}");
+        assert!(ev.event_type.is_none());
+        // From bytes, too: serde_json borrows from a slice as well.
+        let ev: RawEvent = serde_json::from_slice(br#"{"event_type":"view"}"#).unwrap();
+        assert!(matches!(ev.event_type.unwrap().0, Cow::Borrowed("view")));
+        let err = serde_json::from_str::<RawEvent>(r#"{"service":5}"#)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("a string"), "{err}");
+    }
 
     fn chunk(lines: &[&str]) -> RawChunk {
         let mut c = RawChunk::new("test.jsonl".into());

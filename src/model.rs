@@ -132,6 +132,52 @@ pub struct RawChunk {
     pub timestamps: Vec<i64>,
 }
 
+/// Decoded chunks handed back to the source, so that it fills the same
+/// buffers again instead of allocating fresh ones: a new multi-megabyte
+/// buffer costs a page fault and a zeroed page for every 4 KiB written, and
+/// the allocator returns freed ones to the OS at once (flat memory). Holds at
+/// most a few chunks; a cloned pool is the same pool.
+#[derive(Debug, Clone)]
+pub struct ChunkPool {
+    free: Arc<std::sync::Mutex<Vec<RawChunk>>>,
+    keep: usize,
+}
+
+impl ChunkPool {
+    pub fn new(keep: usize) -> Self {
+        ChunkPool {
+            free: Default::default(),
+            keep,
+        }
+    }
+
+    /// Keeps `c`'s buffers (emptied) for a later [`RawChunk::reused_like`],
+    /// unless the pool is full.
+    pub fn put(&self, mut c: RawChunk) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < self.keep {
+            c.data.clear();
+            c.ends.clear();
+            c.positions.clear();
+            c.timestamps.clear();
+            c.assigned = None;
+            free.push(c);
+        }
+    }
+
+    fn take(&self) -> Option<RawChunk> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    pub fn len(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What the source hands the pipeline, in order.
 #[derive(Debug)]
 pub enum SourceMsg {
@@ -169,6 +215,18 @@ impl RawChunk {
             }),
         }
     }
+    /// An empty chunk like `prev`, reusing a drained chunk's buffers from
+    /// `pool` when there is one (else [`RawChunk::sized_like`]).
+    pub fn reused_like(prev: &RawChunk, pool: &ChunkPool) -> Self {
+        match pool.take() {
+            Some(mut c) => {
+                c.source = prev.source.clone();
+                c.partitioned_time = prev.partitioned_time;
+                c
+            }
+            None => RawChunk::sized_like(prev),
+        }
+    }
     pub fn push(&mut self, payload: &[u8], pos: Position) {
         self.data.extend_from_slice(payload);
         self.ends.push(self.data.len());
@@ -188,5 +246,56 @@ impl RawChunk {
     pub fn span(&self, i: usize) -> std::ops::Range<usize> {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         start..self.ends[i]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(source: &str, n: usize) -> RawChunk {
+        let mut c = RawChunk::new(source.into());
+        c.partitioned_time = true;
+        c.assigned = Some(vec![3]);
+        for i in 0..n {
+            c.push(
+                b"{\"event_id\":1}",
+                Position {
+                    partition: 0,
+                    offset: i as i64,
+                },
+            );
+            c.timestamps.push(i as i64);
+        }
+        c
+    }
+
+    #[test]
+    fn pooled_chunks_come_back_empty_with_their_buffers_and_the_pool_is_bounded() {
+        let pool = ChunkPool::new(2);
+        let prev = filled("topic-b", 1);
+        // Empty pool: a fresh chunk sized like the previous one.
+        let fresh = RawChunk::reused_like(&prev, &pool);
+        assert!(fresh.is_empty());
+        assert!(fresh.data.capacity() >= prev.data.len());
+
+        let big = filled("topic-a", 1000);
+        let cap = big.data.capacity();
+        let data_ptr = big.data.as_ptr();
+        pool.put(big);
+        pool.put(filled("x", 1));
+        pool.put(filled("y", 1)); // over `keep`: dropped
+        assert_eq!(pool.len(), 2);
+
+        let _small = RawChunk::reused_like(&prev, &pool);
+        let reused = RawChunk::reused_like(&prev, &pool);
+        assert!(pool.is_empty());
+        // The big chunk's own buffer, emptied, labelled like `prev`.
+        assert_eq!(reused.data.as_ptr(), data_ptr);
+        assert_eq!(reused.data.capacity(), cap);
+        assert!(reused.is_empty() && reused.positions.is_empty());
+        assert!(reused.timestamps.is_empty() && reused.assigned.is_none());
+        assert_eq!(&*reused.source, "topic-b");
+        assert!(reused.partitioned_time);
     }
 }

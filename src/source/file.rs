@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::model::{Position, RawChunk, SourceMsg};
+use crate::model::{ChunkPool, Position, RawChunk, SourceMsg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {
@@ -56,32 +56,51 @@ pub fn total_bytes(paths: &[PathBuf]) -> u64 {
 }
 
 /// Reads all files into `tx` (blocking; run on a blocking thread). Returns lines read.
-/// `progress` is told the byte length of each finished file.
+/// `progress` is told the byte length of each finished file. Chunks are
+/// filled straight from the reader's buffer (a line is copied once, into its
+/// chunk) and, after decoding, come back through `pool` to be filled again.
 pub fn read_files(
     paths: &[PathBuf],
     batch_size: usize,
     tx: &mpsc::Sender<SourceMsg>,
+    pool: &ChunkPool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, FileSourceError> {
     let mut total = 0u64;
     for (idx, path) in paths.iter().enumerate() {
         let (mut reader, len) = open(path)?;
+        let io = |source| FileSourceError::Io {
+            path: path.clone(),
+            source,
+        };
         let source: Arc<str> = path.display().to_string().into();
         let mut chunk = RawChunk::new(source.clone());
-        let mut line = Vec::with_capacity(1024);
+        // A line split across two reads of the buffer is put together here.
+        let mut split = Vec::new();
         let mut lineno: i64 = 0;
         let mut blank = 0u64;
         loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|source| FileSourceError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-            if n == 0 {
+            let buf = reader.fill_buf().map_err(io)?;
+            if buf.is_empty() && split.is_empty() {
                 break;
             }
+            // The next line: up to a newline, or the rest of the file.
+            let (line, used, ends_line) = match memchr::memchr(b'\n', buf) {
+                Some(i) => (&buf[..i], i + 1, true),
+                None if buf.is_empty() => (&buf[..0], 0, true),
+                None => (buf, buf.len(), false),
+            };
+            if !ends_line {
+                split.extend_from_slice(line);
+                reader.consume(used);
+                continue;
+            }
+            let line = if split.is_empty() {
+                line
+            } else {
+                split.extend_from_slice(line);
+                &split[..]
+            };
             lineno += 1;
             let mut end = line.len();
             while end > 0 && (line[end - 1] == b'\n' || line[end - 1] == b'\r') {
@@ -90,18 +109,20 @@ pub fn read_files(
             let rec = &line[..end];
             if rec.iter().all(u8::is_ascii_whitespace) {
                 blank += 1;
-                continue;
+            } else {
+                chunk.push(
+                    rec,
+                    Position {
+                        partition: idx as i32,
+                        offset: lineno,
+                    },
+                );
+                total += 1;
             }
-            chunk.push(
-                rec,
-                Position {
-                    partition: idx as i32,
-                    offset: lineno,
-                },
-            );
-            total += 1;
+            split.clear();
+            reader.consume(used);
             if chunk.len() >= batch_size {
-                let next = RawChunk::sized_like(&chunk);
+                let next = RawChunk::reused_like(&chunk, pool);
                 let full = std::mem::replace(&mut chunk, next);
                 if tx.blocking_send(SourceMsg::Chunk(full)).is_err() {
                     return Ok(total); // the pipeline is shutting down
@@ -126,6 +147,36 @@ mod tests {
     use std::io::Write;
 
     #[test]
+    fn lines_longer_than_the_read_buffer_are_whole_and_the_last_needs_no_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long.jsonl");
+        // Longer than the 1 MiB read buffer, so each spans several reads.
+        let long = format!("{{\"pad\":\"{}\"}}", "x".repeat(2_500_000));
+        let body = format!("{long}\r\n{{\"a\":1}}\n \t\n{long}\n{{\"b\":2}}");
+        std::fs::write(&path, body).unwrap();
+        let (tx, mut rx) = mpsc::channel(100);
+        let pool = ChunkPool::new(2);
+        let n = read_files(std::slice::from_ref(&path), 2, &tx, &pool, &|_| {}).unwrap();
+        drop(tx);
+        assert_eq!(n, 4);
+        let mut got = Vec::new();
+        while let Some(SourceMsg::Chunk(c)) = rx.blocking_recv() {
+            for i in 0..c.len() {
+                got.push((c.positions[i].offset, c.record(i).to_vec()));
+            }
+            pool.put(c);
+        }
+        assert_eq!(got.len(), 4);
+        assert_eq!((got[0].0, got[0].1.len()), (1, long.len()));
+        assert_eq!(got[0].1, long.as_bytes());
+        assert_eq!(got[1], (2, b"{\"a\":1}".to_vec()));
+        // Line 3 is blank: skipped, but it still counts for line numbers.
+        assert_eq!(got[2].0, 4);
+        assert_eq!(got[2].1, long.as_bytes());
+        assert_eq!(got[3], (5, b"{\"b\":2}".to_vec()));
+    }
+
+    #[test]
     fn reads_plain_and_gzip_in_bounded_chunks_with_line_numbers() {
         let dir = tempfile::tempdir().unwrap();
         let plain = dir.path().join("a.jsonl");
@@ -138,7 +189,7 @@ mod tests {
         }
         enc.finish().unwrap();
         let (tx, mut rx) = mpsc::channel(100);
-        let n = read_files(&[plain, gz], 2, &tx, &|_| {}).unwrap();
+        let n = read_files(&[plain, gz], 2, &tx, &ChunkPool::new(0), &|_| {}).unwrap();
         drop(tx);
         assert_eq!(n, 8);
         let mut chunks = Vec::new();

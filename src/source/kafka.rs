@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::{KafkaConfig, Secrets};
-use crate::model::{Position, RawChunk, SourceMsg};
+use crate::model::{ChunkPool, Position, RawChunk, SourceMsg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
@@ -69,6 +69,8 @@ pub struct PulseContext {
     building: Mutex<RawChunk>,
     /// Set once the pipeline stopped listening.
     closed: AtomicBool,
+    /// Decoded chunks to fill again.
+    pool: ChunkPool,
 }
 
 impl PulseContext {
@@ -90,7 +92,7 @@ impl PulseContext {
             if b.is_empty() {
                 return true;
             }
-            let next = RawChunk::sized_like(&b);
+            let next = RawChunk::reused_like(&b, &self.pool);
             std::mem::replace(&mut *b, next)
         };
         count_consumed(&chunk);
@@ -233,6 +235,8 @@ pub struct ConsumerRun {
     pub stop: tokio::sync::watch::Receiver<bool>,
     pub tx: mpsc::Sender<SourceMsg>,
     pub progress: Progress,
+    /// Decoded chunks handed back for refilling.
+    pub pool: ChunkPool,
 }
 
 /// Runs the consumer on the calling thread until `stop`, an idle period or
@@ -250,6 +254,7 @@ pub fn run_consumer(
         stop,
         tx,
         progress,
+        pool,
     } = run;
     let mut c = base_config(cfg, secrets);
     c.set("group.id", &cfg.group)
@@ -279,6 +284,7 @@ pub fn run_consumer(
         tx,
         building: Mutex::new(new_chunk(&topic)),
         closed: AtomicBool::new(false),
+        pool,
     };
     let consumer: BaseConsumer<PulseContext> = c.create_with_context(ctx)?;
     consumer.subscribe(&[&cfg.topic])?;
