@@ -19,10 +19,7 @@ use datafusion::logical_expr::{Accumulator, ColumnarValue, Volatility, create_ud
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::model::ts_type;
-use crate::sketch::{
-    Hll, LatencyHist, hist_from_bytes, hist_merge_bytes, hist_to_bytes, new_hist, quantile_ms,
-    record_ms,
-};
+use crate::sketch::{Hll, SparseHist};
 use crate::window::{Partial, StoredPartial};
 
 pub const MINUTE_PARTIALS_SQL: &str = include_str!("../sql/minute_partials.sql");
@@ -226,9 +223,9 @@ pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<PartialRow>, SqlError> {
             latency_count: lcnt.value(i),
             latency_max_ms: (!lmax.is_null(i)).then(|| lmax.value(i)),
             hist: if hist.is_null(i) {
-                new_hist()
+                SparseHist::default()
             } else {
-                hist_from_bytes(hist.value(i))
+                SparseHist::from_bytes(hist.value(i))
                     .ok_or_else(|| SqlError::Shape("bad latency_hist".into()))?
             },
             users: if hll.is_null(i) {
@@ -296,7 +293,7 @@ pub fn partials_to_batch(rows: &[(i32, i64, &str, &StoredPartial)]) -> RecordBat
 
 #[derive(Debug)]
 enum SketchAcc {
-    Hist(LatencyHist),
+    Hist(SparseHist),
     Hll(Hll),
 }
 
@@ -311,7 +308,7 @@ struct SketchAccumulator {
 impl SketchAccumulator {
     fn bytes(&self) -> Vec<u8> {
         match &self.acc {
-            SketchAcc::Hist(h) => hist_to_bytes(h),
+            SketchAcc::Hist(h) => h.to_bytes(),
             SketchAcc::Hll(h) => h.to_bytes(),
         }
     }
@@ -322,7 +319,7 @@ impl SketchAccumulator {
         for v in arr.iter().flatten() {
             match &mut self.acc {
                 SketchAcc::Hist(h) => {
-                    if !hist_merge_bytes(h, v) {
+                    if !h.merge_bytes(v) {
                         return Err(DataFusionError::Execution("corrupt HDR histogram".into()));
                     }
                 }
@@ -346,13 +343,8 @@ impl Accumulator for SketchAccumulator {
         match &mut self.acc {
             SketchAcc::Hist(h) => {
                 let v = cast(v, &DataType::Float64)?;
-                for x in v
-                    .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
-                    .iter()
-                    .flatten()
-                {
-                    record_ms(h, x);
-                }
+                let v = v.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+                h.merge(&SparseHist::of_ms(v.iter().flatten()));
             }
             SketchAcc::Hll(h) => {
                 let v = cast(v, &DataType::UInt64)?;
@@ -372,7 +364,7 @@ impl Accumulator for SketchAccumulator {
     fn size(&self) -> usize {
         std::mem::size_of_val(self)
             + match &self.acc {
-                SketchAcc::Hist(h) => h.distinct_values() * 8,
+                SketchAcc::Hist(h) => h.heap_bytes(),
                 SketchAcc::Hll(_) => 4096,
             }
     }
@@ -400,7 +392,7 @@ fn sketch_udaf(
         Arc::new(move |_| {
             Ok(Box::new(SketchAccumulator {
                 acc: if hist {
-                    SketchAcc::Hist(new_hist())
+                    SketchAcc::Hist(SparseHist::default())
                 } else {
                     SketchAcc::Hll(Hll::default())
                 },
@@ -435,19 +427,14 @@ fn register_functions(ctx: &SessionContext) {
             let qs = args[1].clone().into_array(n)?;
             let qs = qs.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
             let mut out = Float64Builder::with_capacity(n);
-            // One histogram for all rows, cleared in between: a fresh one
-            // per row was an allocation and page faults for ~92 KB each.
-            let mut h = new_hist();
             for i in 0..n {
                 if hists.is_null(i) || qs.is_null(i) {
                     out.append_null();
                     continue;
                 }
-                h.reset();
-                if !hist_merge_bytes(&mut h, hists.value(i)) {
-                    return Err(DataFusionError::Execution("corrupt HDR histogram".into()));
-                }
-                out.append_option(quantile_ms(&h, qs.value(i).clamp(0.0, 1.0)));
+                let h = SparseHist::from_bytes(hists.value(i))
+                    .ok_or_else(|| DataFusionError::Execution("corrupt HDR histogram".into()))?;
+                out.append_option(h.quantile_ms(qs.value(i)));
             }
             Ok(ColumnarValue::Array(Arc::new(out.finish())))
         }),

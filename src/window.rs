@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::sketch::{Hll, LatencyHist, hist_merge, new_hist};
+use crate::sketch::{Hll, SparseHist};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowParams {
@@ -207,7 +207,7 @@ pub struct Partial {
     pub latency_sum_ms: f64,
     pub latency_count: i64,
     pub latency_max_ms: Option<f64>,
-    pub hist: LatencyHist,
+    pub hist: SparseHist,
     pub users: Hll,
 }
 
@@ -220,7 +220,7 @@ impl Default for Partial {
             latency_sum_ms: 0.0,
             latency_count: 0,
             latency_max_ms: None,
-            hist: new_hist(),
+            hist: SparseHist::default(),
             users: Hll::default(),
         }
     }
@@ -230,7 +230,7 @@ impl Partial {
     /// Binary encoding (format 1): counts, latency sums, the HDR histogram
     /// (V2) and the compact HLL. Used in checkpoints and Redis partials.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let hist = crate::sketch::hist_to_bytes(&self.hist);
+        let hist = self.hist.to_bytes();
         let mut out = Vec::with_capacity(64 + hist.len());
         out.push(1u8);
         for v in [
@@ -259,7 +259,7 @@ impl Partial {
             latency_count: s.latency_count,
             latency_sum_ms: s.latency_sum_ms,
             latency_max_ms: s.latency_max_ms,
-            hist: crate::sketch::hist_from_bytes(&s.hist)?,
+            hist: SparseHist::from_bytes(&s.hist)?,
             users: s.users,
         })
     }
@@ -274,14 +274,14 @@ impl Partial {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
-        hist_merge(&mut self.hist, &o.hist);
+        self.hist.merge(&o.hist);
         self.users.merge(&o.users);
     }
 }
 
 /// A partial in the form the merge query takes: counters and the
 /// distinct-user sketch decoded, the latency histogram serialised
-/// ([`crate::sketch::hist_to_bytes`]). Read back from the store, the
+/// ([`SparseHist::to_bytes`]). Read back from the store, the
 /// histogram's bytes are used as they are: decoding an HDR histogram (and
 /// allocating its ~92 KB of counts) only to serialise it again was ~8% of the
 /// Kafka path's CPU.
@@ -307,7 +307,7 @@ impl StoredPartial {
             latency_count: p.latency_count,
             latency_sum_ms: p.latency_sum_ms,
             latency_max_ms: p.latency_max_ms,
-            hist: crate::sketch::hist_to_bytes(&p.hist),
+            hist: p.hist.to_bytes(),
             users: p.users.clone(),
         }
     }
@@ -625,7 +625,7 @@ mod tests {
     #[test]
     fn partial_bytes_roundtrip_and_reject_garbage() {
         let mut p = one(3);
-        crate::sketch::record_ms(&mut p.hist, 12.5);
+        p.hist = SparseHist::of_ms([12.5]);
         p.users.add(42);
         p.latency_max_ms = Some(12.5);
         let b = p.to_bytes();
@@ -646,9 +646,7 @@ mod tests {
         p.errors = 2;
         p.latency_count = 5;
         p.latency_sum_ms = 60.0;
-        for ms in [3.0, 7.5, 12.5, 18.0, 19.0] {
-            crate::sketch::record_ms(&mut p.hist, ms);
-        }
+        p.hist = SparseHist::of_ms([3.0, 7.5, 12.5, 18.0, 19.0]);
         p.users.add(7);
         p.latency_max_ms = Some(19.0);
         let b = p.to_bytes();
@@ -660,8 +658,10 @@ mod tests {
         assert_eq!(s.latency_sum_ms, 60.0);
         assert_eq!(s.latency_max_ms, Some(19.0));
         assert_eq!(s.users, p.users);
-        assert_eq!(s.hist, crate::sketch::hist_to_bytes(&p.hist));
-        assert_eq!(crate::sketch::hist_from_bytes(&s.hist).unwrap(), p.hist);
+        assert_eq!(s.hist, p.hist.to_bytes());
+        let dense = crate::sketch::hist_from_bytes(&s.hist).unwrap();
+        assert_eq!(dense.len(), 5);
+        assert_eq!(SparseHist::from_dense(&dense), p.hist);
         assert!(StoredPartial::from_bytes(&b[..b.len() - 1]).is_none());
         assert!(StoredPartial::from_bytes(&[2]).is_none());
         // A damaged histogram header is caught without decoding it.
