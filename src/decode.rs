@@ -7,6 +7,8 @@
 //! Records are parsed straight into typed, borrowed fields and appended to
 //! column builders: no per-event `serde_json::Value` tree is built.
 
+mod flat;
+
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
@@ -43,7 +45,7 @@ fn reject(kind: &'static str, message: impl Into<String>) -> Rejection {
 }
 
 /// Event time: RFC 3339 string, or epoch milliseconds as a number or numeric string.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Ts(i64);
 
 impl<'de> Deserialize<'de> for Ts {
@@ -160,7 +162,7 @@ pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 /// A JSON string borrowed from the input when it has no escapes (the usual
 /// case), owned only when unescaping changed it. serde's own `Option<Cow<str>>`
 /// always allocates: its borrowing applies to a bare `Cow<str>` field only.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 struct Text<'a>(Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
@@ -192,7 +194,7 @@ impl std::ops::Deref for Text<'_> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 struct RawEvent<'a> {
     event_id: Option<u64>,
     ts: Option<Ts>,
@@ -380,7 +382,13 @@ impl Decoder {
             ));
         }
         let parsed = match text {
-            Some(t) => serde_json::from_str(t.trim_ascii()),
+            Some(t) => {
+                let t = t.trim_ascii();
+                match flat::parse(t) {
+                    Some(ev) => Ok(ev),
+                    None => serde_json::from_str(t),
+                }
+            }
             None => serde_json::from_slice(trim_ascii(raw)),
         };
         let ev: RawEvent = parsed.map_err(|e| {
