@@ -822,16 +822,41 @@ async fn bench_kafka(
     Ok(())
 }
 
-fn tempfile_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
-    let d = match dir {
-        Some(d) => d,
-        None => std::env::temp_dir().join(format!("pulse-bench-{}", std::process::id())),
+/// The benchmark's working directory: `dir`, or a temporary one that is
+/// removed when the returned guard drops (also on an error).
+fn tempfile_dir(dir: Option<PathBuf>) -> Result<BenchDir> {
+    let (d, temporary) = match dir {
+        Some(d) => (d, false),
+        None => (
+            std::env::temp_dir().join(format!("pulse-bench-{}", std::process::id())),
+            true,
+        ),
     };
     if d.join("data").exists() {
         std::fs::remove_dir_all(d.join("data"))?;
     }
     std::fs::create_dir_all(&d)?;
-    Ok(d)
+    Ok(BenchDir { path: d, temporary })
+}
+
+struct BenchDir {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl std::ops::Deref for BenchDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for BenchDir {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -33,21 +33,7 @@ pub(super) fn parse(s: &str) -> Option<RawEvent<'_>> {
             c.ws();
             c.eat(b':')?;
             c.ws();
-            let bit = match key {
-                "event_id" => 0,
-                "ts" => 1,
-                "user_id" => 2,
-                "item_id" => 3,
-                "event_type" => 4,
-                "rating" => 5,
-                "price" => 6,
-                "session_id" => 7,
-                "service" => 8,
-                "endpoint" => 9,
-                "status" => 10,
-                "latency_ms" => 11,
-                _ => 12,
-            };
+            let bit = field(key);
             if bit < 12 {
                 // serde_json refuses a repeated field.
                 if seen & (1 << bit) != 0 {
@@ -81,6 +67,37 @@ pub(super) fn parse(s: &str) -> Option<RawEvent<'_>> {
     c.ws();
     (c.i == c.b.len()).then_some(ev)
 }
+
+/// The field's number (12 for any other key): picked by length and first
+/// and last bytes, then confirmed with one comparison (a `match` on the
+/// strings compared them one after another).
+fn field(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let (Some(&first), Some(&last)) = (b.first(), b.last()) else {
+        return 12;
+    };
+    let (bit, name) = match (b.len(), first, last) {
+        (8, b'e', b'd') => (0, "event_id"),
+        (2, b't', b's') => (1, "ts"),
+        (7, b'u', b'd') => (2, "user_id"),
+        (7, b'i', b'd') => (3, "item_id"),
+        (10, b'e', b'e') => (4, "event_type"),
+        (6, b'r', b'g') => (5, "rating"),
+        (5, b'p', b'e') => (6, "price"),
+        (10, b's', b'd') => (7, "session_id"),
+        (7, b's', b'e') => (8, "service"),
+        (8, b'e', b't') => (9, "endpoint"),
+        (6, b's', b's') => (10, "status"),
+        (10, b'l', b's') => (11, "latency_ms"),
+        _ => return 12,
+    };
+    if key == name { bit } else { 12 }
+}
+
+/// Powers of ten exactly representable as f64.
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
 
 enum Num {
     U(u64),
@@ -129,17 +146,14 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.i;
-        loop {
-            match *self.b.get(self.i)? {
-                b'"' => break,
-                b'\\' | 0..=0x1f => return None,
-                _ => self.i += 1,
-            }
+        let rest = &self.b[start..];
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
+        if rest[end] != b'"' || rest[..end].iter().any(|&c| c < 0x20) {
+            return None;
         }
-        let end = self.i;
-        self.i += 1;
+        self.i = start + end + 1;
         // Both ends are ASCII quotes, so these are char boundaries.
-        Some(&self.s[start..end])
+        Some(&self.s[start..start + end])
     }
 
     fn text(&mut self) -> Option<Text<'a>> {
@@ -187,12 +201,28 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// A non-negative integer that fits in u64.
+    /// A non-negative integer that fits in u64, read in one pass.
     fn u64(&mut self) -> Option<u64> {
-        match self.number()? {
-            (n, true) if !n.starts_with('-') => n.parse().ok(),
-            _ => None,
+        let b = self.b;
+        let mut i = self.i;
+        let mut v = u64::from(b.get(i)?.wrapping_sub(b'0'));
+        if v > 9 {
+            return None;
         }
+        i += 1;
+        if v != 0 {
+            while let Some(d) = b.get(i).map(|c| c.wrapping_sub(b'0')).filter(|d| *d <= 9) {
+                v = v.checked_mul(10)?.checked_add(u64::from(d))?;
+                i += 1;
+            }
+        }
+        // A fraction, an exponent or a digit after a leading zero: not a
+        // plain u64 (serde_json refuses those for an integer field).
+        if let Some(b'.' | b'e' | b'E' | b'0'..=b'9') = b.get(i) {
+            return None;
+        }
+        self.i = i;
+        Some(v)
     }
 
     /// A number as serde_json hands it to a visitor: a non-negative integer
@@ -207,6 +237,23 @@ impl<'a> Cursor<'a> {
             if n != "-0" {
                 return n.parse().ok().map(Num::I);
             }
+        }
+        // Up to 15 significant digits and no exponent: the digits as an
+        // integer divided by a power of ten, both exact in f64, so the one
+        // rounding of the division is the correctly rounded result, as
+        // `parse` (and serde_json with float_roundtrip) would give.
+        let (neg, body) = match n.strip_prefix('-') {
+            Some(b) => (true, b),
+            None => (false, n),
+        };
+        if let Some((int, frac)) = body.split_once('.')
+            && int.len() + frac.len() <= 15
+            && !frac.contains(['e', 'E'])
+        {
+            let digits = int.bytes().chain(frac.bytes());
+            let m = digits.fold(0u64, |m, c| m * 10 + u64::from(c - b'0'));
+            let v = m as f64 / POW10[frac.len()];
+            return Some(Num::F(if neg { -v } else { v }));
         }
         n.parse::<f64>().ok().filter(|v| v.is_finite()).map(Num::F)
     }
@@ -372,6 +419,14 @@ mod tests {
                     any::<i64>().prop_map(|v| v.to_string()),
                     any::<u64>().prop_map(|v| v.to_string()),
                     Just("null".to_string()),
+                    // Short decimals, the usual prices and latencies.
+                    (0u64..1_000_000_000_000_000, 1usize..16, any::<bool>()).prop_map(|(m, k, neg)| {
+                        let d = format!("{m:0>16}");
+                        let (int, frac) = d.split_at(16 - k);
+                        let int = int.trim_start_matches('0');
+                        let int = if int.is_empty() { "0" } else { int };
+                        format!("{}{int}.{frac}", if neg { "-" } else { "" })
+                    }),
                 ],
                 3,
             ),
