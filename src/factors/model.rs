@@ -554,11 +554,30 @@ impl Bpr {
         };
         let x = self.item_b[i] - self.item_b[j] + dot(pu, qi) - dot(pu, qj);
         let g = sigmoid(-x);
-        for ((p, a), b) in pu.iter_mut().zip(qi.iter_mut()).zip(qj.iter_mut()) {
-            let (p0, a0, b0) = (*p, *a, *b);
-            *p = p0 + lr * (g * (a0 - b0) - reg * p0);
-            *a = a0 + lr * (g * p0 - reg * a0);
-            *b = b0 + lr * (-g * p0 - reg * b0);
+        // The default dimension with its length known at compile time: the
+        // loop unrolls into whole vector operations (no trip-count logic);
+        // the same operations per factor, so the same results.
+        match (
+            <&mut [f32; 32]>::try_from(&mut *pu),
+            <&mut [f32; 32]>::try_from(&mut *qi),
+            <&mut [f32; 32]>::try_from(&mut *qj),
+        ) {
+            (Ok(pu), Ok(qi), Ok(qj)) => {
+                for k in 0..32 {
+                    let (p0, a0, b0) = (pu[k], qi[k], qj[k]);
+                    pu[k] = p0 + lr * (g * (a0 - b0) - reg * p0);
+                    qi[k] = a0 + lr * (g * p0 - reg * a0);
+                    qj[k] = b0 + lr * (-g * p0 - reg * b0);
+                }
+            }
+            _ => {
+                for ((p, a), b) in pu.iter_mut().zip(qi.iter_mut()).zip(qj.iter_mut()) {
+                    let (p0, a0, b0) = (*p, *a, *b);
+                    *p = p0 + lr * (g * (a0 - b0) - reg * p0);
+                    *a = a0 + lr * (g * p0 - reg * a0);
+                    *b = b0 + lr * (-g * p0 - reg * b0);
+                }
+            }
         }
         self.item_b[i] += lr * (g - breg * self.item_b[i]);
         self.item_b[j] += lr * (-g - breg * self.item_b[j]);
