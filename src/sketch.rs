@@ -24,8 +24,12 @@ pub fn new_hist() -> LatencyHist {
 
 /// Records a latency given in milliseconds (clamped into the trackable range).
 pub fn record_ms(h: &mut LatencyHist, ms: f64) {
-    let us = (ms * 1000.0).round().clamp(1.0, MAX_US as f64) as u64;
-    h.saturating_record(us);
+    h.saturating_record(us_of_ms(ms));
+}
+
+/// A latency in milliseconds as the microseconds a histogram records.
+fn us_of_ms(ms: f64) -> u64 {
+    (ms * 1000.0).round().clamp(1.0, MAX_US as f64) as u64
 }
 
 /// Quantile in milliseconds, `None` for an empty histogram.
@@ -87,11 +91,11 @@ fn value_at_index(i: usize) -> u64 {
     }
 }
 
-/// The non-zero (index, count) pairs of `b` if it is hdrhistogram's plain
-/// V2 encoding of a histogram with [`new_hist`]'s bounds and precision and
-/// no index beyond `len`; `None` for anything else (other layouts,
-/// truncated or corrupt bytes).
-fn own_layout_counts(b: &[u8], len: usize) -> Option<Vec<(usize, u64)>> {
+/// The non-zero (index, count) pairs of `b`, counts saturated to `u32`, if
+/// it is hdrhistogram's plain V2 encoding of a histogram with [`new_hist`]'s
+/// bounds and precision and no index beyond `len`; `None` for anything else
+/// (other layouts, truncated or corrupt bytes).
+fn own_layout_counts(b: &[u8], len: usize) -> Option<Vec<(u32, u32)>> {
     let u32_at = |o: usize| Some(u32::from_be_bytes(b.get(o..o + 4)?.try_into().ok()?));
     let u64_at = |o: usize| Some(u64::from_be_bytes(b.get(o..o + 8)?.try_into().ok()?));
     let own = hist_bytes_framed(b)
@@ -131,7 +135,7 @@ fn own_layout_counts(b: &[u8], len: usize) -> Option<Vec<(usize, u64)>> {
                 if index >= len {
                     return None;
                 }
-                out.push((index, v as u64));
+                out.push((index as u32, u32::try_from(v).unwrap_or(u32::MAX)));
             }
             index += 1;
         }
@@ -180,10 +184,7 @@ impl SparseHist {
     pub fn of_ms(values: impl IntoIterator<Item = f64>) -> SparseHist {
         let mut idx: Vec<u32> = values
             .into_iter()
-            .map(|ms| {
-                let us = (ms * 1000.0).round().clamp(1.0, MAX_US as f64) as u64;
-                index_of(us) as u32
-            })
+            .map(|ms| index_of(us_of_ms(ms)) as u32)
             .collect();
         idx.sort_unstable();
         let mut counts: Vec<(u32, u32)> = Vec::new();
@@ -260,10 +261,6 @@ impl SparseHist {
     /// decoding and merging into that layout (values beyond it clamped).
     pub fn from_bytes(b: &[u8]) -> Option<SparseHist> {
         if let Some(counts) = own_layout_counts(b, own_len()) {
-            let counts = counts
-                .into_iter()
-                .map(|(i, n)| (i as u32, u32::try_from(n).unwrap_or(u32::MAX)))
-                .collect();
             return Some(SparseHist { counts });
         }
         let o = hist_from_bytes(b)?;
