@@ -85,10 +85,10 @@ impl<'de> Deserialize<'de> for Ts {
 
 /// Parses an RFC 3339 timestamp (or a numeric string of epoch ms) to epoch ms.
 pub fn parse_ts(s: &str) -> Option<i64> {
-    if let Ok(ms) = s.parse::<i64>() {
+    if let Some(ms) = parse_rfc3339_utc_fast(s.as_bytes()) {
         return Some(ms);
     }
-    if let Some(ms) = parse_rfc3339_utc_fast(s.as_bytes()) {
+    if let Ok(ms) = s.parse::<i64>() {
         return Some(ms);
     }
     chrono::DateTime::parse_from_rfc3339(s)
@@ -250,6 +250,8 @@ pub struct Decoder {
     /// service, endpoint) in the last chunk: the next chunk's builders are
     /// sized from them.
     str_bytes_per_row: [f64; 4],
+    /// The key order of the records decoded so far (the fast path's guess).
+    key_order: flat::KeyOrder,
 }
 
 /// One decoded chunk.
@@ -297,6 +299,7 @@ impl Decoder {
             offset: Int64Builder::with_capacity(cap),
             dead: DeadLetterBuilder::default(),
             str_bytes_per_row: [0.0; 4],
+            key_order: flat::KeyOrder::default(),
         }
     }
 
@@ -384,7 +387,7 @@ impl Decoder {
         let parsed = match text {
             Some(t) => {
                 let t = t.trim_ascii();
-                match flat::parse(t) {
+                match flat::parse_with(t, &mut self.key_order) {
                     Some(ev) => Ok(ev),
                     None => serde_json::from_str(t),
                 }
