@@ -72,7 +72,7 @@ pub(super) fn parse_with<'a>(s: &'a str, order: &mut KeyOrder) -> Option<RawEven
             c.ws();
             let guess = usize::from(order.0[prev]);
             let bit = match QUOTED.get(guess) {
-                Some(k) if c.b.get(c.i..c.i + k.len()) == Some(*k) => {
+                Some(k) if starts_with_at(c.b, c.i, k) => {
                     c.i += k.len();
                     guess as u16
                 }
@@ -143,6 +143,30 @@ fn field(key: &str) -> u16 {
         _ => return 12,
     };
     if key == name { bit } else { 12 }
+}
+
+/// Whether `b[i..]` starts with `k` (4 to 16 bytes, a [`QUOTED`] key): two
+/// overlapping word comparisons instead of a `memcmp` call.
+#[inline(always)]
+fn starts_with_at(b: &[u8], i: usize, k: &[u8]) -> bool {
+    let n = k.len();
+    debug_assert!((4..=16).contains(&n));
+    let Some(w) = b.get(i..i + n) else {
+        return false;
+    };
+    if n >= 8 {
+        let word = |s: &[u8], at: usize| {
+            s.get(at..at + 8)
+                .map(|x| u64::from_le_bytes(x.try_into().unwrap_or_default()))
+        };
+        word(w, 0) == word(k, 0) && word(w, n - 8) == word(k, n - 8)
+    } else {
+        let word = |s: &[u8], at: usize| {
+            s.get(at..at + 4)
+                .map(|x| u32::from_le_bytes(x.try_into().unwrap_or_default()))
+        };
+        word(w, 0) == word(k, 0) && word(w, n - 4) == word(k, n - 4)
+    }
 }
 
 /// Whether a byte ends a plain string: a quote, a backslash or a control
