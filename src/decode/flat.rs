@@ -7,8 +7,8 @@
 //! this path decides nothing on its own: it only skips serde_json's generic
 //! machinery where the result is certain. Strings are scanned eight bytes at
 //! a time, short numbers in one pass, and keys are first compared with the
-//! one the producer's learned key order predicts: ~3,000 instructions per
-//! typical event, against ~8,000 through serde_json. Pure code.
+//! one the producer's learned key order predicts: ~2,900 instructions per
+//! typical 226-byte event (5,250 with a `memchr2` call per string). Pure code.
 
 use std::borrow::Cow;
 
