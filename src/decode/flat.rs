@@ -79,19 +79,17 @@ pub(super) fn parse_with<'a>(s: &'a str, order: &mut KeyOrder) -> Option<RawEven
                 _ => field(c.string()?),
             };
             if bit < 12 {
+                // serde_json refuses a repeated field.
+                if seen & (1 << bit) != 0 {
+                    return None;
+                }
+                seen |= 1 << bit;
                 order.0[prev] = bit as u8;
                 prev = usize::from(bit);
             }
             c.ws();
             c.eat(b':')?;
             c.ws();
-            if bit < 12 {
-                // serde_json refuses a repeated field.
-                if seen & (1 << bit) != 0 {
-                    return None;
-                }
-                seen |= 1 << bit;
-            }
             match bit {
                 0 => ev.event_id = c.nullable(Cursor::u64)?,
                 1 => ev.ts = c.nullable(Cursor::ts)?,
@@ -155,18 +153,19 @@ fn starts_with_at(b: &[u8], i: usize, k: &[u8]) -> bool {
         return false;
     };
     if n >= 8 {
-        let word = |s: &[u8], at: usize| {
-            s.get(at..at + 8)
-                .map(|x| u64::from_le_bytes(x.try_into().unwrap_or_default()))
-        };
-        word(w, 0) == word(k, 0) && word(w, n - 8) == word(k, n - 8)
+        ends_equal::<8>(w, k)
     } else {
-        let word = |s: &[u8], at: usize| {
-            s.get(at..at + 4)
-                .map(|x| u32::from_le_bytes(x.try_into().unwrap_or_default()))
-        };
-        word(w, 0) == word(k, 0) && word(w, n - 4) == word(k, n - 4)
+        ends_equal::<4>(w, k)
     }
+}
+
+/// Whether equal-length `w` and `k` (N to 2N bytes) agree in their first
+/// and last N bytes, which together cover them: two N-byte comparisons.
+#[inline(always)]
+fn ends_equal<const N: usize>(w: &[u8], k: &[u8]) -> bool {
+    let n = k.len();
+    let word = |s: &[u8], at: usize| s.get(at..at + N).and_then(|x| <[u8; N]>::try_from(x).ok());
+    word(w, 0) == word(k, 0) && word(w, n - N) == word(k, n - N)
 }
 
 /// Whether a byte ends a plain string: a quote, a backslash or a control
@@ -392,33 +391,17 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// [`Cursor::num`] for any number in JSON's grammar.
+    /// [`Cursor::num`] for the numbers its one pass leaves: more than 15
+    /// digits, or an exponent.
     fn num_slow(&mut self) -> Option<Num> {
         let (n, integer) = self.number()?;
         if integer {
-            if !n.starts_with('-') {
-                return n.parse().ok().map(Num::U);
-            }
-            if n != "-0" {
-                return n.parse().ok().map(Num::I);
-            }
-        }
-        // Up to 15 significant digits and no exponent: the digits as an
-        // integer divided by a power of ten, both exact in f64, so the one
-        // rounding of the division is the correctly rounded result, as
-        // `parse` (and serde_json with float_roundtrip) would give.
-        let (neg, body) = match n.strip_prefix('-') {
-            Some(b) => (true, b),
-            None => (false, n),
-        };
-        if let Some((int, frac)) = body.split_once('.')
-            && int.len() + frac.len() <= 15
-            && !frac.contains(['e', 'E'])
-        {
-            let digits = int.bytes().chain(frac.bytes());
-            let m = digits.fold(0u64, |m, c| m * 10 + u64::from(c - b'0'));
-            let v = m as f64 / POW10[frac.len()];
-            return Some(Num::F(if neg { -v } else { v }));
+            // Over 15 digits, so never `-0` (which serde_json reads as f64).
+            return if n.starts_with('-') {
+                n.parse().ok().map(Num::I)
+            } else {
+                n.parse().ok().map(Num::U)
+            };
         }
         n.parse::<f64>().ok().filter(|v| v.is_finite()).map(Num::F)
     }
