@@ -22,10 +22,12 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{AsArray, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
-use datafusion::arrow::datatypes::{Int32Type, Int64Type, SchemaRef, TimestampMillisecondType};
+use datafusion::arrow::datatypes::{
+    DataType, Int32Type, Int64Type, SchemaRef, TimestampMillisecondType,
+};
 use datafusion::arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
@@ -117,6 +119,14 @@ impl TableWriter {
             .set_max_row_group_row_count(Some(row_group_rows.max(1)));
         for c in spec.plain_columns {
             props = props.set_column_dictionary_enabled((*c).into(), false);
+            // Ids, offsets and times mostly grow: stored as bit-packed
+            // differences they shrink to a few bits a value before zstd sees them.
+            let integer = spec.schema.field_with_name(c).is_ok_and(|f| {
+                f.data_type().is_integer() || matches!(f.data_type(), DataType::Timestamp(..))
+            });
+            if integer {
+                props = props.set_column_encoding((*c).into(), Encoding::DELTA_BINARY_PACKED);
+            }
         }
         let props = props.build();
         Ok(TableWriter {
@@ -696,6 +706,53 @@ mod tests {
         let rows: usize = r.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
         assert_eq!(rows, 2);
         assert_eq!(remove_in_progress(dir.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn growing_integer_columns_are_delta_encoded_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = TableWriter::new(dir.path(), dead_letters_spec(), 1000, 1000, 1).unwrap();
+        let rows: Vec<(i64, i32, i64)> = (0..300).map(|i| (5 * i, 0, 1_000 + i)).collect();
+        w.write(&dead(&rows)).unwrap();
+        w.close_all().unwrap();
+        let files = list_files(dir.path(), "dead_letters");
+        let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&files[0]).unwrap()).unwrap();
+        let rg = r.metadata().row_group(0);
+        let encodings = |name: &str| {
+            let c = rg
+                .columns()
+                .iter()
+                .find(|c| c.column_path().string() == name)
+                .unwrap();
+            c.encodings().collect::<Vec<_>>()
+        };
+        for c in ["received_at", "src_offset"] {
+            assert!(encodings(c).contains(&Encoding::DELTA_BINARY_PACKED), "{c}");
+        }
+        // Strings and low-cardinality integers keep their encodings.
+        assert!(!encodings("raw").contains(&Encoding::DELTA_BINARY_PACKED));
+        assert!(!encodings("src_partition").contains(&Encoding::DELTA_BINARY_PACKED));
+        let back: Vec<RecordBatch> = r.build().unwrap().map(|b| b.unwrap()).collect();
+        let offsets: Vec<i64> = back
+            .iter()
+            .flat_map(|b| {
+                b["src_offset"]
+                    .as_primitive::<Int64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(offsets, (1_000..1_300).collect::<Vec<_>>());
+        let times: Vec<i64> = back
+            .iter()
+            .flat_map(|b| {
+                b["received_at"]
+                    .as_primitive::<TimestampMillisecondType>()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(times, (0..300).map(|i| 5 * i).collect::<Vec<_>>());
     }
 
     #[test]
