@@ -202,10 +202,15 @@ static NEG_SIGMOID: [f32; SIG_LEN] = {
 /// steps waits for the previous one's scale). NaN stays NaN.
 #[inline(always)]
 fn neg_sigmoid(x: f32) -> f32 {
+    // 1.5·2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
     let t = (x.clamp(-SIG_HALF_WIDTH, SIG_HALF_WIDTH) + SIG_HALF_WIDTH) * SIG_PER_UNIT;
-    // t is in 0..=2048 (NaN converts to 0, and `f` keeps it NaN).
-    let k = (t as usize).min(SIG_LEN - 2);
-    let f = t - k as f32;
+    // t is in 0..=2048, so r − ROUND is ⌊t⌋ (or ⌈t⌉ at a tie, f then 0):
+    // cheaper than a saturating float-to-integer cast. NaN gets some index
+    // and stays NaN through `f`.
+    let r = (t - 0.5) + ROUND;
+    let k = ((r.to_bits() & 0x3F_FFFF) as usize).min(SIG_LEN - 2);
+    let f = t - (r - ROUND);
     let (a, b) = (NEG_SIGMOID[k], NEG_SIGMOID[k + 1]);
     a + f * (b - a)
 }
@@ -246,15 +251,19 @@ fn dot_diff(p: &[f32], a: &[f32], b: &[f32]) -> f32 {
 /// negative rows `qi`, `qj` along the old user row, in one pass. Called on
 /// fixed-size arrays, the loop unrolls into whole vector operations (the
 /// same operations per factor, so the same results).
+/// Written as `keep·old + step·other` (`keep` = 1 − lr·reg, `step` = lr·g):
+/// ten vector operations per eight factors instead of sixteen.
 #[inline(always)]
 fn bpr_update(pu: &mut [f32], qi: &mut [f32], qj: &mut [f32], g: f32, lr: f32, reg: f32) {
     let n = pu.len();
     let (qi, qj) = (&mut qi[..n], &mut qj[..n]);
+    let (keep, step) = (1.0 - lr * reg, lr * g);
     for k in 0..n {
         let (p0, a0, b0) = (pu[k], qi[k], qj[k]);
-        pu[k] = p0 + lr * (g * (a0 - b0) - reg * p0);
-        qi[k] = a0 + lr * (g * p0 - reg * a0);
-        qj[k] = b0 + lr * (-g * p0 - reg * b0);
+        let moved = step * p0;
+        pu[k] = keep * p0 + step * (a0 - b0);
+        qi[k] = keep * a0 + moved;
+        qj[k] = keep * b0 - moved;
     }
 }
 
