@@ -189,6 +189,28 @@ max_file_rows = 8000
         produce(&self.cfg, 4, records).await;
     }
 
+    /// What the dead-letter table holds, per source partition, and its
+    /// committed files (names carry their offset ranges), for a failure message.
+    async fn dead_letter_diagnosis(&self) -> String {
+        let q = "SELECT src_partition, count(*) AS n, count(DISTINCT src_offset) AS distinct_offsets, \
+                 min(src_offset) AS first, max(src_offset) AS last \
+                 FROM dead_letters GROUP BY src_partition ORDER BY src_partition";
+        let summary =
+            datafusion::arrow::util::pretty::pretty_format_batches(&sql(&self.data, q).await)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|e| e.to_string());
+        let mut files: Vec<String> = pulse::sink::parquet::list_files(&self.data, "dead_letters")
+            .iter()
+            .filter_map(|p| {
+                p.strip_prefix(&self.data)
+                    .ok()
+                    .map(|r| r.display().to_string())
+            })
+            .collect();
+        files.sort();
+        format!("{summary}\nfiles:\n{}", files.join("\n"))
+    }
+
     /// The whole guarantee, checked on what the instances left behind.
     async fn verify(&self, exp: &Expected) {
         let ids = event_ids(&self.data).await;
@@ -200,7 +222,13 @@ max_file_rows = 8000
             .iter()
             .map(|b| b.num_rows())
             .sum();
-        assert_eq!(dead, exp.invalid, "dead letters exactly once");
+        if dead != exp.invalid {
+            panic!(
+                "dead letters exactly once: {dead} rows, {} expected\n{}",
+                exp.invalid,
+                self.dead_letter_diagnosis().await
+            );
+        }
 
         let got = minute_stats(&self.data).await;
         let want = recompute(&self.data, Some(true)).await;
