@@ -250,9 +250,9 @@ fn dot_diff(p: &[f32], a: &[f32], b: &[f32]) -> f32 {
 /// the user row `pu` moves along the old item rows and the positive and
 /// negative rows `qi`, `qj` along the old user row, in one pass. Called on
 /// fixed-size arrays, the loop unrolls into whole vector operations (the
-/// same operations per factor, so the same results).
-/// Written as `keep·old + step·other` (`keep` = 1 − lr·reg, `step` = lr·g):
-/// ten vector operations per eight factors instead of sixteen.
+/// same operations per factor, so the same results). Each row is written as
+/// `keep·old + step·other` (`keep` = 1 − lr·reg, `step` = lr·g): ten vector
+/// operations per eight factors.
 #[inline(always)]
 fn bpr_update(pu: &mut [f32], qi: &mut [f32], qj: &mut [f32], g: f32, lr: f32, reg: f32) {
     let n = pu.len();

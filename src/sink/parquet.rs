@@ -733,25 +733,13 @@ mod tests {
         assert!(!encodings("raw").contains(&Encoding::DELTA_BINARY_PACKED));
         assert!(!encodings("src_partition").contains(&Encoding::DELTA_BINARY_PACKED));
         let back: Vec<RecordBatch> = r.build().unwrap().map(|b| b.unwrap()).collect();
-        let offsets: Vec<i64> = back
-            .iter()
-            .flat_map(|b| {
-                b["src_offset"]
-                    .as_primitive::<Int64Type>()
-                    .values()
-                    .to_vec()
-            })
-            .collect();
-        assert_eq!(offsets, (1_000..1_300).collect::<Vec<_>>());
-        let times: Vec<i64> = back
-            .iter()
-            .flat_map(|b| {
-                b["received_at"]
-                    .as_primitive::<TimestampMillisecondType>()
-                    .values()
-                    .to_vec()
-            })
-            .collect();
+        let column = |name: &str| -> Vec<i64> {
+            back.iter()
+                .flat_map(|b| position_values(b, name).unwrap())
+                .collect()
+        };
+        assert_eq!(column("src_offset"), (1_000..1_300).collect::<Vec<_>>());
+        let times = column("received_at");
         assert_eq!(times, (0..300).map(|i| 5 * i).collect::<Vec<_>>());
     }
 
