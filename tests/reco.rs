@@ -41,15 +41,23 @@ async fn factors_flow_from_kafka_to_recommendations() {
     });
     let mut lines = Vec::new();
     let mut per_user: HashMap<u64, usize> = HashMap::new();
+    let mut items_of: HashMap<u64, Vec<u64>> = HashMap::new();
     loop {
         let mut l = Vec::new();
         if g.next_into(&mut l).is_none() {
             break;
         }
         let v: Value = serde_json::from_slice(&l).unwrap();
-        *per_user.entry(v["user_id"].as_u64().unwrap()).or_default() += 1;
-        lines.push((v["user_id"].as_u64().unwrap(), l));
+        let user = v["user_id"].as_u64().unwrap();
+        *per_user.entry(user).or_default() += 1;
+        items_of
+            .entry(user)
+            .or_default()
+            .push(v["item_id"].as_u64().unwrap());
+        lines.push((user, l));
     }
+    let recent_len = cfg.reco.model_config().recent_len;
+    assert!(recent_len > 0);
     common::produce(&cfg, 4, lines).await;
     let s = common::run_kafka(&cfg).await;
     assert_eq!(s.trained, 60_000, "every event trains the model once");
@@ -96,10 +104,17 @@ async fn factors_flow_from_kafka_to_recommendations() {
             .map(|x| x["item_id"].as_u64().unwrap())
             .collect();
         assert_eq!(items.len(), 10);
-        let hist: Vec<u64> = con
-            .lrange(format!("{prefix}:reco:hist:{u}"), 0, -1)
-            .await
-            .unwrap();
+        let hist: Vec<u8> = con.hget(format!("{prefix}:reco:hist"), u).await.unwrap();
+        let hist = pulse::factors::store::decode_items(&hist);
+        // a user's events share a key, so the model saw them in order: the
+        // history is the distinct items of the last `recent_len`, newest first
+        let mut want: Vec<u64> = Vec::new();
+        for &i in items_of[&u].iter().rev().take(recent_len) {
+            if !want.contains(&i) {
+                want.push(i);
+            }
+        }
+        assert_eq!(hist, want, "user {u}'s recent items");
         let hist: HashSet<u64> = hist.into_iter().collect();
         assert!(
             items.iter().all(|i| !hist.contains(i)),

@@ -427,6 +427,12 @@ impl Ring {
     fn contains(&self, item: u32) -> bool {
         self.items.iter().any(|&(i, _)| i == item)
     }
+
+    /// The entries, newest first.
+    fn newest_first(&self) -> impl Iterator<Item = &(u32, f32)> {
+        let n = self.items.len();
+        (0..n).map(move |k| &self.items[(self.next + n - 1 - k) % n])
+    }
 }
 
 /// A 256-bit filter of a ring's items: `may_contain` is false only for items
@@ -849,6 +855,20 @@ impl Bpr {
         })
     }
 
+    /// The distinct items of the user's recent ring (the last `recent_len`
+    /// interactions), newest first; `None` for an unknown user.
+    pub fn recent_items(&self, user: u64) -> Option<Vec<u64>> {
+        let u = self.users.get(user)?;
+        let mut out: Vec<u64> = Vec::with_capacity(self.recent[u].items.len());
+        for &(i, _) in self.recent[u].newest_first() {
+            let id = self.items.ids[i as usize];
+            if !out.contains(&id) {
+                out.push(id);
+            }
+        }
+        Some(out)
+    }
+
     pub fn item_record(&self, item: u64) -> Option<FactorRecord> {
         let i = self.items.get(item)?;
         let d = self.cfg.dim;
@@ -1203,6 +1223,28 @@ mod tests {
         assert_eq!(bits(&fast.user_f), bits(&portable.user_f));
         assert_eq!(bits(&fast.item_f), bits(&portable.item_f));
         assert_eq!(bits(&fast.item_b), bits(&portable.item_b));
+    }
+
+    #[test]
+    fn recent_items_are_the_last_interactions_distinct_and_newest_first() {
+        let cfg = RecoConfig {
+            recent_len: 4,
+            ..RecoConfig::default()
+        };
+        let mut m = Bpr::new(&cfg, 1);
+        assert_eq!(m.recent_items(7), None);
+        m.learn(7, 10, 1.0);
+        m.learn(7, 11, 1.0);
+        m.learn(8, 99, 1.0);
+        assert_eq!(m.recent_items(7), Some(vec![11, 10]));
+        // the ring wraps: 10 and 11 fall out, the repeated 12 shows once
+        for item in [12, 13, 12, 14, 15] {
+            m.learn(7, item, 1.0);
+        }
+        assert_eq!(m.recent_items(7), Some(vec![15, 14, 12, 13]));
+        m.learn(7, 13, 1.0);
+        assert_eq!(m.recent_items(7), Some(vec![13, 15, 14, 12]));
+        assert_eq!(m.recent_items(8), Some(vec![99]));
     }
 
     #[test]

@@ -1,26 +1,37 @@
 //! Factor storage in Redis. Consumes model deltas (changed user and item factor
-//! records, appended history, the trending list); produces this layout
+//! records, the touched users' recent items, the trending list); produces this layout
 //! (`{p}` = `redis.prefix`), written in pipelined MULTI/EXEC batches:
 //! - `{p}:reco:user` — hash user_id → record (`index::encode`: f32 LE bias, then the vector)
 //! - `{p}:reco:item` — hash item_id → record
-//! - `{p}:reco:hist:{user}` — list of the user's recent items, newest first, capped
+//! - `{p}:reco:hist` — hash user_id → the user's recent items ([`encode_items`]:
+//!   u64 LE item ids, distinct, newest first; the last `recent_len` interactions)
 //! - `{p}:reco:trending` — sorted set item_id → time-decayed popularity
 //! - `{p}:reco:meta` — hash: version (events trained), updated_ms, dim
 //!
-//! Records are absolute values, so re-applying a delta is idempotent.
+//! Records and histories are absolute values, so re-applying a delta is
+//! idempotent: a replay after a crash rewrites the same bytes.
 
 use std::collections::HashMap;
 
-/// Longest user history kept.
-pub const HISTORY_LEN: isize = 50;
+/// Packs item ids as the `{p}:reco:hist` values: u64 little-endian each.
+pub fn encode_items(items: &[u64]) -> Vec<u8> {
+    items.iter().flat_map(|i| i.to_le_bytes()).collect()
+}
+
+/// Inverse of [`encode_items`]; a trailing partial id is ignored.
+pub fn decode_items(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("chunks of 8")))
+        .collect()
+}
 
 /// Changes to publish, accumulated by the trainer between flushes.
 #[derive(Debug, Default, Clone)]
 pub struct Delta {
     pub users: HashMap<u64, Vec<u8>>,
     pub items: HashMap<u64, Vec<u8>>,
-    /// (user, item) in event order.
-    pub history: Vec<(u64, u64)>,
+    /// user → [`encode_items`] of the user's recent items.
+    pub history: HashMap<u64, Vec<u8>>,
     pub trending: Vec<(u64, f32)>,
     pub version: u64,
     pub updated_ms: i64,
@@ -49,16 +60,9 @@ pub async fn write(
         let v: Vec<(u64, &[u8])> = d.items.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         pipe.hset_multiple(format!("{p}:reco:item"), &v).ignore();
     }
-    let mut per_user: HashMap<u64, Vec<u64>> = HashMap::new();
-    for (u, i) in &d.history {
-        per_user.entry(*u).or_default().push(*i);
-    }
-    for (u, items) in per_user {
-        let key = format!("{p}:reco:hist:{u}");
-        pipe.lpush(&key, items)
-            .ignore()
-            .ltrim(&key, 0, HISTORY_LEN - 1)
-            .ignore();
+    if !d.history.is_empty() {
+        let v: Vec<(u64, &[u8])> = d.history.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        pipe.hset_multiple(format!("{p}:reco:hist"), &v).ignore();
     }
     if !d.trending.is_empty() {
         let key = format!("{p}:reco:trending");

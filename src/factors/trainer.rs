@@ -1,8 +1,8 @@
 //! The factor-training stage. Consumes `events` batches in source order;
 //! updates the [`RecoModel`] one event at a time (deterministic for a given
 //! event order and seed) and produces [`Delta`]s — the user records touched,
-//! the item records whose bytes changed since the last flush, appended
-//! history, the trending list — at most every `flush_ms` and at the end.
+//! the item records whose bytes changed since the last flush, the touched
+//! users' recent items, the trending list — at most every `flush_ms` and at the end.
 //! Pure apart from the clock that paces flushes.
 //!
 //! Exactly once for the model: with positions (Kafka), the trainer keeps per
@@ -31,7 +31,6 @@ pub const TRENDING_TOP: usize = 200;
 pub struct Trainer {
     pub model: RecoModel,
     users: HashSet<u64, FastHash>,
-    history: Vec<(u64, u64)>,
     published: HashMap<u64, u64, FastHash>,
     /// Next offset to learn from, per source partition (positioned input).
     offsets: BTreeMap<i32, i64>,
@@ -72,7 +71,6 @@ impl Trainer {
         Trainer {
             model: RecoModel::new(cfg, seed),
             users: HashSet::default(),
-            history: Vec::new(),
             published: HashMap::default(),
             offsets: BTreeMap::new(),
             positioned: false,
@@ -183,7 +181,6 @@ impl Trainer {
             self.model.observe(&ev);
             if self.collect {
                 self.users.insert(ev.user);
-                self.history.push((ev.user, ev.item));
             }
             n += 1;
         }
@@ -202,6 +199,10 @@ impl Trainer {
             if let Some(r) = self.model.implicit.user_record(u) {
                 d.users.insert(u, r.to_bytes());
             }
+            if let Some(items) = self.model.implicit.recent_items(u) {
+                d.history
+                    .insert(u, crate::factors::store::encode_items(&items));
+            }
         }
         // Negative sampling touches items the events did not name, so compare
         // every item's bytes with what was last published.
@@ -214,7 +215,6 @@ impl Trainer {
                 }
             }
         }
-        d.history = std::mem::take(&mut self.history);
         d.trending = self.model.trending(TRENDING_TOP);
         d
     }

@@ -77,7 +77,7 @@ pub type ItemCache = Arc<RwLock<Arc<Catalogue>>>;
 /// How often the catalogue cache checks Redis for a new model version.
 pub const ITEM_REFRESH: Duration = Duration::from_secs(5);
 /// Trending items kept in the cache: the writer keeps 200, and a fallback
-/// needs at most `k` (≤ 100) plus the excluded history (≤ 50).
+/// needs at most `k` (≤ 100) plus the excluded history (≤ `recent_len`, 32).
 pub const TRENDING_KEPT: isize = 200;
 
 /// Item records, trending (item, score) and the meta hash, as read from Redis.
@@ -699,15 +699,12 @@ async fn recommend(
     let k = k as usize;
     let p = &s.prefix;
     let mut c = conn(&s)?;
-    let (rec, mut hist): (Option<Vec<u8>>, Vec<u64>) = redis::pipe()
+    let (rec, hist): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::pipe()
         .hget(format!("{p}:reco:user"), user)
-        .lrange(
-            format!("{p}:reco:hist:{user}"),
-            0,
-            crate::factors::store::HISTORY_LEN - 1,
-        )
+        .hget(format!("{p}:reco:hist"), user)
         .query_async(&mut c)
         .await?;
+    let mut hist = crate::factors::store::decode_items(hist.as_deref().unwrap_or_default());
     hist.sort_unstable();
     let excluded = |i: u64| hist.binary_search(&i).is_ok();
     let cat = s.catalogue();
