@@ -604,6 +604,10 @@ struct Task {
     next_offset: i64,
     /// Classifies the replayed records as they were classified the first time.
     replay: Option<Windower>,
+    /// While `replay` is set: the restored checkpoint's replay point. Until
+    /// the replay has been written again, what the last run left uncommitted
+    /// exists only in the log from there on.
+    replay_floor: i64,
     /// (first offset of a batch, the partition's max event time before it):
     /// the points a checkpoint can ask to replay from.
     history: VecDeque<(i64, Option<i64>)>,
@@ -618,6 +622,7 @@ impl Task {
             pw,
             next_offset: i64::MIN,
             replay: None,
+            replay_floor: i64::MAX,
             history: VecDeque::new(),
             pending_stats: Vec::new(),
             pending_top: Vec::new(),
@@ -637,10 +642,48 @@ impl Task {
             pw,
             next_offset: cp.next_offset,
             replay,
+            replay_floor: cp.replay_from,
             history: VecDeque::from([(cp.replay_from, cp.replay_max_ts)]),
             pending_stats: cp.pending_stats.clone(),
             pending_top: cp.pending_top.clone(),
         })
+    }
+}
+
+impl Task {
+    /// Where a checkpoint written now resumes reading, and the partition's
+    /// max event time before that point. Replay must cover the oldest open
+    /// file (`open_first`), what the model snapshot lacks (`trained_floor`)
+    /// and, while a restored replay is under way, all of it: a checkpoint can
+    /// come before the partition's first replayed batch (another partition's
+    /// batch triggers it), when no file of this run holds the previous run's
+    /// uncommitted rows yet. Forgets the history before the point.
+    fn replay_point(&mut self, open_first: Option<i64>, trained_floor: i64) -> (i64, Option<i64>) {
+        let replay_floor = if self.replay.is_some() {
+            self.replay_floor
+        } else {
+            i64::MAX
+        };
+        let wanted = open_first
+            .map_or(self.next_offset, |f| f.min(self.next_offset))
+            .min(trained_floor)
+            .min(replay_floor);
+        if wanted >= self.next_offset {
+            self.history.clear();
+        } else {
+            // The latest batch start at or before it; if none, the oldest known
+            // point (where this partition was restored or started).
+            let i = self
+                .history
+                .iter()
+                .rposition(|(o, _)| *o <= wanted)
+                .unwrap_or(0);
+            self.history.drain(..i);
+        }
+        match self.history.front() {
+            Some(&(o, ts)) if o < self.next_offset => (o, ts),
+            _ => (self.next_offset, self.pw.windower.max_event_time()),
+        }
     }
 }
 
@@ -796,26 +839,7 @@ impl Core {
                 .unwrap_or(i64::MIN),
             None => i64::MAX,
         };
-        // Replay must cover the oldest open file and what the model snapshot lacks.
-        let wanted = open_first
-            .map_or(t.next_offset, |f| f.min(t.next_offset))
-            .min(trained_floor);
-        if wanted >= t.next_offset {
-            t.history.clear();
-        } else {
-            // The latest batch start at or before it; if none, the oldest known
-            // point (where this partition was restored or started).
-            let i = t
-                .history
-                .iter()
-                .rposition(|(o, _)| *o <= wanted)
-                .unwrap_or(0);
-            t.history.drain(..i);
-        }
-        let (replay_from, replay_max_ts) = match t.history.front() {
-            Some(&(o, ts)) if o < t.next_offset => (o, ts),
-            _ => (t.next_offset, t.pw.windower.max_event_time()),
-        };
+        let (replay_from, replay_max_ts) = t.replay_point(open_first, trained_floor);
         let cp = PartitionCheckpoint {
             topic: String::new(),
             partition: p,
@@ -1486,4 +1510,60 @@ async fn send(pq: &mpsc::Sender<ParquetMsg>, m: ParquetMsg) -> Result<(), Pipeli
     pq.send(m)
         .await
         .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> WindowParams {
+        WindowParams::from_config(&crate::config::WindowConfig::default())
+    }
+
+    /// A partition restored from a checkpoint that asks to replay 100..500.
+    fn restored() -> Task {
+        let cp = PartitionCheckpoint {
+            topic: String::new(),
+            partition: 1,
+            next_offset: 500,
+            replay_from: 100,
+            replay_max_ts: Some(1_000),
+            windows: Task::fresh(params(), 10, 1).pw.snapshot(),
+            pending_stats: Vec::new(),
+            pending_top: Vec::new(),
+            written_ms: 0,
+        };
+        Task::restore(params(), 10, 1, &cp).expect("valid checkpoint")
+    }
+
+    #[test]
+    fn a_checkpoint_before_the_replay_arrives_keeps_the_replay_point() {
+        // No file of this run is open for the partition yet and the model
+        // snapshot covers everything: the rows 100..500 the last run left
+        // uncommitted are still only in the log.
+        let mut t = restored();
+        assert_eq!(t.replay_point(None, 500), (100, Some(1_000)));
+        assert_eq!(t.replay_point(None, i64::MAX), (100, Some(1_000)));
+        // the replay under way: batches from 100 on, files open from 100
+        t.history.push_back((100, Some(1_000)));
+        t.history.push_back((300, Some(1_200)));
+        assert_eq!(t.replay_point(Some(100), 500).0, 100);
+    }
+
+    #[test]
+    fn once_the_replay_is_done_the_point_follows_the_open_files() {
+        let mut t = restored();
+        t.replay = None; // a batch from 500 on ended it
+        t.history.push_back((500, Some(2_000)));
+        t.history.push_back((800, Some(3_000)));
+        t.next_offset = 900;
+        // the oldest open file starts at 820: resume from the batch holding it
+        assert_eq!(t.replay_point(Some(820), i64::MAX), (800, Some(3_000)));
+        // the model snapshot lacks 600..: the batch starting at or before 600
+        t.history.push_front((500, Some(2_000)));
+        assert_eq!(t.replay_point(Some(820), 600), (500, Some(2_000)));
+        // everything committed and learned: nothing to replay
+        assert_eq!(t.replay_point(None, 900).0, 900);
+        assert!(t.history.is_empty());
+    }
 }
