@@ -208,7 +208,30 @@ max_file_rows = 8000
             })
             .collect();
         files.sort();
-        format!("{summary}\nfiles:\n{}", files.join("\n"))
+        // Whether the tails reached pulse: the broker's high watermarks
+        // against the checkpoints' next offsets.
+        let store = pulse::checkpoint::CheckpointStore::new(&self.data, &self.cfg.kafka.topic);
+        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.kafka.brokers)
+            .set("group.id", unique("diag"))
+            .create()
+            .expect("diagnostic consumer");
+        let mut positions = String::new();
+        for p in 0..4 {
+            let hw = rdkafka::consumer::Consumer::fetch_watermarks(
+                &consumer,
+                &self.cfg.kafka.topic,
+                p,
+                Duration::from_secs(10),
+            );
+            let cp = store.load(p).ok().flatten();
+            positions.push_str(&format!(
+                "partition {p}: broker watermarks {hw:?}, checkpoint next_offset {:?} replay_from {:?}\n",
+                cp.as_ref().map(|c| c.next_offset),
+                cp.as_ref().map(|c| c.replay_from)
+            ));
+        }
+        format!("{summary}\n{positions}files:\n{}", files.join("\n"))
     }
 
     /// The whole guarantee, checked on what the instances left behind.
