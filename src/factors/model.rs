@@ -859,14 +859,56 @@ impl Bpr {
     /// interactions), newest first; `None` for an unknown user.
     pub fn recent_items(&self, user: u64) -> Option<Vec<u64>> {
         let u = self.users.get(user)?;
-        let mut out: Vec<u64> = Vec::with_capacity(self.recent[u].items.len());
+        let mut seen = Vec::new();
+        self.distinct_recent(u, &mut seen);
+        Some(seen.iter().map(|&i| self.items.ids[i as usize]).collect())
+    }
+
+    /// The item indices of [`Bpr::recent_items`] into `seen`.
+    fn distinct_recent(&self, u: usize, seen: &mut Vec<u32>) {
+        seen.clear();
         for &(i, _) in self.recent[u].newest_first() {
-            let id = self.items.ids[i as usize];
-            if !out.contains(&id) {
-                out.push(id);
+            if !seen.contains(&i) {
+                seen.push(i);
             }
         }
-        Some(out)
+    }
+
+    /// What the store publishes for a user, built straight as bytes: its
+    /// record ([`FactorRecord::to_bytes`], bias 0) and its recent items as
+    /// u64 little-endian ids ([`crate::factors::store::encode_items`] of
+    /// [`Bpr::recent_items`]); `None` for an unknown user. `seen` is scratch.
+    pub fn user_bytes(&self, user: u64, seen: &mut Vec<u32>) -> Option<(Vec<u8>, Vec<u8>)> {
+        let u = self.users.get(user)?;
+        let d = self.cfg.dim;
+        let mut rec = Vec::with_capacity(4 * (1 + d));
+        rec.extend_from_slice(&0f32.to_le_bytes());
+        for x in &self.user_f[u * d..(u + 1) * d] {
+            rec.extend_from_slice(&x.to_le_bytes());
+        }
+        self.distinct_recent(u, seen);
+        let mut hist = Vec::with_capacity(8 * seen.len());
+        for &i in seen.iter() {
+            hist.extend_from_slice(&self.items.ids[i as usize].to_le_bytes());
+        }
+        Some((rec, hist))
+    }
+
+    /// Calls `f(item id, record bytes)` for every item in order of first
+    /// appearance, the bytes ([`FactorRecord::to_bytes`] of
+    /// [`Bpr::item_record`]) in one reused buffer: no lookup or allocation
+    /// per item.
+    pub fn for_each_item_bytes(&self, mut f: impl FnMut(u64, &[u8])) {
+        let d = self.cfg.dim;
+        let mut buf = Vec::with_capacity(4 * (1 + d));
+        for (i, &id) in self.items.ids.iter().enumerate() {
+            buf.clear();
+            buf.extend_from_slice(&self.offset(i).to_le_bytes());
+            for x in &self.item_f[i * d..(i + 1) * d] {
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            f(id, &buf);
+        }
     }
 
     pub fn item_record(&self, item: u64) -> Option<FactorRecord> {
@@ -1245,6 +1287,29 @@ mod tests {
         m.learn(7, 13, 1.0);
         assert_eq!(m.recent_items(7), Some(vec![13, 15, 14, 12]));
         assert_eq!(m.recent_items(8), Some(vec![99]));
+    }
+
+    #[test]
+    fn published_bytes_are_the_records_and_recent_items() {
+        let mut m = Bpr::new(&RecoConfig::default(), 3);
+        for (u, i) in [(1, 10), (1, 11), (2, 10), (1, 10), (3, 12)] {
+            m.learn(u, i, 1.0);
+        }
+        let mut seen = Vec::new();
+        for u in [1, 2, 3] {
+            let (rec, hist) = m.user_bytes(u, &mut seen).unwrap();
+            assert_eq!(rec, m.user_record(u).unwrap().to_bytes());
+            let items = m.recent_items(u).unwrap();
+            assert_eq!(hist, crate::factors::store::encode_items(&items));
+        }
+        assert_eq!(m.recent_items(1), Some(vec![10, 11]));
+        assert!(m.user_bytes(4, &mut seen).is_none());
+        let mut n = 0;
+        m.for_each_item_bytes(|id, bytes| {
+            assert_eq!(bytes, m.item_record(id).unwrap().to_bytes().as_slice());
+            n += 1;
+        });
+        assert_eq!(n, 3);
     }
 
     #[test]

@@ -11,8 +11,6 @@
 //! Records and histories are absolute values, so re-applying a delta is
 //! idempotent: a replay after a crash rewrites the same bytes.
 
-use std::collections::HashMap;
-
 /// Packs item ids as the `{p}:reco:hist` values: u64 little-endian each.
 pub fn encode_items(items: &[u64]) -> Vec<u8> {
     items.iter().flat_map(|i| i.to_le_bytes()).collect()
@@ -28,10 +26,12 @@ pub fn decode_items(b: &[u8]) -> Vec<u64> {
 /// Changes to publish, accumulated by the trainer between flushes.
 #[derive(Debug, Default, Clone)]
 pub struct Delta {
-    pub users: HashMap<u64, Vec<u8>>,
-    pub items: HashMap<u64, Vec<u8>>,
-    /// user → [`encode_items`] of the user's recent items.
-    pub history: HashMap<u64, Vec<u8>>,
+    /// (user, record), each user once.
+    pub users: Vec<(u64, Vec<u8>)>,
+    /// (item, record), each item once.
+    pub items: Vec<(u64, Vec<u8>)>,
+    /// (user, [`encode_items`] of the user's recent items), each user once.
+    pub history: Vec<(u64, Vec<u8>)>,
     pub trending: Vec<(u64, f32)>,
     pub version: u64,
     pub updated_ms: i64,

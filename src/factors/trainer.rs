@@ -13,7 +13,7 @@
 //! model's lineage once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{
@@ -58,12 +58,6 @@ pub enum SnapshotError {
     Decode(String),
     #[error("model snapshot has dimension {got}, the configuration {want}")]
     Dimension { got: usize, want: usize },
-}
-
-fn fingerprint(b: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    b.hash(&mut h);
-    h.finish()
 }
 
 impl Trainer {
@@ -195,26 +189,23 @@ impl Trainer {
             dim: self.model.cfg.dim,
             ..Delta::default()
         };
+        let mut seen = Vec::new();
         for u in self.users.drain() {
-            if let Some(r) = self.model.implicit.user_record(u) {
-                d.users.insert(u, r.to_bytes());
-            }
-            if let Some(items) = self.model.implicit.recent_items(u) {
-                d.history
-                    .insert(u, crate::factors::store::encode_items(&items));
+            if let Some((rec, hist)) = self.model.implicit.user_bytes(u, &mut seen) {
+                d.users.push((u, rec));
+                d.history.push((u, hist));
             }
         }
         // Negative sampling touches items the events did not name, so compare
         // every item's bytes with what was last published.
-        for &item in self.model.implicit.item_ids() {
-            if let Some(r) = self.model.implicit.item_record(item) {
-                let bytes = r.to_bytes();
-                let fp = fingerprint(&bytes);
-                if self.published.insert(item, fp) != Some(fp) {
-                    d.items.insert(item, bytes);
-                }
+        let published = &mut self.published;
+        let items = &mut d.items;
+        self.model.implicit.for_each_item_bytes(|item, bytes| {
+            let fp = FastHash::default().hash_one(bytes);
+            if published.insert(item, fp) != Some(fp) {
+                items.push((item, bytes.to_vec()));
             }
-        }
+        });
         d.trending = self.model.trending(TRENDING_TOP);
         d
     }
