@@ -44,10 +44,18 @@ pub struct Trainer {
 }
 
 /// The durable state of a trainer.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct Snapshot {
     model: RecoModel,
     offsets: BTreeMap<i32, i64>,
+}
+
+/// [`Snapshot`] written from borrowed parts (the same encoding): no copy of
+/// the model, which doubled its memory for each snapshot.
+#[derive(serde::Serialize)]
+struct SnapshotRef<'a> {
+    model: &'a RecoModel,
+    offsets: &'a BTreeMap<i32, i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,9 +97,9 @@ impl Trainer {
 
     /// The model and its offsets, as bytes (CBOR).
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
-        let s = Snapshot {
-            model: self.model.clone(),
-            offsets: self.offsets.clone(),
+        let s = SnapshotRef {
+            model: &self.model,
+            offsets: &self.offsets,
         };
         let mut out = Vec::new();
         ciborium::into_writer(&s, &mut out).map_err(|e| SnapshotError::Encode(e.to_string()))?;
@@ -251,6 +259,22 @@ mod tests {
         let first = t.train(&batch(500, 0));
         assert!(first > 400);
         let snap = t.snapshot().unwrap();
+        // the same bytes as the owned form earlier versions wrote
+        #[derive(serde::Serialize)]
+        struct Owned {
+            model: RecoModel,
+            offsets: BTreeMap<i32, i64>,
+        }
+        let mut owned = Vec::new();
+        ciborium::into_writer(
+            &Owned {
+                model: t.model.clone(),
+                offsets: t.offsets().clone(),
+            },
+            &mut owned,
+        )
+        .unwrap();
+        assert_eq!(owned, snap);
         let mut r = Trainer::restore(cfg.clone(), 1, &snap).unwrap();
         assert_eq!(r.model.events(), t.model.events());
         assert_eq!(r.offsets(), t.offsets());
