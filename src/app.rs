@@ -648,9 +648,7 @@ impl Task {
             pending_top: cp.pending_top.clone(),
         })
     }
-}
 
-impl Task {
     /// Where a checkpoint written now resumes reading, and the partition's
     /// max event time before that point. Replay must cover the oldest open
     /// file (`open_first`), what the model snapshot lacks (`trained_floor`)

@@ -319,11 +319,16 @@ impl FactorRecord {
     /// `4 * (1 + dim)` bytes: the bias then each component, f32 little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(4 * (1 + self.vector.len()));
-        out.extend_from_slice(&self.bias.to_le_bytes());
-        for x in &self.vector {
+        Self::write(&mut out, self.bias, &self.vector);
+        out
+    }
+
+    /// Appends the [`FactorRecord::to_bytes`] form of (`bias`, `vector`) to `out`.
+    pub fn write(out: &mut Vec<u8>, bias: f32, vector: &[f32]) {
+        out.extend_from_slice(&bias.to_le_bytes());
+        for x in vector {
             out.extend_from_slice(&x.to_le_bytes());
         }
-        out
     }
 
     /// Inverse of [`FactorRecord::to_bytes`]; `None` unless the length is a
@@ -882,15 +887,10 @@ impl Bpr {
         let u = self.users.get(user)?;
         let d = self.cfg.dim;
         let mut rec = Vec::with_capacity(4 * (1 + d));
-        rec.extend_from_slice(&0f32.to_le_bytes());
-        for x in &self.user_f[u * d..(u + 1) * d] {
-            rec.extend_from_slice(&x.to_le_bytes());
-        }
+        FactorRecord::write(&mut rec, 0.0, &self.user_f[u * d..(u + 1) * d]);
         self.distinct_recent(u, seen);
-        let mut hist = Vec::with_capacity(8 * seen.len());
-        for &i in seen.iter() {
-            hist.extend_from_slice(&self.items.ids[i as usize].to_le_bytes());
-        }
+        let hist =
+            crate::factors::store::encode_items(seen.iter().map(|&i| self.items.ids[i as usize]));
         Some((rec, hist))
     }
 
@@ -903,10 +903,7 @@ impl Bpr {
         let mut buf = Vec::with_capacity(4 * (1 + d));
         for (i, &id) in self.items.ids.iter().enumerate() {
             buf.clear();
-            buf.extend_from_slice(&self.offset(i).to_le_bytes());
-            for x in &self.item_f[i * d..(i + 1) * d] {
-                buf.extend_from_slice(&x.to_le_bytes());
-            }
+            FactorRecord::write(&mut buf, self.offset(i), &self.item_f[i * d..(i + 1) * d]);
             f(id, &buf);
         }
     }
@@ -1300,7 +1297,7 @@ mod tests {
             let (rec, hist) = m.user_bytes(u, &mut seen).unwrap();
             assert_eq!(rec, m.user_record(u).unwrap().to_bytes());
             let items = m.recent_items(u).unwrap();
-            assert_eq!(hist, crate::factors::store::encode_items(&items));
+            assert_eq!(hist, crate::factors::store::encode_items(items.into_iter()));
         }
         assert_eq!(m.recent_items(1), Some(vec![10, 11]));
         assert!(m.user_bytes(4, &mut seen).is_none());

@@ -12,8 +12,12 @@
 //! idempotent: a replay after a crash rewrites the same bytes.
 
 /// Packs item ids as the `{p}:reco:hist` values: u64 little-endian each.
-pub fn encode_items(items: &[u64]) -> Vec<u8> {
-    items.iter().flat_map(|i| i.to_le_bytes()).collect()
+pub fn encode_items(items: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 * items.len());
+    for i in items {
+        out.extend_from_slice(&i.to_le_bytes());
+    }
+    out
 }
 
 /// Inverse of [`encode_items`]; a trailing partial id is ignored.

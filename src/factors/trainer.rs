@@ -43,8 +43,8 @@ pub struct Trainer {
     pub collect: bool,
 }
 
-/// The durable state of a trainer.
-#[derive(serde::Deserialize)]
+/// The durable state of a trainer, as read (written as [`SnapshotRef`]).
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Snapshot {
     model: RecoModel,
     offsets: BTreeMap<i32, i64>,
@@ -260,14 +260,9 @@ mod tests {
         assert!(first > 400);
         let snap = t.snapshot().unwrap();
         // the same bytes as the owned form earlier versions wrote
-        #[derive(serde::Serialize)]
-        struct Owned {
-            model: RecoModel,
-            offsets: BTreeMap<i32, i64>,
-        }
         let mut owned = Vec::new();
         ciborium::into_writer(
-            &Owned {
+            &Snapshot {
                 model: t.model.clone(),
                 offsets: t.offsets().clone(),
             },
