@@ -822,8 +822,8 @@ impl Bpr {
 
     /// Zero-based rank of `item` among all seen items except `exclude`
     /// (ties broken towards the earlier-seen item, as in
-    /// [`Bpr::recommend`]). `None` if the user or item is unknown or the item
-    /// is excluded. O(items · dim) but allocation-free.
+    /// [`Bpr::recommend`]). `None` if the user or item is unknown, the item
+    /// is excluded or its score is NaN. O(items · dim) but allocation-free.
     pub fn rank_of(&self, user: u64, item: u64, exclude: &HashSet<u64>) -> Option<usize> {
         if exclude.contains(&item) {
             return None;
@@ -834,6 +834,11 @@ impl Bpr {
         let pu = &self.user_f[u * d..(u + 1) * d];
         let sc = |j: usize| self.offset(j) + dot(pu, &self.item_f[j * d..(j + 1) * d]);
         let st = sc(t);
+        if st.is_nan() {
+            // Nothing compares above NaN: it would rank first. A broken
+            // score is a miss, never a hit.
+            return None;
+        }
         let beats = |j: usize, s: f32| s > st || (s == st && j < t);
         let mut rank = 0usize;
         for (j, q) in self.item_f.chunks_exact(d).enumerate() {
@@ -1422,6 +1427,12 @@ mod tests {
         }
         assert_eq!(m.rank_of(4, 5, &exclude), None);
         assert_eq!(m.rank_of(4, 999, &exclude), None);
+        // A diverged (NaN) user row scores nothing: a miss, not rank 0.
+        let (item, _) = top[3];
+        let u = m.users.get(4).expect("known user");
+        let d = m.cfg.dim;
+        m.user_f[u * d] = f32::NAN;
+        assert_eq!(m.rank_of(4, item, &exclude), None);
     }
 
     #[test]
