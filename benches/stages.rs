@@ -102,6 +102,15 @@ fn stages(c: &mut Criterion) {
         })
     });
 
+    // factor updates in steady state: the model has already learnt 500k
+    // events, so its user and item tables have the generator's full size
+    // (cache misses as in a long run) and no step creates a row.
+    let mut steady = Trainer::new(pulse::factors::RecoConfig::default(), 7);
+    steady.train(&full(&decoded(500_000)));
+    g.bench_function("factor_updates_32k_steady", |b| {
+        b.iter(|| steady.train(&batch))
+    });
+
     // parquet writing
     let dir = tempfile::tempdir().unwrap();
     g.bench_function("parquet_write_32k", |b| {
