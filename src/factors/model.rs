@@ -275,6 +275,19 @@ fn dot_diff32_avx2(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<0b01>(q, q)))
 }
 
+/// [`dot_diff`] on 32 factors: the AVX2 kernel when `AVX2` is set (only
+/// by code that runs after detecting AVX2), else the portable loop.
+#[inline(always)]
+fn dot_diff32<const AVX2: bool>(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: `AVX2` is only set by `Bpr::learn_avx2`, which runs only
+        // on CPUs detected to support AVX2.
+        return unsafe { dot_diff32_avx2(p, a, b) };
+    }
+    dot_diff(p, a, b)
+}
+
 /// The update of one BPR SGD step with gradient scale `g` = `σ(−x_uij)`:
 /// the user row `pu` moves along the old item rows and the positive and
 /// negative rows `qi`, `qj` along the old user row, in one pass. Called on
@@ -718,17 +731,7 @@ impl Bpr {
             <&mut [f32; 32]>::try_from(&mut *qj),
         ) {
             (Ok(pu), Ok(qi), Ok(qj)) => {
-                #[cfg(target_arch = "x86_64")]
-                let dot = if AVX2 {
-                    // SAFETY: `AVX2` is only set by `learn_avx2`, which runs
-                    // only on CPUs detected to support AVX2.
-                    unsafe { dot_diff32_avx2(pu, qi, qj) }
-                } else {
-                    dot_diff(pu, qi, qj)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let dot = dot_diff(pu, qi, qj);
-                let x = bias + dot;
+                let x = bias + dot_diff32::<AVX2>(pu, qi, qj);
                 let g = neg_sigmoid(x);
                 bpr_update(pu, qi, qj, g, lr, reg);
                 (x, g)
