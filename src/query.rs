@@ -16,8 +16,6 @@ use datafusion::datasource::listing::ListingOptions;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 
-use crate::sql::SqlEngine;
-
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error("query: {0}")]
@@ -41,7 +39,7 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef)> {
 
 /// A session with the data directory's tables and pulse's SQL functions registered.
 pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
-    let ctx = SqlEngine::new().context().clone();
+    let ctx = crate::sql::session_context();
     let root = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     for (name, schema) in known_tables() {
         let dir = root.join(name);

@@ -14,14 +14,19 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::MemTable;
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{DataFusionError, ScalarValue};
-use datafusion::datasource::provider_as_source;
-use datafusion::logical_expr::LogicalPlan;
-use datafusion::logical_expr::{Accumulator, ColumnarValue, Volatility, create_udaf, create_udf};
-use datafusion::physical_plan::collect;
-use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DataFusionError, ScalarValue, project_schema};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{
+    Accumulator, ColumnarValue, Expr, TableType, Volatility, create_udaf, create_udf,
+};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType, reset_plan_states};
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties, collect,
+};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::model::ts_type;
@@ -73,14 +78,29 @@ pub fn partials_schema() -> SchemaRef {
 
 /// A DataFusion session with pulse's functions registered.
 ///
-/// Each query text is parsed, planned and optimised once per input schema;
-/// later runs put their batch into the cached plan's table scan and only
-/// plan the physical execution. Planning from SQL every time was ~5% of the
-/// pipeline's instructions (two queries per batch, one per window emission).
+/// Each query text is planned once per input schema, down to its physical
+/// plan, against a table whose scan reads a slot; a run puts its batch in the
+/// slot and executes a fresh copy of the plan (`reset_plan_states`: new
+/// metrics and state, the same operators and expressions). Planning from SQL
+/// every time was ~5% of the pipeline's instructions, and creating the
+/// physical plan every time (four queries per decoded batch) another ~3%.
 pub struct SqlEngine {
     ctx: SessionContext,
-    plans: std::sync::Mutex<std::collections::HashMap<&'static str, (SchemaRef, LogicalPlan)>>,
+    plans: std::sync::Mutex<std::collections::HashMap<&'static str, Prepared>>,
 }
+
+/// A query planned for one input schema.
+#[derive(Clone)]
+struct Prepared {
+    schema: SchemaRef,
+    plan: Arc<dyn ExecutionPlan>,
+    slot: Slot,
+    /// One run of this plan at a time: the slot holds that run's input.
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The input of the current run of a prepared plan.
+type Slot = Arc<std::sync::Mutex<Option<RecordBatch>>>;
 
 impl Default for SqlEngine {
     fn default() -> Self {
@@ -88,11 +108,32 @@ impl Default for SqlEngine {
     }
 }
 
+/// A session with pulse's SQL functions registered. Batches are small and
+/// already in memory: one partition avoids repartitioning overhead that
+/// would dominate such queries.
+pub fn session_context() -> SessionContext {
+    let cfg = SessionConfig::new().with_target_partitions(1);
+    let ctx = SessionContext::new_with_config(cfg);
+    register_functions(&ctx);
+    ctx
+}
+
 impl SqlEngine {
     pub fn new() -> Self {
-        // Batches are small and already in memory: one partition avoids
-        // repartitioning overhead that would dominate such queries.
-        let cfg = SessionConfig::new().with_target_partitions(1);
+        // A plan is executed again and again: no dynamic filters, whose
+        // state a re-executed plan could not reset (none of pulse's queries
+        // has a TopK, join or ungrouped min/max that would make one).
+        let mut cfg = SessionConfig::new().with_target_partitions(1);
+        cfg.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
+        cfg.options_mut()
+            .optimizer
+            .enable_topk_dynamic_filter_pushdown = false;
+        cfg.options_mut()
+            .optimizer
+            .enable_join_dynamic_filter_pushdown = false;
+        cfg.options_mut()
+            .optimizer
+            .enable_aggregate_dynamic_filter_pushdown = false;
         let ctx = SessionContext::new_with_config(cfg);
         register_functions(&ctx);
         SqlEngine {
@@ -103,6 +144,34 @@ impl SqlEngine {
 
     pub fn context(&self) -> &SessionContext {
         &self.ctx
+    }
+
+    /// Plans `sql` with `table` scanning a fresh slot of `schema`.
+    async fn prepare(
+        &self,
+        table: &str,
+        sql: &'static str,
+        schema: SchemaRef,
+    ) -> Result<Prepared, SqlError> {
+        let slot = Slot::default();
+        let provider = Arc::new(SlotTable {
+            schema: schema.clone(),
+            slot: slot.clone(),
+        });
+        let _ = self.ctx.deregister_table(table)?;
+        self.ctx.register_table(table, provider)?;
+        let state = self.ctx.state();
+        let planned = match state.create_logical_plan(sql).await {
+            Ok(p) => state.create_physical_plan(&p).await,
+            Err(e) => Err(e),
+        };
+        let _ = self.ctx.deregister_table(table)?;
+        Ok(Prepared {
+            schema,
+            plan: planned?,
+            slot,
+            gate: Default::default(),
+        })
     }
 
     async fn run(
@@ -117,33 +186,31 @@ impl SqlEngine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(sql)
-            .filter(|(s, _)| *s == schema)
-            .map(|(_, p)| p.clone());
-        let plan = match cached {
+            .filter(|p| p.schema == schema)
+            .cloned();
+        let prepared = match cached {
             Some(p) => p,
             None => {
-                let _ = self.ctx.deregister_table(table)?;
-                self.ctx.register_batch(table, input.clone())?;
-                let state = self.ctx.state();
-                let planned = match state.create_logical_plan(sql).await {
-                    Ok(p) => state.optimize(&p),
-                    Err(e) => Err(e),
-                };
-                let _ = self.ctx.deregister_table(table)?;
-                let p = planned?;
+                let p = self.prepare(table, sql, schema).await?;
                 self.plans
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(sql, (schema.clone(), p.clone()));
+                    .insert(sql, p.clone());
                 p
             }
         };
-        let plan = with_table_data(plan, table, input)?;
-        let state = self.ctx.state();
-        let exec = DefaultPhysicalPlanner::default()
-            .create_physical_plan(&plan, &state)
-            .await?;
-        Ok(collect(exec, self.ctx.task_ctx()).await?)
+        let _one_run = prepared.gate.lock().await;
+        *prepared.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
+        let out = match reset_plan_states(prepared.plan.clone()) {
+            Ok(exec) => collect(exec, self.ctx.task_ctx()).await,
+            Err(e) => Err(e),
+        };
+        prepared
+            .slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        Ok(out?)
     }
 
     /// Runs `minute_partials.sql` on `batch` (events + `window_start`).
@@ -197,23 +264,104 @@ impl SqlEngine {
     }
 }
 
-/// `plan` reading `batch` wherever it scans the table `table`.
-fn with_table_data(
-    plan: LogicalPlan,
-    table: &str,
-    batch: RecordBatch,
-) -> Result<LogicalPlan, DataFusionError> {
-    let schema = batch.schema();
-    let source = provider_as_source(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?));
-    Ok(plan
-        .transform_up(|node| match node {
-            LogicalPlan::TableScan(mut scan) if scan.table_name.table() == table => {
-                scan.source = source.clone();
-                Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
-            }
-            other => Ok(Transformed::no(other)),
-        })?
-        .data)
+/// A table whose scan reads the batch in its slot when executed.
+#[derive(Debug)]
+struct SlotTable {
+    schema: SchemaRef,
+    slot: Slot,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for SlotTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let projected = project_schema(&self.schema, projection)?;
+        Ok(Arc::new(SlotExec {
+            projection: projection.cloned(),
+            slot: self.slot.clone(),
+            props: Arc::new(PlanProperties::new(
+                EquivalenceProperties::new(projected),
+                Partitioning::UnknownPartitioning(1),
+                EmissionType::Incremental,
+                Boundedness::Bounded,
+            )),
+        }))
+    }
+}
+
+/// Scan of a [`SlotTable`]: one partition, the slot's batch, statistics
+/// unknown (so no plan is specialised to the batch it was planned with).
+#[derive(Debug)]
+struct SlotExec {
+    projection: Option<Vec<usize>>,
+    slot: Slot,
+    props: Arc<PlanProperties>,
+}
+
+impl DisplayAs for SlotExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "SlotExec")
+    }
+}
+
+impl ExecutionPlan for SlotExec {
+    fn name(&self) -> &str {
+        "SlotExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.props
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> datafusion::common::Result<TreeNodeRecursion>,
+    ) -> datafusion::common::Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> datafusion::common::Result<SendableRecordBatchStream> {
+        let batch = self
+            .slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| DataFusionError::Internal("SlotExec executed without input".into()))?;
+        let schema = batch.schema();
+        Ok(Box::pin(MemoryStream::try_new(
+            vec![batch],
+            schema,
+            self.projection.clone(),
+        )?))
+    }
 }
 
 /// Casts a result batch to `schema` by column name (SQL output types can vary
