@@ -62,6 +62,8 @@ pub struct RecoSection {
     pub trending_half_life_secs: u64,
     /// Kafka: how often the model and its offsets are snapshotted, ms.
     pub snapshot_ms: u64,
+    /// Most users each model holds (least recently seen forgotten first).
+    pub max_users: usize,
 }
 
 impl RecoSection {
@@ -75,6 +77,7 @@ impl RecoSection {
             w_cart: self.weight_cart,
             w_purchase: self.weight_purchase,
             half_life_ms: (self.trending_half_life_secs * 1000) as i64,
+            max_users: self.max_users,
             ..crate::factors::RecoConfig::default()
         }
     }
@@ -94,6 +97,7 @@ impl Default for RecoSection {
             weight_purchase: 5.0,
             trending_half_life_secs: 3600,
             snapshot_ms: 10000,
+            max_users: 250_000,
         }
     }
 }
@@ -421,6 +425,9 @@ impl Config {
             if !self.validation.required.iter().any(|r| r == f) {
                 return bad(format!("validation.required must include {f:?}"));
             }
+        }
+        if self.reco.max_users == 0 {
+            return bad("reco.max_users must be > 0".into());
         }
         if self.window.size_secs == 0 {
             return bad("window.size_secs must be > 0".into());

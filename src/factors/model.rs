@@ -95,6 +95,15 @@ pub struct RecoConfig {
     pub mf_bias_reg: f32,
     /// Half-life of the trending model, in event-time milliseconds.
     pub half_life_ms: i64,
+    /// Most users the implicit and explicit models each hold; past it a new
+    /// user takes the slot of one not seen for the longest (CLOCK), which is
+    /// forgotten (it gets trending items until it comes back).
+    #[serde(default = "default_max_users")]
+    pub max_users: usize,
+}
+
+fn default_max_users() -> usize {
+    250_000
 }
 
 impl Default for RecoConfig {
@@ -121,6 +130,7 @@ impl Default for RecoConfig {
             mf_reg: 0.05,
             mf_bias_reg: 0.01,
             half_life_ms: 3_600_000,
+            max_users: default_max_users(),
         }
     }
 }
@@ -432,6 +442,23 @@ impl Reservoir {
 struct Index {
     map: HashMap<u64, u32, FastHash>,
     ids: Vec<u64>,
+    /// Bounded indexes ([`Index::insert_bounded`]): one CLOCK reference bit
+    /// per slot, set when its key is seen again, and the clock hand.
+    #[serde(default)]
+    refs: Vec<u64>,
+    #[serde(default)]
+    hand: usize,
+}
+
+/// Where [`Index::insert_bounded`] put a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// The key was there.
+    Known,
+    /// A new slot at the end.
+    New,
+    /// The slot of another key, now forgotten.
+    Reused,
 }
 
 impl Index {
@@ -448,6 +475,43 @@ impl Index {
         self.map.insert(id, i as u32);
         self.ids.push(id);
         (i, true)
+    }
+
+    /// [`Index::insert`] holding at most `cap` keys. At the cap a new key
+    /// takes the slot the clock hand reaches first without a reference bit
+    /// (bits are cleared as the hand passes): a key not seen again since the
+    /// hand last passed it, an approximation of the least recently used.
+    fn insert_bounded(&mut self, id: u64, cap: usize) -> (usize, Slot) {
+        if let Some(&i) = self.map.get(&id) {
+            let i = i as usize;
+            let w = i / 64;
+            if w >= self.refs.len() {
+                self.refs.resize(w + 1, 0);
+            }
+            self.refs[w] |= 1 << (i % 64);
+            return (i, Slot::Known);
+        }
+        let n = self.ids.len();
+        if n < cap.max(1) {
+            self.map.insert(id, n as u32);
+            self.ids.push(id);
+            return (n, Slot::New);
+        }
+        self.refs.resize(n.div_ceil(64), 0);
+        // Two turns at most: the first clears every bit it passes.
+        let victim = loop {
+            let h = self.hand % n;
+            self.hand = (h + 1) % n;
+            let (w, b) = (h / 64, 1u64 << (h % 64));
+            if self.refs[w] & b == 0 {
+                break h;
+            }
+            self.refs[w] &= !b;
+        };
+        self.map.remove(&self.ids[victim]);
+        self.ids[victim] = id;
+        self.map.insert(id, victim as u32);
+        (victim, Slot::Reused)
     }
 }
 
@@ -627,21 +691,38 @@ impl Bpr {
     }
 
     fn init_vec(rng: &mut ModelRng, dst: &mut Vec<f32>, dim: usize, std: f32) {
-        for _ in 0..dim {
-            dst.push(normal(rng) * std);
+        let n = dst.len();
+        dst.resize(n + dim, 0.0);
+        Self::fill_normal(rng, &mut dst[n..], std);
+    }
+
+    /// Fresh initial values (the draws [`Bpr::init_vec`] makes), in place.
+    #[inline(never)]
+    fn fill_normal(rng: &mut ModelRng, dst: &mut [f32], std: f32) {
+        for x in dst {
+            *x = normal(rng) * std;
         }
     }
 
     fn user_index(&mut self, user: u64) -> usize {
-        let (u, new) = self.users.insert(user);
-        if new {
-            Self::init_vec(
-                &mut self.rng,
-                &mut self.user_f,
-                self.cfg.dim,
-                self.cfg.init_std,
-            );
-            self.recent.push(Ring::default());
+        let (u, slot) = self.users.insert_bounded(user, self.cfg.max_users);
+        match slot {
+            Slot::Known => {}
+            Slot::New => {
+                Self::init_vec(
+                    &mut self.rng,
+                    &mut self.user_f,
+                    self.cfg.dim,
+                    self.cfg.init_std,
+                );
+                self.recent.push(Ring::default());
+            }
+            Slot::Reused => {
+                let d = self.cfg.dim;
+                let row = &mut self.user_f[u * d..(u + 1) * d];
+                Self::fill_normal(&mut self.rng, row, self.cfg.init_std);
+                self.recent[u] = Ring::default();
+            }
         }
         u
     }
@@ -1052,10 +1133,17 @@ impl BiasedMf {
     pub fn observe(&mut self, user: u64, item: u64, rating: f32) -> f32 {
         let d = self.cfg.mf_dim;
         let std = self.cfg.init_std;
-        let (u, new_u) = self.users.insert(user);
-        if new_u {
-            Bpr::init_vec(&mut self.rng, &mut self.user_f, d, std);
-            self.user_b.push(0.0);
+        let (u, slot) = self.users.insert_bounded(user, self.cfg.max_users);
+        match slot {
+            Slot::Known => {}
+            Slot::New => {
+                Bpr::init_vec(&mut self.rng, &mut self.user_f, d, std);
+                self.user_b.push(0.0);
+            }
+            Slot::Reused => {
+                Bpr::fill_normal(&mut self.rng, &mut self.user_f[u * d..(u + 1) * d], std);
+                self.user_b[u] = 0.0;
+            }
         }
         let (i, new_i) = self.items.insert(item);
         if new_i {
@@ -1291,6 +1379,83 @@ mod tests {
         assert!(neg_sigmoid(-1e6) > 0.999_999 && neg_sigmoid(-1e6) <= 1.0);
         assert!(NEG_SIGMOID.windows(2).all(|w| w[1] <= w[0]));
         assert!(neg_sigmoid(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn a_bounded_index_forgets_the_key_not_seen_again_first() {
+        let mut ix = Index::default();
+        for id in [10, 20, 30] {
+            assert_eq!(ix.insert_bounded(id, 3).1, Slot::New);
+        }
+        // 10 and 30 come back; 20 does not.
+        assert_eq!(ix.insert_bounded(10, 3), (0, Slot::Known));
+        assert_eq!(ix.insert_bounded(30, 3), (2, Slot::Known));
+        assert_eq!(ix.insert_bounded(40, 3), (1, Slot::Reused));
+        assert_eq!((ix.get(20), ix.get(40), ix.ids.len()), (None, Some(1), 3));
+        // The hand cleared 10's bit on its way and 10 was not seen again:
+        // it goes next (30 had its bit, so it only loses it).
+        assert_eq!(ix.insert_bounded(50, 3), (0, Slot::Reused));
+        assert_eq!((ix.get(10), ix.get(30)), (None, Some(2)));
+        // 30 seen again keeps it; 40, not seen since it came, goes.
+        assert_eq!(ix.insert_bounded(30, 3), (2, Slot::Known));
+        assert_eq!(ix.insert_bounded(60, 3), (1, Slot::Reused));
+        assert_eq!(
+            (ix.get(40), ix.get(30), ix.get(50)),
+            (None, Some(2), Some(0))
+        );
+        assert_eq!(ix.map.len(), 3);
+        for (i, id) in ix.ids.iter().enumerate() {
+            assert_eq!(ix.get(*id), Some(i));
+        }
+    }
+
+    #[test]
+    fn models_hold_at_most_max_users_and_keep_the_active_ones() {
+        let cfg = RecoConfig {
+            max_users: 50,
+            ..RecoConfig::default()
+        };
+        let mut m = RecoModel::new(cfg, 5);
+        // User 0 is active throughout; 1,000 others pass once each.
+        for t in 0..2_000u64 {
+            let (user, kind) = if t % 2 == 0 {
+                (0, Kind::Rating(4.0))
+            } else {
+                (1 + t, Kind::View)
+            };
+            m.observe(&ev(t as i64, user, t % 40, kind));
+        }
+        assert_eq!(m.implicit.n_users(), 50);
+        assert_eq!(m.implicit.user_f.len(), 50 * m.cfg.dim);
+        assert_eq!(m.implicit.recent.len(), 50);
+        assert!(m.implicit.knows_user(0), "the active user was forgotten");
+        assert!(!m.implicit.knows_user(2), "an early one-off user was kept");
+        assert!(
+            m.implicit.knows_user(2_000),
+            "the newest user was forgotten"
+        );
+        assert!(m.explicit.users.ids.len() <= 50);
+        assert!(m.implicit.user_f.iter().all(|x| x.is_finite()));
+        // A forgotten user comes back with a fresh vector and no history.
+        m.observe(&ev(2_000, 2, 3, Kind::View));
+        let u = m.implicit.users.get(2).expect("back");
+        assert_eq!(m.implicit.recent[u].items.len(), 1);
+        assert_eq!(m.implicit.n_users(), 50);
+        // Below the cap nothing changes: same model as an unbounded one.
+        let small = |cap| {
+            let mut m = RecoModel::new(
+                RecoConfig {
+                    max_users: cap,
+                    ..RecoConfig::default()
+                },
+                5,
+            );
+            for t in 0..500u64 {
+                m.observe(&ev(t as i64, t % 30, t % 40, Kind::View));
+            }
+            m.implicit.user_f
+        };
+        assert_eq!(small(30), small(usize::MAX));
     }
 
     #[test]
