@@ -64,6 +64,8 @@ pub struct RecoSection {
     pub snapshot_ms: u64,
     /// Most users each model holds (least recently seen forgotten first).
     pub max_users: usize,
+    /// Most items each model holds (the same way).
+    pub max_items: usize,
 }
 
 impl RecoSection {
@@ -78,6 +80,7 @@ impl RecoSection {
             w_purchase: self.weight_purchase,
             half_life_ms: (self.trending_half_life_secs * 1000) as i64,
             max_users: self.max_users,
+            max_items: self.max_items,
             ..crate::factors::RecoConfig::default()
         }
     }
@@ -98,6 +101,7 @@ impl Default for RecoSection {
             trending_half_life_secs: 3600,
             snapshot_ms: 10000,
             max_users: 250_000,
+            max_items: 200_000,
         }
     }
 }
@@ -426,8 +430,8 @@ impl Config {
                 return bad(format!("validation.required must include {f:?}"));
             }
         }
-        if self.reco.max_users == 0 {
-            return bad("reco.max_users must be > 0".into());
+        if self.reco.max_users == 0 || self.reco.max_items == 0 {
+            return bad("reco.max_users and reco.max_items must be > 0".into());
         }
         if self.window.size_secs == 0 {
             return bad("window.size_secs must be > 0".into());

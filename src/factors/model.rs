@@ -100,10 +100,19 @@ pub struct RecoConfig {
     /// forgotten (it gets trending items until it comes back).
     #[serde(default = "default_max_users")]
     pub max_users: usize,
+    /// Most items each model holds, forgotten the same way past it (the
+    /// slot's new item inherits nothing but stale references in recent-item
+    /// rings and the negative-sampling reservoir, which fade as they turn over).
+    #[serde(default = "default_max_items")]
+    pub max_items: usize,
 }
 
 fn default_max_users() -> usize {
     250_000
+}
+
+fn default_max_items() -> usize {
+    200_000
 }
 
 impl Default for RecoConfig {
@@ -131,6 +140,7 @@ impl Default for RecoConfig {
             mf_bias_reg: 0.01,
             half_life_ms: 3_600_000,
             max_users: default_max_users(),
+            max_items: default_max_items(),
         }
     }
 }
@@ -466,18 +476,8 @@ impl Index {
         self.map.get(&id).map(|&i| i as usize)
     }
 
-    /// The dense index and whether it was new.
-    fn insert(&mut self, id: u64) -> (usize, bool) {
-        if let Some(i) = self.get(id) {
-            return (i, false);
-        }
-        let i = self.ids.len();
-        self.map.insert(id, i as u32);
-        self.ids.push(id);
-        (i, true)
-    }
-
-    /// [`Index::insert`] holding at most `cap` keys. At the cap a new key
+    /// The dense index of `id` (a new one at the end if unknown), holding
+    /// at most `cap` keys. At the cap a new key
     /// takes the slot the clock hand reaches first without a reference bit
     /// (bits are cleared as the hand passes): a key not seen again since the
     /// hand last passed it, an approximation of the least recently used.
@@ -728,17 +728,28 @@ impl Bpr {
     }
 
     fn item_index(&mut self, item: u64) -> usize {
-        let (i, new) = self.items.insert(item);
-        if new {
-            Self::init_vec(
-                &mut self.rng,
-                &mut self.item_f,
-                self.cfg.dim,
-                self.cfg.init_std,
-            );
-            self.item_b.push(0.0);
-            self.item_n.push(0);
-            self.prior.push(0.0);
+        let (i, slot) = self.items.insert_bounded(item, self.cfg.max_items);
+        match slot {
+            Slot::Known => {}
+            Slot::New => {
+                Self::init_vec(
+                    &mut self.rng,
+                    &mut self.item_f,
+                    self.cfg.dim,
+                    self.cfg.init_std,
+                );
+                self.item_b.push(0.0);
+                self.item_n.push(0);
+                self.prior.push(0.0);
+            }
+            Slot::Reused => {
+                let d = self.cfg.dim;
+                let row = &mut self.item_f[i * d..(i + 1) * d];
+                Self::fill_normal(&mut self.rng, row, self.cfg.init_std);
+                self.item_b[i] = 0.0;
+                self.item_n[i] = 0;
+                self.prior[i] = 0.0;
+            }
         }
         i
     }
@@ -1145,10 +1156,17 @@ impl BiasedMf {
                 self.user_b[u] = 0.0;
             }
         }
-        let (i, new_i) = self.items.insert(item);
-        if new_i {
-            Bpr::init_vec(&mut self.rng, &mut self.item_f, d, std);
-            self.item_b.push(0.0);
+        let (i, slot) = self.items.insert_bounded(item, self.cfg.max_items);
+        match slot {
+            Slot::Known => {}
+            Slot::New => {
+                Bpr::init_vec(&mut self.rng, &mut self.item_f, d, std);
+                self.item_b.push(0.0);
+            }
+            Slot::Reused => {
+                Bpr::fill_normal(&mut self.rng, &mut self.item_f[i * d..(i + 1) * d], std);
+                self.item_b[i] = 0.0;
+            }
         }
         self.sum += f64::from(rating);
         self.n += 1;
@@ -1177,16 +1195,25 @@ pub struct Trending {
     latest: i64,
     items: Index,
     acc: Vec<f64>,
+    /// Most items held (see [`RecoConfig::max_items`]).
+    #[serde(default = "default_max_items")]
+    max_items: usize,
 }
 
 impl Trending {
     pub fn new(half_life_ms: i64) -> Self {
+        Self::bounded(half_life_ms, default_max_items())
+    }
+
+    /// A trending model holding at most `max_items` items.
+    pub fn bounded(half_life_ms: i64, max_items: usize) -> Self {
         Self {
             half_life_ms: half_life_ms.max(1) as f64,
             t_ref: i64::MIN,
             latest: i64::MIN,
             items: Index::default(),
             acc: Vec::new(),
+            max_items,
         }
     }
 
@@ -1205,9 +1232,11 @@ impl Trending {
             self.t_ref = ts_ms;
             e = 0.0;
         }
-        let (i, new) = self.items.insert(item);
-        if new {
-            self.acc.push(0.0);
+        let (i, slot) = self.items.insert_bounded(item, self.max_items);
+        match slot {
+            Slot::Known => {}
+            Slot::New => self.acc.push(0.0),
+            Slot::Reused => self.acc[i] = 0.0,
         }
         self.acc[i] += f64::from(w) * e.exp2();
     }
@@ -1260,7 +1289,7 @@ impl RecoModel {
         Self {
             implicit: Bpr::new(&cfg, seed),
             explicit: BiasedMf::new(&cfg, seed ^ 0x9E37_79B9_7F4A_7C15),
-            trending: Trending::new(cfg.half_life_ms),
+            trending: Trending::bounded(cfg.half_life_ms, cfg.max_items),
             cfg,
             events: 0,
         }
@@ -1456,6 +1485,42 @@ mod tests {
             m.implicit.user_f
         };
         assert_eq!(small(30), small(usize::MAX));
+    }
+
+    #[test]
+    fn models_hold_at_most_max_items() {
+        let cfg = RecoConfig {
+            max_items: 10,
+            ..RecoConfig::default()
+        };
+        let mut m = RecoModel::new(cfg, 5);
+        // Item 0 is bought all the time; 300 others are seen once each.
+        for t in 0..600u64 {
+            let (item, kind) = if t % 2 == 0 {
+                (0, Kind::Rating(5.0))
+            } else {
+                (1_000 + t, Kind::View)
+            };
+            m.observe(&ev(t as i64, t % 7, item, kind));
+        }
+        assert_eq!(m.implicit.n_items(), 10);
+        assert_eq!(m.implicit.item_f.len(), 10 * m.cfg.dim);
+        assert_eq!(m.trending.acc.len(), 10);
+        assert!(m.explicit.items.ids.len() <= 10);
+        assert!(
+            m.implicit.item_ids().contains(&0),
+            "the popular item was forgotten"
+        );
+        assert!(
+            m.implicit.item_ids().contains(&1_599),
+            "the newest item was forgotten"
+        );
+        assert!(!m.implicit.item_ids().contains(&1_001));
+        assert!(m.implicit.item_f.iter().all(|x| x.is_finite()));
+        let held: HashSet<u64> = m.implicit.item_ids().iter().copied().collect();
+        let rec = m.recommend(3, 10, &HashSet::new());
+        assert!(!rec.items.is_empty() && rec.items.iter().all(|(i, _)| held.contains(i)));
+        assert_eq!(m.trending(1)[0].0, 0);
     }
 
     #[test]

@@ -206,14 +206,20 @@ impl Trainer {
         }
         // Negative sampling touches items the events did not name, so compare
         // every item's bytes with what was last published.
-        let published = &mut self.published;
+        // Only the items the model holds stay in the map (it forgets items
+        // past `reco.max_items`).
+        let published = &self.published;
+        let mut next: HashMap<u64, u64, FastHash> =
+            HashMap::with_capacity_and_hasher(published.len(), FastHash::default());
         let items = &mut d.items;
         self.model.implicit.for_each_item_bytes(|item, bytes| {
             let fp = FastHash::default().hash_one(bytes);
-            if published.insert(item, fp) != Some(fp) {
+            if published.get(&item) != Some(&fp) {
                 items.push((item, bytes.to_vec()));
             }
+            next.insert(item, fp);
         });
+        self.published = next;
         d.trending = self.model.trending(TRENDING_TOP);
         d
     }
