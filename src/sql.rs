@@ -108,11 +108,18 @@ impl Default for SqlEngine {
     }
 }
 
-/// A session with pulse's SQL functions registered. Batches are small and
-/// already in memory: one partition avoids repartitioning overhead that
-/// would dominate such queries.
+/// A session with pulse's SQL functions registered.
 pub fn session_context() -> SessionContext {
-    let cfg = SessionConfig::new().with_target_partitions(1);
+    context_with(base_config())
+}
+
+/// Batches are small and already in memory: one partition avoids
+/// repartitioning overhead that would dominate such queries.
+fn base_config() -> SessionConfig {
+    SessionConfig::new().with_target_partitions(1)
+}
+
+fn context_with(cfg: SessionConfig) -> SessionContext {
     let ctx = SessionContext::new_with_config(cfg);
     register_functions(&ctx);
     ctx
@@ -123,7 +130,7 @@ impl SqlEngine {
         // A plan is executed again and again: no dynamic filters, whose
         // state a re-executed plan could not reset (none of pulse's queries
         // has a TopK, join or ungrouped min/max that would make one).
-        let mut cfg = SessionConfig::new().with_target_partitions(1);
+        let mut cfg = base_config();
         cfg.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
         cfg.options_mut()
             .optimizer
@@ -134,10 +141,8 @@ impl SqlEngine {
         cfg.options_mut()
             .optimizer
             .enable_aggregate_dynamic_filter_pushdown = false;
-        let ctx = SessionContext::new_with_config(cfg);
-        register_functions(&ctx);
         SqlEngine {
-            ctx,
+            ctx: context_with(cfg),
             plans: Default::default(),
         }
     }

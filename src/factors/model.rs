@@ -471,6 +471,15 @@ enum Slot {
     Reused,
 }
 
+/// `v[i] = x`, appending when `i` is the next index (a new key's slot).
+fn put<T>(v: &mut Vec<T>, i: usize, x: T) {
+    if i == v.len() {
+        v.push(x);
+    } else {
+        v[i] = x;
+    }
+}
+
 impl Index {
     fn get(&self, id: u64) -> Option<usize> {
         self.map.get(&id).map(|&i| i as usize)
@@ -690,66 +699,36 @@ impl Bpr {
         self.users.get(user).is_some()
     }
 
-    fn init_vec(rng: &mut ModelRng, dst: &mut Vec<f32>, dim: usize, std: f32) {
-        let n = dst.len();
-        dst.resize(n + dim, 0.0);
-        Self::fill_normal(rng, &mut dst[n..], std);
-    }
-
-    /// Fresh initial values (the draws [`Bpr::init_vec`] makes), in place.
+    /// Fresh initial values for row `i` of a `dim`-wide table: appended
+    /// when `i` is the next row, else overwriting a forgotten key's row.
     #[inline(never)]
-    fn fill_normal(rng: &mut ModelRng, dst: &mut [f32], std: f32) {
-        for x in dst {
+    fn fresh_row(rng: &mut ModelRng, table: &mut Vec<f32>, i: usize, dim: usize, std: f32) {
+        if table.len() == i * dim {
+            table.resize((i + 1) * dim, 0.0);
+        }
+        for x in &mut table[i * dim..(i + 1) * dim] {
             *x = normal(rng) * std;
         }
     }
 
     fn user_index(&mut self, user: u64) -> usize {
         let (u, slot) = self.users.insert_bounded(user, self.cfg.max_users);
-        match slot {
-            Slot::Known => {}
-            Slot::New => {
-                Self::init_vec(
-                    &mut self.rng,
-                    &mut self.user_f,
-                    self.cfg.dim,
-                    self.cfg.init_std,
-                );
-                self.recent.push(Ring::default());
-            }
-            Slot::Reused => {
-                let d = self.cfg.dim;
-                let row = &mut self.user_f[u * d..(u + 1) * d];
-                Self::fill_normal(&mut self.rng, row, self.cfg.init_std);
-                self.recent[u] = Ring::default();
-            }
+        if slot != Slot::Known {
+            let (d, std) = (self.cfg.dim, self.cfg.init_std);
+            Self::fresh_row(&mut self.rng, &mut self.user_f, u, d, std);
+            put(&mut self.recent, u, Ring::default());
         }
         u
     }
 
     fn item_index(&mut self, item: u64) -> usize {
         let (i, slot) = self.items.insert_bounded(item, self.cfg.max_items);
-        match slot {
-            Slot::Known => {}
-            Slot::New => {
-                Self::init_vec(
-                    &mut self.rng,
-                    &mut self.item_f,
-                    self.cfg.dim,
-                    self.cfg.init_std,
-                );
-                self.item_b.push(0.0);
-                self.item_n.push(0);
-                self.prior.push(0.0);
-            }
-            Slot::Reused => {
-                let d = self.cfg.dim;
-                let row = &mut self.item_f[i * d..(i + 1) * d];
-                Self::fill_normal(&mut self.rng, row, self.cfg.init_std);
-                self.item_b[i] = 0.0;
-                self.item_n[i] = 0;
-                self.prior[i] = 0.0;
-            }
+        if slot != Slot::Known {
+            let (d, std) = (self.cfg.dim, self.cfg.init_std);
+            Self::fresh_row(&mut self.rng, &mut self.item_f, i, d, std);
+            put(&mut self.item_b, i, 0.0);
+            put(&mut self.item_n, i, 0);
+            put(&mut self.prior, i, 0.0);
         }
         i
     }
@@ -1145,28 +1124,14 @@ impl BiasedMf {
         let d = self.cfg.mf_dim;
         let std = self.cfg.init_std;
         let (u, slot) = self.users.insert_bounded(user, self.cfg.max_users);
-        match slot {
-            Slot::Known => {}
-            Slot::New => {
-                Bpr::init_vec(&mut self.rng, &mut self.user_f, d, std);
-                self.user_b.push(0.0);
-            }
-            Slot::Reused => {
-                Bpr::fill_normal(&mut self.rng, &mut self.user_f[u * d..(u + 1) * d], std);
-                self.user_b[u] = 0.0;
-            }
+        if slot != Slot::Known {
+            Bpr::fresh_row(&mut self.rng, &mut self.user_f, u, d, std);
+            put(&mut self.user_b, u, 0.0);
         }
         let (i, slot) = self.items.insert_bounded(item, self.cfg.max_items);
-        match slot {
-            Slot::Known => {}
-            Slot::New => {
-                Bpr::init_vec(&mut self.rng, &mut self.item_f, d, std);
-                self.item_b.push(0.0);
-            }
-            Slot::Reused => {
-                Bpr::fill_normal(&mut self.rng, &mut self.item_f[i * d..(i + 1) * d], std);
-                self.item_b[i] = 0.0;
-            }
+        if slot != Slot::Known {
+            Bpr::fresh_row(&mut self.rng, &mut self.item_f, i, d, std);
+            put(&mut self.item_b, i, 0.0);
         }
         self.sum += f64::from(rating);
         self.n += 1;
@@ -1233,10 +1198,8 @@ impl Trending {
             e = 0.0;
         }
         let (i, slot) = self.items.insert_bounded(item, self.max_items);
-        match slot {
-            Slot::Known => {}
-            Slot::New => self.acc.push(0.0),
-            Slot::Reused => self.acc[i] = 0.0,
+        if slot != Slot::Known {
+            put(&mut self.acc, i, 0.0);
         }
         self.acc[i] += f64::from(w) * e.exp2();
     }
