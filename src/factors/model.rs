@@ -338,10 +338,10 @@ fn below(rng: &mut ModelRng, n: usize) -> usize {
     ((u64::from(rng.next_u32()) * n as u64) >> 32) as usize
 }
 
-/// Hints the CPU to load the cache lines of `row` (a factor vector) ahead of
-/// use. A hint only: it never faults and changes no result.
+/// Hints the CPU to load the cache lines of `row` (a factor vector, a ring,
+/// a bias) ahead of use. A hint only: it never faults and changes no result.
 #[inline(always)]
-fn prefetch(row: &[f32]) {
+fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         // One hint per 64-byte line the row touches.
@@ -719,6 +719,38 @@ impl Bpr {
             put(&mut self.recent, u, Ring::default());
         }
         u
+    }
+
+    /// Warms what learning from (`user`, `item`) reads first — the user's
+    /// row and ring header, the item's row, bias and count — for an event a
+    /// few places ahead: the hash lookups and row loads of the next events
+    /// then overlap with this one's steps instead of stalling the next. A
+    /// hint only: reads nothing it changes, changes no result.
+    pub fn prefetch_event(&self, user: u64, item: u64) {
+        let d = self.cfg.dim;
+        if let Some(u) = self.users.get(user)
+            && let Some(row) = self.user_f.get(u * d..(u + 1) * d)
+        {
+            prefetch(row);
+            prefetch(std::slice::from_ref(&self.recent[u]));
+        }
+        if let Some(i) = self.items.get(item)
+            && let Some(row) = self.item_f.get(i * d..(i + 1) * d)
+        {
+            prefetch(row);
+            prefetch(&self.item_b[i..=i]);
+            prefetch(&self.item_n[i..=i]);
+            prefetch(&self.prior[i..=i]);
+        }
+    }
+
+    /// Warms the items of `user`'s ring of recent items (read by every
+    /// negative draw's filter), for the next event or two: the ring's header
+    /// was warmed by [`Bpr::prefetch_event`] earlier.
+    pub fn prefetch_ring(&self, user: u64) {
+        if let Some(u) = self.users.get(user) {
+            prefetch(&self.recent[u].items);
+        }
     }
 
     fn item_index(&mut self, item: u64) -> usize {
@@ -1204,6 +1236,13 @@ impl Trending {
         self.acc[i] += f64::from(w) * e.exp2();
     }
 
+    /// Warms the item's accumulator (see [`Bpr::prefetch_event`]).
+    pub fn prefetch(&self, item: u64) {
+        if let Some(i) = self.items.get(item) {
+            prefetch(&self.acc[i..=i]);
+        }
+    }
+
     fn now_scale(&self) -> f64 {
         (-((self.latest - self.t_ref) as f64) / self.half_life_ms).exp2()
     }
@@ -1255,6 +1294,18 @@ impl RecoModel {
             trending: Trending::bounded(cfg.half_life_ms, cfg.max_items),
             cfg,
             events: 0,
+        }
+    }
+
+    /// Cache hints for an event a few places ahead (see
+    /// [`Bpr::prefetch_event`]); `near` for one a place or two ahead, whose
+    /// ring of recent items is warmed too. Changes nothing.
+    pub fn prefetch(&self, user: u64, item: u64, near: bool) {
+        if near {
+            self.implicit.prefetch_ring(user);
+        } else {
+            self.implicit.prefetch_event(user, item);
+            self.trending.prefetch(item);
         }
     }
 
