@@ -181,7 +181,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// margins beyond ±16 get the end values (`1/(1+e^16)` ≈ 1.1e-7 from 0).
 const SIG_PER_UNIT: f32 = 64.0;
 const SIG_HALF_WIDTH: f32 = 16.0;
-const SIG_LEN: usize = 2 * 16 * 64 + 2;
+/// Knots in use: `x = −16 + k/64`, k = 0..=2048.
+const SIG_KNOTS: usize = 2 * 16 * 64 + 1;
+/// Table length: a power of two, so an index masked to its bits is always in
+/// bounds (a NaN margin gives some masked index; the entries past the knots
+/// are NaN, so it stays NaN) without a comparison on the step's critical path.
+const SIG_LEN: usize = 4096;
 
 /// `e^x` in `f64` for the table below, evaluated at compile time: `x = n·ln 2
 /// + r` with |r| ≤ ln 2 / 2 and a Taylor series to r^20 (error far below the
@@ -202,37 +207,51 @@ const fn exp_f64_const(x: f64) -> f64 {
     sum * f64::from_bits(((n + 1023) as u64) << 52)
 }
 
-/// `1 / (1 + e^x)` at `x = −16 + k/64`, k = 0..=2049, computed at compile
-/// time, so every build and machine trains with the same values.
-static NEG_SIGMOID: [f32; SIG_LEN] = {
-    let mut t = [0f32; SIG_LEN];
-    let mut k = 0;
-    while k < SIG_LEN {
+/// `1 / (1 + e^x)` at `x = −16 + k/64`, k = 0..=2048, computed at compile
+/// time (so every build and machine trains with the same values), each with
+/// its slope per knot (central difference of the neighbouring knots,
+/// one-sided at the ends): `[value, slope]`, one 8-byte load.
+static NEG_SIGMOID: [[f32; 2]; SIG_LEN] = {
+    const fn knot(k: usize) -> f64 {
         let x = -(SIG_HALF_WIDTH as f64) + k as f64 / SIG_PER_UNIT as f64;
-        t[k] = (1.0 / (1.0 + exp_f64_const(x))) as f32;
+        1.0 / (1.0 + exp_f64_const(x))
+    }
+    let mut t = [[f32::NAN; 2]; SIG_LEN];
+    let mut k = 0;
+    while k < SIG_KNOTS {
+        let (lo, hi) = (
+            if k > 0 { k - 1 } else { k },
+            if k + 1 < SIG_KNOTS { k + 1 } else { k },
+        );
+        let slope = (knot(hi) - knot(lo)) / (hi - lo) as f64;
+        t[k] = [knot(k) as f32, slope as f32];
         k += 1;
     }
     t
 };
 
-/// `1 / (1 + e^x)`, the BPR step's gradient scale, from the table by linear
-/// interpolation: absolute error ≤ 3e-6, far below the SGD's sampling noise,
-/// and a dependency chain of a few adds, one conversion and two L1 loads
-/// instead of an exp polynomial and a division (each of an event's twelve
-/// steps waits for the previous one's scale). NaN stays NaN.
+/// `1 / (1 + e^x)`, the BPR step's gradient scale, from the table: the
+/// nearest knot plus its slope times the offset (at most half a knot away):
+/// absolute error ≤ 3e-6, far below the SGD's sampling noise. Each of an
+/// event's twelve steps waits for the previous one's scale, so this is
+/// written for latency: a clamp, a multiply and one add that rounds to the
+/// nearest knot (its number lands in the low mantissa bits), a mask, one
+/// load of value and slope, a multiply-add — no exp, no division, no
+/// float-to-integer conversion, no bounds check. NaN stays NaN.
 #[inline(always)]
 fn neg_sigmoid(x: f32) -> f32 {
     // 1.5·2^23: adding it rounds to an integer held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let t = (x.clamp(-SIG_HALF_WIDTH, SIG_HALF_WIDTH) + SIG_HALF_WIDTH) * SIG_PER_UNIT;
-    // t is in 0..=2048, so r − ROUND is ⌊t⌋ (or ⌈t⌉ at a tie, f then 0):
-    // cheaper than a saturating float-to-integer cast. NaN gets some index
-    // and stays NaN through `f`.
-    let r = (t - 0.5) + ROUND;
-    let k = ((r.to_bits() & 0x3F_FFFF) as usize).min(SIG_LEN - 2);
-    let f = t - (r - ROUND);
-    let (a, b) = (NEG_SIGMOID[k], NEG_SIGMOID[k + 1]);
-    a + f * (b - a)
+    // The knot number of margin 0, plus ROUND (an integer: exact).
+    const ZERO: f32 = SIG_HALF_WIDTH * SIG_PER_UNIT + ROUND;
+    let s = x.clamp(-SIG_HALF_WIDTH, SIG_HALF_WIDTH) * SIG_PER_UNIT;
+    // r − ROUND is the nearest knot's number, 0..=2048.
+    let r = s + ZERO;
+    let k = (r.to_bits() & (SIG_LEN as u32 - 1)) as usize;
+    // Offset from that knot in knots, exact: both are small.
+    let f = s - (r - ZERO);
+    let [a, slope] = NEG_SIGMOID[k];
+    a + f * slope
 }
 
 /// Sum of eight lanes as a tree (the order an 8-lane vector reduces in).
@@ -266,9 +285,8 @@ fn dot_diff(p: &[f32], a: &[f32], b: &[f32]) -> f32 {
     hsum8(acc)
 }
 
-/// [`dot_diff`] on 32 factors in AVX2 registers: four 8-lane chunks summed
-/// in order into one accumulator, then the same tree as [`hsum8`], so the
-/// result is bit-identical to the portable code. Written out because LLVM's
+/// [`dot_diff32_tree`] in AVX2 registers, the same operations in the same
+/// order, so the result is bit-identical to the portable code. Written out because LLVM's
 /// SLP vectoriser splits the portable loop plus its reduction tree into
 /// 2-lane vectors (~100 instructions instead of ~20).
 #[cfg(target_arch = "x86_64")]
@@ -276,27 +294,37 @@ fn dot_diff(p: &[f32], a: &[f32], b: &[f32]) -> f32 {
 #[inline]
 fn dot_diff32_avx2(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> f32 {
     use std::arch::x86_64::*;
-    let mut acc = _mm256_setzero_ps();
-    for c in 0..4 {
-        // SAFETY: chunk c covers floats 8c..8c+8 of 32-float arrays; the
-        // loads are unaligned.
-        let (x, y, z) = unsafe {
-            (
-                _mm256_loadu_ps(p.as_ptr().add(c * 8)),
-                _mm256_loadu_ps(a.as_ptr().add(c * 8)),
-                _mm256_loadu_ps(b.as_ptr().add(c * 8)),
-            )
-        };
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, _mm256_sub_ps(y, z)));
-    }
+    // SAFETY: chunk c covers floats 8c..8c+8 of 32-float arrays; the loads
+    // are unaligned.
+    let m = |c: usize| unsafe {
+        let (x, y, z) = (
+            _mm256_loadu_ps(p.as_ptr().add(c * 8)),
+            _mm256_loadu_ps(a.as_ptr().add(c * 8)),
+            _mm256_loadu_ps(b.as_ptr().add(c * 8)),
+        );
+        _mm256_mul_ps(x, _mm256_sub_ps(y, z))
+    };
+    // The chunks summed as a tree: two adds deep instead of four.
+    let acc = _mm256_add_ps(_mm256_add_ps(m(0), m(1)), _mm256_add_ps(m(2), m(3)));
     // hsum8: [a0+a4, a1+a5, a2+a6, a3+a7], then (b0+b2) + (b1+b3).
     let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
     let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
     _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<0b01>(q, q)))
 }
 
-/// [`dot_diff`] on 32 factors: the AVX2 kernel when `AVX2` is set (only
-/// by code that runs after detecting AVX2), else the portable loop.
+/// `p · (a − b)` on 32 factors for the SGD step, whose latency each next
+/// step waits for: four 8-lane chunks of products summed as a tree
+/// (`(c0 + c1) + (c2 + c3)`), then the lanes as in [`hsum8`].
+#[inline(always)]
+fn dot_diff32_tree(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> f32 {
+    let m = |c: usize, l: usize| p[c * 8 + l] * (a[c * 8 + l] - b[c * 8 + l]);
+    hsum8(std::array::from_fn(|l| {
+        (m(0, l) + m(1, l)) + (m(2, l) + m(3, l))
+    }))
+}
+
+/// [`dot_diff32_tree`]: the AVX2 kernel when `AVX2` is set (only by code
+/// that runs after detecting AVX2), else the portable loop.
 #[inline(always)]
 fn dot_diff32<const AVX2: bool>(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -305,7 +333,7 @@ fn dot_diff32<const AVX2: bool>(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> 
         // on CPUs detected to support AVX2.
         return unsafe { dot_diff32_avx2(p, a, b) };
     }
-    dot_diff(p, a, b)
+    dot_diff32_tree(p, a, b)
 }
 
 /// The update of one BPR SGD step with gradient scale `g` = `σ(−x_uij)`:
@@ -1420,7 +1448,16 @@ mod tests {
         // Saturates at the ends, monotone, and NaN is not turned into a number.
         assert!(neg_sigmoid(1e6) < 2e-7 && neg_sigmoid(1e6) >= 0.0);
         assert!(neg_sigmoid(-1e6) > 0.999_999 && neg_sigmoid(-1e6) <= 1.0);
-        assert!(NEG_SIGMOID.windows(2).all(|w| w[1] <= w[0]));
+        assert!(
+            NEG_SIGMOID[..SIG_KNOTS]
+                .windows(2)
+                .all(|w| w[1][0] <= w[0][0])
+        );
+        assert!(
+            NEG_SIGMOID[..SIG_KNOTS]
+                .iter()
+                .all(|[_, slope]| *slope <= 0.0)
+        );
         assert!(neg_sigmoid(f32::NAN).is_nan());
     }
 
