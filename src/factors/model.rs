@@ -285,33 +285,6 @@ fn dot_diff(p: &[f32], a: &[f32], b: &[f32]) -> f32 {
     hsum8(acc)
 }
 
-/// [`dot_diff32_tree`] in AVX2 registers, the same operations in the same
-/// order, so the result is bit-identical to the portable code. Written out because LLVM's
-/// SLP vectoriser splits the portable loop plus its reduction tree into
-/// 2-lane vectors (~100 instructions instead of ~20).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-fn dot_diff32_avx2(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> f32 {
-    use std::arch::x86_64::*;
-    // SAFETY: chunk c covers floats 8c..8c+8 of 32-float arrays; the loads
-    // are unaligned.
-    let m = |c: usize| unsafe {
-        let (x, y, z) = (
-            _mm256_loadu_ps(p.as_ptr().add(c * 8)),
-            _mm256_loadu_ps(a.as_ptr().add(c * 8)),
-            _mm256_loadu_ps(b.as_ptr().add(c * 8)),
-        );
-        _mm256_mul_ps(x, _mm256_sub_ps(y, z))
-    };
-    // The chunks summed as a tree: two adds deep instead of four.
-    let acc = _mm256_add_ps(_mm256_add_ps(m(0), m(1)), _mm256_add_ps(m(2), m(3)));
-    // hsum8: [a0+a4, a1+a5, a2+a6, a3+a7], then (b0+b2) + (b1+b3).
-    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<0b01>(q, q)))
-}
-
 /// `p · (a − b)` on 32 factors for the SGD step, whose latency each next
 /// step waits for: four 8-lane chunks of products summed as a tree
 /// (`(c0 + c1) + (c2 + c3)`), then the lanes as in [`hsum8`].
@@ -321,19 +294,6 @@ fn dot_diff32_tree(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> f32 {
     hsum8(std::array::from_fn(|l| {
         (m(0, l) + m(1, l)) + (m(2, l) + m(3, l))
     }))
-}
-
-/// [`dot_diff32_tree`]: the AVX2 kernel when `AVX2` is set (only by code
-/// that runs after detecting AVX2), else the portable loop.
-#[inline(always)]
-fn dot_diff32<const AVX2: bool>(p: &[f32; 32], a: &[f32; 32], b: &[f32; 32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if AVX2 {
-        // SAFETY: `AVX2` is only set by `Bpr::learn_avx2`, which runs only
-        // on CPUs detected to support AVX2.
-        return unsafe { dot_diff32_avx2(p, a, b) };
-    }
-    dot_diff32_tree(p, a, b)
 }
 
 /// The update of one BPR SGD step with gradient scale `g` = `σ(−x_uij)`:
@@ -842,7 +802,7 @@ impl Bpr {
     /// One BPR SGD step on (u, pos ≻ neg) with step `lr`; returns the margin
     /// `x_uij = b_i − b_j + p_u·(q_i − q_j)` before the step.
     #[inline(always)]
-    fn step<const AVX2: bool>(&mut self, u: usize, i: usize, j: usize, lr: f32) -> f32 {
+    fn step(&mut self, u: usize, i: usize, j: usize, lr: f32) -> f32 {
         debug_assert_ne!(i, j);
         let d = self.cfg.dim;
         let (reg, breg) = (self.cfg.reg, self.cfg.bias_reg);
@@ -862,7 +822,7 @@ impl Bpr {
             <&mut [f32; 32]>::try_from(&mut *qj),
         ) {
             (Ok(pu), Ok(qi), Ok(qj)) => {
-                let x = bias + dot_diff32::<AVX2>(pu, qi, qj);
+                let x = bias + dot_diff32_tree(pu, qi, qj);
                 let g = neg_sigmoid(x);
                 bpr_update(pu, qi, qj, g, lr, reg);
                 (x, g)
@@ -885,8 +845,10 @@ impl Bpr {
     /// instead of stored and reloaded by each: each step waits for the
     /// previous one's user row, so the store-to-load round trip was on the
     /// critical path twelve times per event. The same operations in the same
-    /// order as [`Bpr::step`] (tested bit for bit). `margin(k, x)` gets each
-    /// step's margin before it.
+    /// order as [`Bpr::step`] (tested bit for bit). Written with intrinsics
+    /// because LLVM's SLP vectoriser splits the portable dot product plus its
+    /// reduction tree into 2-lane vectors (~100 instructions instead of ~20).
+    /// `margin(k, x)` gets each step's margin before it.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn steps32_avx2(
@@ -920,22 +882,14 @@ impl Bpr {
             // even i == j would only give different numbers, never UB.
             let (qi_p, qj_p) = unsafe { (base.add(i * D), base.add(j * D)) };
             let bias = item_b[i] - item_b[j];
-            let (mut qi, mut qj, mut dd) = (
-                [_mm256_setzero_ps(); 4],
-                [_mm256_setzero_ps(); 4],
-                [_mm256_setzero_ps(); 4],
-            );
-            let mut m = [_mm256_setzero_ps(); 4];
-            for c in 0..4 {
-                // SAFETY: chunk c of an in-bounds 32-float row.
-                unsafe {
-                    qi[c] = _mm256_loadu_ps(qi_p.add(c * 8));
-                    qj[c] = _mm256_loadu_ps(qj_p.add(c * 8));
-                }
-                dd[c] = _mm256_sub_ps(qi[c], qj[c]);
-                m[c] = _mm256_mul_ps(pu[c], dd[c]);
-            }
-            // dot_diff32_tree, then hsum8, as in `dot_diff32_avx2`.
+            // SAFETY: chunk c of an in-bounds 32-float row.
+            let load = |row: *mut f32, c: usize| unsafe { _mm256_loadu_ps(row.add(c * 8)) };
+            let qi: [__m256; 4] = std::array::from_fn(|c| load(qi_p, c));
+            let qj: [__m256; 4] = std::array::from_fn(|c| load(qj_p, c));
+            let dd: [__m256; 4] = std::array::from_fn(|c| _mm256_sub_ps(qi[c], qj[c]));
+            let m: [__m256; 4] = std::array::from_fn(|c| _mm256_mul_ps(pu[c], dd[c]));
+            // dot_diff32_tree: the chunks as a tree, then the lanes as hsum8
+            // ([a0+a4, a1+a5, a2+a6, a3+a7], then (b0+b2) + (b1+b3)).
             let acc = _mm256_add_ps(_mm256_add_ps(m[0], m[1]), _mm256_add_ps(m[2], m[3]));
             let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
             let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -1055,11 +1009,7 @@ impl Bpr {
                 };
             }
         };
-        #[cfg(target_arch = "x86_64")]
-        let kernel = AVX2 && d == 32;
-        #[cfg(not(target_arch = "x86_64"))]
-        let kernel = false;
-        if kernel {
+        if cfg!(target_arch = "x86_64") && AVX2 && d == 32 {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `AVX2` is only set by `Bpr::learn_avx2`, which runs
             // only on CPUs detected to support AVX2.
@@ -1068,7 +1018,7 @@ impl Bpr {
             };
         } else {
             for (k, &(p, j, lr)) in pairs.iter().enumerate() {
-                margin(k, self.step::<AVX2>(u, p as usize, j as usize, lr));
+                margin(k, self.step(u, p as usize, j as usize, lr));
             }
         }
         self.pairs = pairs;
@@ -1431,15 +1381,16 @@ impl RecoModel {
     }
 
     /// Cache hints for an event a few places ahead (see
-    /// [`Bpr::prefetch_event`]); `near` for one a place or two ahead, whose
-    /// ring of recent items is warmed too. Changes nothing.
-    pub fn prefetch(&self, user: u64, item: u64, near: bool) {
-        if near {
-            self.implicit.prefetch_ring(user);
-        } else {
-            self.implicit.prefetch_event(user, item);
-            self.trending.prefetch(item);
-        }
+    /// [`Bpr::prefetch_event`]). Changes nothing.
+    pub fn prefetch_event(&self, user: u64, item: u64) {
+        self.implicit.prefetch_event(user, item);
+        self.trending.prefetch(item);
+    }
+
+    /// Cache hints for the ring of recent items of an event a place or two
+    /// ahead (see [`Bpr::prefetch_ring`]). Changes nothing.
+    pub fn prefetch_ring(&self, user: u64) {
+        self.implicit.prefetch_ring(user);
     }
 
     /// Events learned so far.

@@ -172,10 +172,10 @@ impl Trainer {
             // Cache hints for the events ahead: their lookups and first loads
             // overlap with this event's steps (no effect on results).
             if let Some((u, it)) = ahead(i + PREFETCH_FAR) {
-                self.model.prefetch(u, it, false);
+                self.model.prefetch_event(u, it);
             }
-            if let Some((u, it)) = ahead(i + PREFETCH_NEAR) {
-                self.model.prefetch(u, it, true);
+            if let Some((u, _)) = ahead(i + PREFETCH_NEAR) {
+                self.model.prefetch_ring(u);
             }
             if let Some((p, o)) = pos {
                 let next = self.offsets.entry(p.value(i)).or_insert(i64::MIN);
