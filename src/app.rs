@@ -247,6 +247,62 @@ fn parquet_stage(
 
 /// Runs the pipeline until the source ends (files, generator), the Kafka
 /// source is idle for `pipeline.idle_exit_ms`, or `shutdown` turns true.
+/// Nice steps the stages around the factor trainer give up, see [`spawn_stage`].
+const BELOW_TRAINER: i32 = 5;
+
+/// Runs a blocking stage on a thread of its own named `pulse-<name>`; the
+/// receiver gets its result (closed without one: the stage panicked).
+///
+/// With `yield_to_trainer` the thread first lowers its scheduling priority
+/// by [`BELOW_TRAINER`] nice steps. The factor trainer is the longest stage
+/// that runs on one thread (~40% of the pipeline's CPU) and everything else
+/// fits in the time it leaves. When the cores are saturated, the kernel
+/// shares them equally among the runnable threads, so the trainer got ~60% of
+/// a core, fell behind and finished alone while the other core idled. At a
+/// lower weight, the reader, decoder and Parquet writer get what the trainer
+/// leaves and catch up while it runs. Only the stage's own thread changes:
+/// the Kafka consumer (whose librdkafka threads would inherit it) and the
+/// core are not lowered, and a thread never runs a second stage.
+fn spawn_stage<T: Send + 'static>(
+    name: &str,
+    yield_to_trainer: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<oneshot::Receiver<T>, PipelineError> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("pulse-{name}"))
+        .spawn(move || {
+            if yield_to_trainer {
+                lower_priority(BELOW_TRAINER);
+            }
+            let _ = tx.send(f());
+        })
+        .map_err(|e| PipelineError::Stage(format!("starting the {name} stage: {e}")))?;
+    Ok(rx)
+}
+
+/// Raises the calling thread's nice value by `steps` (on Linux a thread has
+/// its own). Best effort: without it the stages only share the cores evenly.
+fn lower_priority(steps: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: two syscalls that read and set the calling thread's own nice value.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if libc::setpriority(libc::PRIO_PROCESS, tid, (now + steps).min(19)) != 0 {
+            tracing::debug!("could not lower a stage's priority");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = steps;
+}
+
+/// Waits for a stage started by [`spawn_stage`].
+async fn join_stage<T>(name: &str, rx: oneshot::Receiver<T>) -> Result<T, PipelineError> {
+    rx.await
+        .map_err(|_| PipelineError::Stage(format!("the {name} stage panicked")))
+}
+
 pub async fn run(
     cfg: &Config,
     secrets: &Secrets,
@@ -266,13 +322,15 @@ pub async fn run(
 
     // parquet stage
     let pq_cfg = cfg.clone();
-    let pq_handle = tokio::task::spawn_blocking(move || parquet_stage(&pq_cfg, kafka, pq_rx));
+    let pq_handle = spawn_stage("parquet", true, move || {
+        parquet_stage(&pq_cfg, kafka, pq_rx)
+    })?;
 
     // source stage
     let batch = cfg.pipeline.batch_size;
     let src_pool = pool.clone();
-    let src_handle: tokio::task::JoinHandle<Result<(), PipelineError>> = match source {
-        SourceSpec::Files(paths) => tokio::task::spawn_blocking(move || {
+    let src_handle: oneshot::Receiver<Result<(), PipelineError>> = match source {
+        SourceSpec::Files(paths) => spawn_stage("read", true, move || {
             let total = crate::source::file::total_bytes(&paths);
             let bar = progress_bar(total);
             let done = |n: u64| {
@@ -285,8 +343,8 @@ pub async fn run(
                 b.finish_and_clear();
             }
             Ok(())
-        }),
-        SourceSpec::Generator(p) => tokio::task::spawn_blocking(move || {
+        })?,
+        SourceSpec::Generator(p) => spawn_stage("generate", true, move || {
             let mut g = Generator::new(p);
             let source: Arc<str> = "generator".into();
             let mut line = Vec::with_capacity(512);
@@ -318,7 +376,7 @@ pub async fn run(
                 }
             }
             Ok(())
-        }),
+        })?,
         SourceSpec::Kafka => {
             let kcfg = cfg.kafka.clone();
             let secrets = secrets.clone();
@@ -328,7 +386,7 @@ pub async fn run(
                 .then(|| Duration::from_millis(cfg.pipeline.idle_exit_ms));
             let stop = shutdown.clone();
             let progress = progress.clone();
-            tokio::task::spawn_blocking(move || {
+            spawn_stage("kafka", false, move || {
                 crate::source::kafka::run_consumer(
                     &kcfg,
                     &secrets,
@@ -344,7 +402,7 @@ pub async fn run(
                     },
                 )?;
                 Ok(())
-            })
+            })?
         }
     };
 
@@ -390,7 +448,7 @@ pub async fn run(
         }
         t.collect = publish;
         let trained_w = trained.clone();
-        let handle = tokio::task::spawn_blocking(move || {
+        let handle = spawn_stage("factors", false, move || {
             let mut last = Instant::now();
             let mut last_snap = Instant::now();
             let mut busy = Duration::ZERO;
@@ -441,7 +499,7 @@ pub async fn run(
                 );
             }
             (t.model.events(), busy)
-        });
+        })?;
         let prefix = cfg.redis.prefix.clone();
         let publisher = tokio::spawn(async move {
             let mut n = 0u64;
@@ -462,7 +520,7 @@ pub async fn run(
 
     // decode stage
     let rules = cfg.validation.clone();
-    let dec_handle = tokio::task::spawn_blocking(move || {
+    let dec_handle = spawn_stage("decode", true, move || {
         let mut rx = chunk_rx;
         let mut d = Decoder::new(rules);
         let mut busy = Duration::ZERO;
@@ -484,7 +542,7 @@ pub async fn run(
             }
         }
         busy
-    });
+    })?;
 
     // core stage
     let mut core = Core::new(cfg, secrets, store, kafka);
@@ -530,7 +588,7 @@ pub async fn run(
     // start after everything it learned.
     core.trainer = None;
     let (trained, train_busy) = match trainer_handle {
-        Some(h) => h.await.map_err(|e| PipelineError::Stage(e.to_string()))?,
+        Some(h) => join_stage("factors", h).await?,
         None => (0, Duration::ZERO),
     };
     let core_result = match core_result {
@@ -547,13 +605,9 @@ pub async fn run(
         p.await.map_err(|e| PipelineError::Stage(e.to_string()))??;
     }
     drop(dec_rx);
-    let src = src_handle
-        .await
-        .map_err(|e| PipelineError::Stage(e.to_string()))?;
+    let src = join_stage("source", src_handle).await?;
     let decode_busy = dec_handle.await.unwrap_or_default();
-    let (files, parquet_busy) = pq_handle
-        .await
-        .map_err(|e| PipelineError::Stage(e.to_string()))??;
+    let (files, parquet_busy) = join_stage("parquet", pq_handle).await??;
     core_result?;
     src?;
     let mut s = core.summary;
@@ -1516,6 +1570,42 @@ mod tests {
 
     fn params() -> WindowParams {
         WindowParams::from_config(&crate::config::WindowConfig::default())
+    }
+
+    #[cfg(target_os = "linux")]
+    fn own_nice() -> i32 {
+        // SAFETY: reads the calling thread's own nice value.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::getpriority(libc::PRIO_PROCESS, tid)
+        }
+    }
+
+    /// Stages run on their own named threads; the trainer's neighbours at a
+    /// lower priority, the rest (and the caller) at the caller's.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn stages_yielding_to_the_trainer_run_at_a_lower_priority() {
+        let base = own_nice();
+        let probe = || {
+            let name = std::thread::current().name().map(str::to_string);
+            (name, own_nice())
+        };
+        let low = spawn_stage("probe-low", true, probe).unwrap();
+        let same = spawn_stage("probe-same", false, probe).unwrap();
+        let (low_name, low_nice) = join_stage("probe-low", low).await.unwrap();
+        let (same_name, same_nice) = join_stage("probe-same", same).await.unwrap();
+        assert_eq!(low_name.as_deref(), Some("pulse-probe-low"));
+        assert_eq!(same_name.as_deref(), Some("pulse-probe-same"));
+        assert_eq!(low_nice, (base + BELOW_TRAINER).min(19));
+        assert_eq!(same_nice, base);
+        assert_eq!(own_nice(), base, "the caller keeps its priority");
+        let panicked = spawn_stage("probe-panic", false, || panic!("boom")).unwrap();
+        let err = join_stage("probe-panic", panicked).await.unwrap_err();
+        assert!(
+            err.to_string().contains("probe-panic stage panicked"),
+            "{err}"
+        );
     }
 
     /// A partition restored from a checkpoint that asks to replay 100..500.
