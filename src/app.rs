@@ -245,8 +245,6 @@ fn parquet_stage(
     Ok((out, busy + t0.elapsed()))
 }
 
-/// Runs the pipeline until the source ends (files, generator), the Kafka
-/// source is idle for `pipeline.idle_exit_ms`, or `shutdown` turns true.
 /// Nice steps the stages around the factor trainer give up, see [`spawn_stage`].
 const BELOW_TRAINER: i32 = 5;
 
@@ -303,6 +301,8 @@ async fn join_stage<T>(name: &str, rx: oneshot::Receiver<T>) -> Result<T, Pipeli
         .map_err(|_| PipelineError::Stage(format!("the {name} stage panicked")))
 }
 
+/// Runs the pipeline until the source ends (files, generator), the Kafka
+/// source is idle for `pipeline.idle_exit_ms`, or `shutdown` turns true.
 pub async fn run(
     cfg: &Config,
     secrets: &Secrets,
