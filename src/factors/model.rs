@@ -13,11 +13,13 @@
 //! items), and results are deterministic given the seed and the event order.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashSet};
 
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use rand_distr::Distribution;
+
+use super::slots::SlotTable;
 
 /// The models' random generator: xoshiro256++ (rand's `SmallRng`). Negative
 /// sampling draws ~20 numbers per event, where ChaCha (`StdRng`) bought a
@@ -329,7 +331,7 @@ fn below(rng: &mut ModelRng, n: usize) -> usize {
 /// Hints the CPU to load the cache lines of `row` (a factor vector, a ring,
 /// a bias) ahead of use. A hint only: it never faults and changes no result.
 #[inline(always)]
-fn prefetch<T>(row: &[T]) {
+pub(super) fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         // One hint per 64-byte line the row touches.
@@ -437,8 +439,12 @@ impl Reservoir {
 
 /// Dense ids for sparse u64 keys, in order of first appearance.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(from = "IndexParts")]
 struct Index {
-    map: HashMap<u64, u32, FastHash>,
+    /// Key to slot; not serialised: rebuilt from `ids` (snapshots written
+    /// before it existed also hold a `map`, which is ignored).
+    #[serde(skip)]
+    map: SlotTable,
     ids: Vec<u64>,
     /// Bounded indexes ([`Index::insert_bounded`]): one CLOCK reference bit
     /// per slot, set when its key is seen again, and the clock hand.
@@ -446,6 +452,31 @@ struct Index {
     refs: Vec<u64>,
     #[serde(default)]
     hand: usize,
+}
+
+/// An [`Index`] as serialised.
+#[derive(serde::Deserialize)]
+struct IndexParts {
+    ids: Vec<u64>,
+    #[serde(default)]
+    refs: Vec<u64>,
+    #[serde(default)]
+    hand: usize,
+}
+
+impl From<IndexParts> for Index {
+    fn from(p: IndexParts) -> Self {
+        let mut map = SlotTable::default();
+        for (slot, &id) in p.ids.iter().enumerate() {
+            map.insert(id, slot as u32);
+        }
+        Index {
+            map,
+            ids: p.ids,
+            refs: p.refs,
+            hand: p.hand,
+        }
+    }
 }
 
 /// Where [`Index::insert_bounded`] put a key.
@@ -470,7 +501,12 @@ fn put<T>(v: &mut Vec<T>, i: usize, x: T) {
 
 impl Index {
     fn get(&self, id: u64) -> Option<usize> {
-        self.map.get(&id).map(|&i| i as usize)
+        self.map.get(id).map(|i| i as usize)
+    }
+
+    /// Warms the table entry a lookup of `id` reads first (see [`SlotTable::prefetch`]).
+    fn prefetch(&self, id: u64) {
+        self.map.prefetch(id);
     }
 
     /// The dense index of `id` (a new one at the end if unknown), holding
@@ -479,7 +515,7 @@ impl Index {
     /// (bits are cleared as the hand passes): a key not seen again since the
     /// hand last passed it, an approximation of the least recently used.
     fn insert_bounded(&mut self, id: u64, cap: usize) -> (usize, Slot) {
-        if let Some(&i) = self.map.get(&id) {
+        if let Some(i) = self.map.get(id) {
             let i = i as usize;
             let w = i / 64;
             if w >= self.refs.len() {
@@ -505,7 +541,7 @@ impl Index {
             }
             self.refs[w] &= !b;
         };
-        self.map.remove(&self.ids[victim]);
+        self.map.remove(self.ids[victim]);
         self.ids[victim] = id;
         self.map.insert(id, victim as u32);
         (victim, Slot::Reused)
@@ -730,6 +766,14 @@ impl Bpr {
             prefetch(&self.item_n[i..=i]);
             prefetch(&self.prior[i..=i]);
         }
+    }
+
+    /// Warms the table entries [`Bpr::prefetch_event`] then looks `user` and
+    /// `item` up in, for an event further ahead: that lookup, which waited
+    /// for its own cache miss, then hits. A hint only.
+    pub fn prefetch_keys(&self, user: u64, item: u64) {
+        self.users.prefetch(user);
+        self.items.prefetch(item);
     }
 
     /// Warms the items of `user`'s ring of recent items (read by every
@@ -1319,6 +1363,11 @@ impl Trending {
         self.acc[i] += f64::from(w) * e.exp2();
     }
 
+    /// Warms the item's table entry (see [`Bpr::prefetch_keys`]).
+    pub fn prefetch_key(&self, item: u64) {
+        self.items.prefetch(item);
+    }
+
     /// Warms the item's accumulator (see [`Bpr::prefetch_event`]).
     pub fn prefetch(&self, item: u64) {
         if let Some(i) = self.items.get(item) {
@@ -1385,6 +1434,13 @@ impl RecoModel {
     pub fn prefetch_event(&self, user: u64, item: u64) {
         self.implicit.prefetch_event(user, item);
         self.trending.prefetch(item);
+    }
+
+    /// Cache hints for the table entries of an event further ahead (see
+    /// [`Bpr::prefetch_keys`]). Changes nothing.
+    pub fn prefetch_keys(&self, user: u64, item: u64) {
+        self.implicit.prefetch_keys(user, item);
+        self.trending.prefetch_key(item);
     }
 
     /// Cache hints for the ring of recent items of an event a place or two
@@ -1543,6 +1599,44 @@ mod tests {
         for (i, id) in ix.ids.iter().enumerate() {
             assert_eq!(ix.get(*id), Some(i));
         }
+    }
+
+    #[test]
+    fn an_index_is_rebuilt_from_its_ids_on_restore_in_either_snapshot_format() {
+        let mut ix = Index::default();
+        for id in (0..500u64).map(|k| k * 1_000_003) {
+            ix.insert_bounded(id, 300);
+        }
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&ix, &mut bytes).unwrap();
+        let back: Index = ciborium::from_reader(&bytes[..]).unwrap();
+        // Snapshots before the slot table also held the map itself.
+        #[derive(serde::Serialize)]
+        struct Old<'a> {
+            map: std::collections::HashMap<u64, u32>,
+            ids: &'a [u64],
+            refs: &'a [u64],
+            hand: usize,
+        }
+        let old = Old {
+            map: (ix.ids.iter().enumerate())
+                .map(|(i, &id)| (id, i as u32))
+                .collect(),
+            ids: &ix.ids,
+            refs: &ix.refs,
+            hand: ix.hand,
+        };
+        let mut old_bytes = Vec::new();
+        ciborium::into_writer(&old, &mut old_bytes).unwrap();
+        let old_back: Index = ciborium::from_reader(&old_bytes[..]).unwrap();
+        for r in [&back, &old_back] {
+            assert_eq!((r.ids.len(), r.map.len(), r.hand), (300, 300, ix.hand));
+            assert_eq!(r.refs, ix.refs);
+            for k in 0..500u64 {
+                assert_eq!(r.get(k * 1_000_003), ix.get(k * 1_000_003), "key {k}");
+            }
+        }
+        assert_eq!(ix.get(499 * 1_000_003), Some(199));
     }
 
     #[test]

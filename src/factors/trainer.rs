@@ -31,6 +31,9 @@ use crate::factors::{Interaction, Kind, RecoConfig, RecoModel};
 /// ~12 SGD steps per event), near enough to stay in cache (4/1, 6/2, 12/2
 /// and 16/3 measured within noise of 8/2; no prefetch clearly slower).
 const PREFETCH_FAR: usize = 8;
+/// How many events ahead it warms the id tables' entries that the lookups
+/// at [`PREFETCH_FAR`] read.
+const PREFETCH_KEYS: usize = 16;
 const PREFETCH_NEAR: usize = 2;
 
 /// Items published in the trending list.
@@ -171,6 +174,9 @@ impl Trainer {
         for i in 0..rows {
             // Cache hints for the events ahead: their lookups and first loads
             // overlap with this event's steps (no effect on results).
+            if let Some((u, it)) = ahead(i + PREFETCH_KEYS) {
+                self.model.prefetch_keys(u, it);
+            }
             if let Some((u, it)) = ahead(i + PREFETCH_FAR) {
                 self.model.prefetch_event(u, it);
             }
