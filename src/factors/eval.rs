@@ -240,22 +240,33 @@ pub fn evaluate(events: &mut [Interaction], cfg: RecoConfig, seed: u64) -> (Eval
     let (mut m, mut p) = (Hits::default(), Hits::default());
     let mut rep = EvalReport::default();
     let (mut se, mut ae) = (0.0f64, 0.0f64);
-    for ev in events.iter() {
-        rep.events += 1;
-        if let Some(seen) = past.get(&ev.user) {
-            rep.scored += 1;
-            m.add(model.implicit.rank_of(ev.user, ev.item, seen), K);
-            p.add(pop.rank_of(ev.item, seen), K);
+    // The model learns in pairs, as the pipeline's trainer does
+    // (`RecoModel::observe_pair`): two events of different users are both
+    // tested before it learns from either; a user's second event is tested
+    // after it learned the first.
+    for pair in events.chunks(2) {
+        let apart = pair.len() == 2 && pair[0].user != pair[1].user;
+        for (k, ev) in pair.iter().enumerate() {
+            rep.events += 1;
+            if let Some(seen) = past.get(&ev.user) {
+                rep.scored += 1;
+                m.add(model.implicit.rank_of(ev.user, ev.item, seen), K);
+                p.add(pop.rank_of(ev.item, seen), K);
+            }
+            if let Kind::Rating(r) = ev.kind {
+                let e = f64::from(r - model.predict_rating(ev.user, ev.item));
+                se += e * e;
+                ae += e.abs();
+                rep.ratings += 1;
+            }
+            if !apart {
+                model.observe(ev);
+            } else if k == 1 {
+                model.observe_pair(&pair[0], ev);
+            }
+            pop.add(ev.item);
+            past.entry(ev.user).or_default().insert(ev.item);
         }
-        if let Kind::Rating(r) = ev.kind {
-            let e = f64::from(r - model.predict_rating(ev.user, ev.item));
-            se += e * e;
-            ae += e.abs();
-            rep.ratings += 1;
-        }
-        model.observe(ev);
-        pop.add(ev.item);
-        past.entry(ev.user).or_default().insert(ev.item);
     }
     let n = rep.scored.max(1) as f64;
     rep.recall_at_10 = m.hits as f64 / n;

@@ -1,6 +1,6 @@
 //! The factor-training stage. Consumes `events` batches in source order;
-//! updates the [`RecoModel`] one event at a time (deterministic for a given
-//! event order and seed) and produces [`Delta`]s — the user records touched,
+//! updates the [`RecoModel`] two events at a time, the odd last one of a
+//! batch alone (deterministic for a given sequence of batches and seed) and produces [`Delta`]s — the user records touched,
 //! the item records whose bytes changed since the last flush, the touched
 //! users' recent items, the trending list — at most every `flush_ms` and at the end.
 //! Pure apart from the clock that paces flushes.
@@ -166,6 +166,7 @@ impl Trainer {
             None
         };
         let mut n = 0;
+        let mut pending: Option<Interaction> = None;
         let rows = b.num_rows();
         let ahead = |k: usize| {
             (k < rows && !user.is_null(k) && !item.is_null(k))
@@ -207,11 +208,18 @@ impl Trainer {
                 item: item.value(i),
                 kind: k,
             };
-            self.model.observe(&ev);
+            // Events are learned in pairs (see `RecoModel::observe_pair`).
+            match pending.take() {
+                Some(a) => self.model.observe_pair(&a, &ev),
+                None => pending = Some(ev),
+            }
             if self.collect {
                 self.users.insert(ev.user);
             }
             n += 1;
+        }
+        if let Some(a) = pending {
+            self.model.observe(&a);
         }
         n
     }
