@@ -260,7 +260,7 @@ impl Default for KafkaConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            batch_size: 32768,
+            batch_size: 16384,
             batch_timeout_ms: 200,
             channel_capacity: 4,
             idle_exit_ms: 0,
