@@ -256,6 +256,28 @@ fn neg_sigmoid(x: f32) -> f32 {
     a + f * slope
 }
 
+/// `ln(1 + n)` of a count, for the popularity prior that every event
+/// updates: relative error below 3e-7 (f32 rounding is 6e-8) at a fraction
+/// of libm's `log1pf` call (1.5% of the pipeline's CPU). `1 + n` is exact
+/// below 2^24 (above, within f32 rounding); split into 2^e · m with m in
+/// [√½, √2), `ln m = 2·atanh(t)`, t = (m − 1)/(m + 1), |t| ≤ 0.172, by its
+/// series to t^9. Plain f32 operations: the same result on every machine.
+#[inline]
+fn ln_1p_count(n: u32) -> f32 {
+    let y = 1.0 + n as f32;
+    let bits = y.to_bits();
+    // Exponent and mantissa with m in [√½, √2): shift the split point by
+    // the mantissa bits of √2 (0x3504F3), as frexp-based logs do.
+    let adj = bits.wrapping_sub(0x3F35_04F3);
+    let e = (adj as i32) >> 23;
+    let m = f32::from_bits(bits.wrapping_sub((e as u32) << 23));
+    let t = (m - 1.0) / (m + 1.0);
+    let t2 = t * t;
+    let series =
+        t * (2.0 + t2 * (2.0 / 3.0 + t2 * (2.0 / 5.0 + t2 * (2.0 / 7.0 + t2 * (2.0 / 9.0)))));
+    e as f32 * std::f32::consts::LN_2 + series
+}
+
 /// Sum of eight lanes as a tree (the order an 8-lane vector reduces in).
 #[inline(always)]
 fn hsum8(a: [f32; 8]) -> f32 {
@@ -946,7 +968,7 @@ impl Bpr {
             self.prior = self
                 .item_n
                 .iter()
-                .map(|&n| self.cfg.pop_prior * (n as f32).ln_1p())
+                .map(|&n| self.cfg.pop_prior * ln_1p_count(n))
                 .collect();
         }
         if self.pool.slots.is_empty() {
@@ -1158,7 +1180,7 @@ impl Bpr {
         let i = self.item_index(item);
         self.pool.offer(&mut self.rng, RESERVOIR_SLOTS, i as u32);
         self.item_n[i] += 1;
-        self.prior[i] = self.cfg.pop_prior * (self.item_n[i] as f32).ln_1p();
+        self.prior[i] = self.cfg.pop_prior * ln_1p_count(self.item_n[i]);
         pairs.clear();
         let lr = self.cfg.lr * w.clamp(0.0, self.cfg.max_step_weight);
         let recent = RingFilter::of(&self.recent[u]);
@@ -1947,6 +1969,21 @@ mod tests {
         let rec = m.recommend(3, 10, &HashSet::new());
         assert!(!rec.items.is_empty() && rec.items.iter().all(|(i, _)| held.contains(i)));
         assert_eq!(m.trending(1)[0].0, 0);
+    }
+
+    #[test]
+    fn the_count_logarithm_is_ln_1p_to_f32_precision() {
+        let worst = (0..200_000u32)
+            .chain((0..2_000).map(|k| k * 2_147_483 + 7))
+            .chain([u32::MAX, 1 << 24, (1 << 24) + 1])
+            .map(|n| {
+                let exact = f64::from(n).ln_1p();
+                let err = (f64::from(ln_1p_count(n)) - exact).abs();
+                if n == 0 { err } else { err / exact }
+            })
+            .fold(0.0f64, f64::max);
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(ln_1p_count(0), 0.0);
     }
 
     #[test]
