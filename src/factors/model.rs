@@ -1706,7 +1706,8 @@ impl RecoModel {
 
     /// Learns from two consecutive events: the same as [`RecoModel::observe`]
     /// on `a` then `b`, except that the implicit model takes the two events'
-    /// steps alternating ([`Bpr::learn_pair`]), twice as fast on one core.
+    /// steps alternating ([`Bpr::learn_pair`]), so that their step chains
+    /// overlap on one core.
     pub fn observe_pair(&mut self, a: &Interaction, b: &Interaction) {
         let (wa, wb) = (self.cfg.weight(a.kind), self.cfg.weight(b.kind));
         self.trending.observe(a.ts_ms, a.item, wa);

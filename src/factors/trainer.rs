@@ -1,8 +1,9 @@
 //! The factor-training stage. Consumes `events` batches in source order;
 //! updates the [`RecoModel`] two events at a time, the odd last one of a
-//! batch alone (deterministic for a given sequence of batches and seed) and produces [`Delta`]s — the user records touched,
-//! the item records whose bytes changed since the last flush, the touched
-//! users' recent items, the trending list — at most every `flush_ms` and at the end.
+//! batch alone (deterministic for a given sequence of batches and seed), and
+//! produces [`Delta`]s — the user records touched, the item records whose
+//! bytes changed since the last flush, the touched users' recent items, the
+//! trending list — at most every `flush_ms` and at the end.
 //! Pure apart from the clock that paces flushes.
 //!
 //! Exactly once for the model: with positions (Kafka), the trainer keeps per
@@ -31,10 +32,10 @@ use crate::factors::{Interaction, Kind, RecoConfig, RecoModel};
 /// ~12 SGD steps per event), near enough to stay in cache (4/1, 6/2, 12/2
 /// and 16/3 measured within noise of 8/2; no prefetch clearly slower).
 const PREFETCH_FAR: usize = 8;
+const PREFETCH_NEAR: usize = 2;
 /// How many events ahead it warms the id tables' entries that the lookups
 /// at [`PREFETCH_FAR`] read.
 const PREFETCH_KEYS: usize = 16;
-const PREFETCH_NEAR: usize = 2;
 
 /// Items published in the trending list.
 pub const TRENDING_TOP: usize = 200;
