@@ -19,7 +19,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use rand_distr::Distribution;
 
-use super::slots::SlotTable;
+use super::slots::IdTable;
 
 /// The models' random generator: xoshiro256++ (rand's `SmallRng`). Negative
 /// sampling draws ~20 numbers per event, where ChaCha (`StdRng`) bought a
@@ -577,7 +577,7 @@ struct Index {
     /// Key to slot; not serialised: rebuilt from `ids` (snapshots written
     /// before it existed also hold a `map`, which is ignored).
     #[serde(skip)]
-    map: SlotTable,
+    map: IdTable,
     ids: Vec<u64>,
     /// Bounded indexes ([`Index::insert_bounded`]): one CLOCK reference bit
     /// per slot, set when its key is seen again, and the clock hand.
@@ -599,7 +599,7 @@ struct IndexParts {
 
 impl From<IndexParts> for Index {
     fn from(p: IndexParts) -> Self {
-        let mut map = SlotTable::default();
+        let mut map = IdTable::default();
         for (slot, &id) in p.ids.iter().enumerate() {
             map.insert(id, slot as u32);
         }
@@ -637,7 +637,7 @@ impl Index {
         self.map.get(id).map(|i| i as usize)
     }
 
-    /// Warms the table entry a lookup of `id` reads first (see [`SlotTable::prefetch`]).
+    /// Warms the table entry a lookup of `id` reads first (see [`IdTable::prefetch`]).
     fn prefetch(&self, id: u64) {
         self.map.prefetch(id);
     }
@@ -1211,6 +1211,31 @@ impl Bpr {
         (u, i, steps)
     }
 
+    /// One event's SGD steps on user row `u`, in order ([`Bpr::step`], or
+    /// [`Bpr::steps32_avx2`] where it applies); `margin(k, x)` gets each
+    /// step's margin before it.
+    #[inline(always)]
+    fn steps<const AVX2: bool>(
+        &mut self,
+        u: usize,
+        pairs: &[(u32, u32, f32)],
+        margin: &mut impl FnMut(usize, f32),
+    ) {
+        if cfg!(target_arch = "x86_64") && AVX2 && self.cfg.dim == 32 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `AVX2` is only set by `Bpr::learn_avx2` and
+            // `Bpr::learn_pair_avx2`, which run only on CPUs detected to
+            // support AVX2.
+            unsafe {
+                self.steps32_avx2(u, pairs, margin)
+            };
+        } else {
+            for (k, &(p, j, lr)) in pairs.iter().enumerate() {
+                margin(k, self.step(u, p as usize, j as usize, lr));
+            }
+        }
+    }
+
     #[inline(always)]
     fn learn_body<const AVX2: bool>(
         &mut self,
@@ -1232,19 +1257,7 @@ impl Bpr {
                 };
             }
         };
-        if cfg!(target_arch = "x86_64") && AVX2 && self.cfg.dim == 32 {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `AVX2` is only set by `Bpr::learn_avx2` and
-            // `Bpr::learn_pair_avx2`, which run only on CPUs detected to
-            // support AVX2.
-            unsafe {
-                self.steps32_avx2(u, &pairs, &mut margin)
-            };
-        } else {
-            for (k, &(p, j, lr)) in pairs.iter().enumerate() {
-                margin(k, self.step(u, p as usize, j as usize, lr));
-            }
-        }
+        self.steps::<AVX2>(u, &pairs, &mut margin);
         self.pairs = pairs;
         let cap = self.cfg.recent_len;
         self.recent[u].push(cap, (i as u32, w));
@@ -1261,17 +1274,7 @@ impl Bpr {
         let apart = b.0 != a.0 && self.users.get(b.0).is_some() && self.items.get(b.1).is_some();
         if !apart {
             // a, then b, one after the other.
-            if cfg!(target_arch = "x86_64") && AVX2 && self.cfg.dim == 32 {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as in `Bpr::learn_body`.
-                unsafe {
-                    self.steps32_avx2(ua, &pa, &mut |_, _| {})
-                };
-            } else {
-                for &(p, j, lr) in &pa {
-                    self.step(ua, p as usize, j as usize, lr);
-                }
-            }
+            self.steps::<AVX2>(ua, &pa, &mut |_, _| {});
             self.recent[ua].push(cap, (ia as u32, a.2));
             (self.pairs, self.pairs_b) = (pa, pb);
             self.learn_body::<AVX2>(b.0, b.1, b.2, false);
@@ -1280,7 +1283,7 @@ impl Bpr {
         let (ub, ib, _) = self.draw(b.0, b.1, b.2, &mut pb);
         if cfg!(target_arch = "x86_64") && AVX2 && self.cfg.dim == 32 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `Bpr::learn_body`.
+            // SAFETY: as in `Bpr::steps`.
             unsafe {
                 self.steps32x2_avx2(ua, &pa, ub, &pb)
             };
@@ -2000,24 +2003,36 @@ mod tests {
         assert!((0..1000).all(|_| below(&mut rng, 1) == 0));
     }
 
+    /// The next number of a xorshift64 sequence.
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    /// Asserts that two models hold the same user rows, item rows and item
+    /// biases, bit for bit.
+    fn assert_same_rows(a: &Bpr, b: &Bpr, context: &str) {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.user_f), bits(&b.user_f), "{context}");
+        assert_eq!(bits(&a.item_f), bits(&b.item_f), "{context}");
+        assert_eq!(bits(&a.item_b), bits(&b.item_b), "{context}");
+    }
+
     #[test]
     fn dispatched_update_equals_the_portable_one_bit_for_bit() {
         let cfg = RecoConfig::default();
         let (mut fast, mut portable) = (Bpr::new(&cfg, 3), Bpr::new(&cfg, 3));
         let mut x = 88_172_645_463_325_252u64;
         for _ in 0..5_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = xorshift(&mut x);
             let (u, i, w) = (x % 300, (x >> 20) % 500, 1.0 + (x >> 40) as f32 % 3.0);
             let a = fast.observe(u, i, w);
             let b = portable.learn_body::<false>(u, i, w, true);
             assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
         }
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&fast.user_f), bits(&portable.user_f));
-        assert_eq!(bits(&fast.item_f), bits(&portable.item_f));
-        assert_eq!(bits(&fast.item_b), bits(&portable.item_b));
+        assert_same_rows(&fast, &portable, "single events");
     }
 
     #[test]
@@ -2026,9 +2041,7 @@ mod tests {
         let (mut fast, mut portable) = (Bpr::new(&cfg, 3), Bpr::new(&cfg, 3));
         let mut x = 88_172_645_463_325_252u64;
         let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = xorshift(&mut x);
             (x % 300, (x >> 20) % 500, 1.0 + (x >> 40) as f32 % 3.0)
         };
         for _ in 0..3_000 {
@@ -2036,10 +2049,7 @@ mod tests {
             fast.learn_pair(a, b);
             portable.learn_pair_body::<false>(a, b);
         }
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&fast.user_f), bits(&portable.user_f));
-        assert_eq!(bits(&fast.item_f), bits(&portable.item_f));
-        assert_eq!(bits(&fast.item_b), bits(&portable.item_b));
+        assert_same_rows(&fast, &portable, "pairs");
     }
 
     /// A pair is the two events learned one after the other, with only the
@@ -2053,18 +2063,14 @@ mod tests {
         };
         let mut x = 2_463_534_242u64;
         let mut next = |users: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = xorshift(&mut x);
             (x % users, (x >> 16) % 5_000, 1.0 + (x >> 40) as f32 % 3.0)
         };
-        let (mut paired, mut single) = (Bpr::new(&cfg, 9), Bpr::new(&cfg, 9));
+        let mut model = Bpr::new(&cfg, 9);
         for _ in 0..20_000 {
             let e = next(2_000);
-            paired.learn(e.0, e.1, e.2);
-            single.learn(e.0, e.1, e.2);
+            model.learn(e.0, e.1, e.2);
         }
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         let (mut disjoint, mut same_user) = (0, 0);
         for k in 0..400 {
             let a = next(2_000);
@@ -2073,7 +2079,7 @@ mod tests {
             } else {
                 next(2_000)
             };
-            let (mut p, mut s) = (paired.clone(), single.clone());
+            let (mut p, mut s) = (model.clone(), model.clone());
             p.learn_pair(a, b);
             let items = |v: &[(u32, u32, f32)]| {
                 v.iter()
@@ -2084,9 +2090,7 @@ mod tests {
             s.learn(a.0, a.1, a.2);
             s.learn(b.0, b.1, b.2);
             if a.0 == b.0 || apart {
-                assert_eq!(bits(&p.user_f), bits(&s.user_f), "pair {k}");
-                assert_eq!(bits(&p.item_f), bits(&s.item_f), "pair {k}");
-                assert_eq!(bits(&p.item_b), bits(&s.item_b), "pair {k}");
+                assert_same_rows(&p, &s, &format!("pair {k}"));
                 assert_eq!(p.recent_items(a.0), s.recent_items(a.0));
                 assert_eq!(p.recent_items(b.0), s.recent_items(b.0));
                 disjoint += usize::from(apart);
@@ -2094,9 +2098,8 @@ mod tests {
             }
             // Either way the draws were the same: the generators agree.
             assert_eq!(p.rng.next_u64(), s.rng.next_u64());
-            // Continue from one common state.
-            (paired, single) = (p.clone(), p);
-            drop(s);
+            // Both continue from the pair's state.
+            model = p;
         }
         assert!(disjoint > 100 && same_user == 100, "{disjoint} {same_user}");
     }

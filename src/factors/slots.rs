@@ -7,7 +7,7 @@
 //! event, and each lookup in a table of ~100k keys missed the cache: in
 //! hashbrown's table the lookup that warmed an event's rows eight events
 //! ahead stalled on its own miss (12% of the trainer's time). Here a key's
-//! home entry is computable without touching memory, so [`SlotTable::prefetch`]
+//! home entry is computable without touching memory, so [`IdTable::prefetch`]
 //! can warm it further ahead still, and the lookup then hits the cache.
 //! Linear probing over 16-byte entries (four per cache line) at most half
 //! full: a lookup reads one line, rarely two.
@@ -25,7 +25,7 @@ const EMPTY: Entry = Entry { key: 0, slot: FREE };
 
 /// The hash table; see the module documentation.
 #[derive(Debug, Clone, Default)]
-pub struct SlotTable {
+pub struct IdTable {
     entries: Vec<Entry>,
     len: usize,
     /// `64 - log2(entries.len())`: a hash's top bits pick the home entry.
@@ -40,7 +40,7 @@ fn hash(key: u64) -> u64 {
     (p as u64) ^ ((p >> 64) as u64)
 }
 
-impl SlotTable {
+impl IdTable {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -59,24 +59,31 @@ impl SlotTable {
         self.entries.len() - 1
     }
 
+    /// Where `key` is (`Ok`), or the free entry that ends its probe run
+    /// (`Err`). The table must have entries.
+    #[inline(always)]
+    fn probe(&self, key: u64) -> Result<usize, usize> {
+        let mask = self.mask();
+        let mut i = self.home(key);
+        loop {
+            let e = self.entries[i];
+            if e.slot == FREE {
+                return Err(i);
+            }
+            if e.key == key {
+                return Ok(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// The slot of `key`, if present.
     #[inline]
     pub fn get(&self, key: u64) -> Option<u32> {
         if self.entries.is_empty() {
             return None;
         }
-        let mask = self.mask();
-        let mut i = self.home(key);
-        loop {
-            let e = self.entries[i];
-            if e.slot == FREE {
-                return None;
-            }
-            if e.key == key {
-                return Some(e.slot);
-            }
-            i = (i + 1) & mask;
-        }
+        self.probe(key).ok().map(|i| self.entries[i].slot)
     }
 
     /// Hints the CPU to load `key`'s home entry. A hint only: reads and
@@ -94,20 +101,12 @@ impl SlotTable {
         if (self.len + 1) * 2 > self.entries.len() {
             self.grow();
         }
-        let mask = self.mask();
-        let mut i = self.home(key);
-        loop {
-            let e = &mut self.entries[i];
-            if e.slot == FREE {
-                *e = Entry { key, slot };
+        match self.probe(key) {
+            Ok(i) => self.entries[i].slot = slot,
+            Err(i) => {
+                self.entries[i] = Entry { key, slot };
                 self.len += 1;
-                return;
             }
-            if e.key == key {
-                e.slot = slot;
-                return;
-            }
-            i = (i + 1) & mask;
         }
     }
 
@@ -118,18 +117,8 @@ impl SlotTable {
         if self.entries.is_empty() {
             return None;
         }
+        let i = self.probe(key).ok()?;
         let mask = self.mask();
-        let mut i = self.home(key);
-        loop {
-            let e = self.entries[i];
-            if e.slot == FREE {
-                return None;
-            }
-            if e.key == key {
-                break;
-            }
-            i = (i + 1) & mask;
-        }
         let removed = self.entries[i].slot;
         let mut gap = i;
         let mut j = i;
@@ -174,7 +163,7 @@ mod tests {
 
     #[test]
     fn inserts_finds_and_removes() {
-        let mut t = SlotTable::default();
+        let mut t = IdTable::default();
         assert_eq!(t.get(5), None);
         assert_eq!(t.remove(5), None);
         for k in 0..1000u64 {
@@ -201,7 +190,7 @@ mod tests {
         /// including keys that collide on their home entry (small key space).
         #[test]
         fn agrees_with_a_hash_map(ops in proptest::collection::vec((any::<bool>(), 0u64..64, 0u32..1000), 0..400)) {
-            let mut t = SlotTable::default();
+            let mut t = IdTable::default();
             let mut m = HashMap::new();
             for (ins, k, v) in ops {
                 let k = k.wrapping_mul(0x1_0000_0001);
