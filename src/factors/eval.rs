@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::factors::model::GROUP;
 use crate::factors::{Interaction, Kind, RecoConfig, RecoModel};
 
 /// Input file formats.
@@ -240,32 +241,36 @@ pub fn evaluate(events: &mut [Interaction], cfg: RecoConfig, seed: u64) -> (Eval
     let (mut m, mut p) = (Hits::default(), Hits::default());
     let mut rep = EvalReport::default();
     let (mut se, mut ae) = (0.0f64, 0.0f64);
-    // The model learns in pairs, as the pipeline's trainer does
-    // (`RecoModel::observe_pair`): two events of different users are both
-    // tested before it learns from either; a user's second event is tested
-    // after it learned the first.
-    for pair in events.chunks(2) {
-        let apart = pair.len() == 2 && pair[0].user != pair[1].user;
-        for (k, ev) in pair.iter().enumerate() {
-            rep.events += 1;
-            if let Some(seen) = past.get(&ev.user) {
-                rep.scored += 1;
-                m.add(model.implicit.rank_of(ev.user, ev.item, seen), K);
-                p.add(pop.rank_of(ev.item, seen), K);
+    // The model learns in groups, as the pipeline's trainer does
+    // (`RecoModel::observe_group`): the events of a run of different users
+    // are all tested before it learns from any; a user's second event is
+    // tested after it learned the first.
+    for chunk in events.chunks(GROUP) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let run = (1..rest.len())
+                .find(|&k| rest[..k].iter().any(|e| e.user == rest[k].user))
+                .unwrap_or(rest.len());
+            for ev in &rest[..run] {
+                rep.events += 1;
+                if let Some(seen) = past.get(&ev.user) {
+                    rep.scored += 1;
+                    m.add(model.implicit.rank_of(ev.user, ev.item, seen), K);
+                    p.add(pop.rank_of(ev.item, seen), K);
+                }
+                if let Kind::Rating(r) = ev.kind {
+                    let e = f64::from(r - model.predict_rating(ev.user, ev.item));
+                    se += e * e;
+                    ae += e.abs();
+                    rep.ratings += 1;
+                }
             }
-            if let Kind::Rating(r) = ev.kind {
-                let e = f64::from(r - model.predict_rating(ev.user, ev.item));
-                se += e * e;
-                ae += e.abs();
-                rep.ratings += 1;
+            model.observe_group(&rest[..run]);
+            for ev in &rest[..run] {
+                pop.add(ev.item);
+                past.entry(ev.user).or_default().insert(ev.item);
             }
-            if !apart {
-                model.observe(ev);
-            } else if k == 1 {
-                model.observe_pair(&pair[0], ev);
-            }
-            pop.add(ev.item);
-            past.entry(ev.user).or_default().insert(ev.item);
+            rest = &rest[run..];
         }
     }
     let n = rep.scored.max(1) as f64;

@@ -819,10 +819,15 @@ pub struct Bpr {
     /// Scratch: the (positive, negative, step) triples of the current event.
     #[serde(skip)]
     pairs: Vec<(u32, u32, f32)>,
-    /// Scratch: the second event's triples in [`Bpr::learn_pair`].
+    /// Scratch: each event's triples in [`Bpr::learn_group`].
     #[serde(skip)]
-    pairs_b: Vec<(u32, u32, f32)>,
+    group: [Vec<(u32, u32, f32)>; GROUP],
 }
+
+/// Most events [`Bpr::learn_group`] learns at once: four step chains
+/// interleaved on one core (with two, part of each step's ~80-cycle wait
+/// stayed idle; four user rows already fill the sixteen AVX2 registers).
+pub const GROUP: usize = 4;
 
 impl Bpr {
     pub fn new(cfg: &RecoConfig, seed: u64) -> Self {
@@ -839,7 +844,7 @@ impl Bpr {
             pool: Reservoir::default(),
             recent: Vec::new(),
             pairs: Vec::new(),
-            pairs_b: Vec::new(),
+            group: Default::default(),
         }
     }
 
@@ -1057,25 +1062,32 @@ impl Bpr {
         }
     }
 
-    /// The steps of two events of different users at once, alternating
-    /// (first of a, first of b, second of a, ...), as [`Bpr::step`] in that
-    /// order (tested bit for bit): each step waits ~80 cycles for the one
-    /// before it on the same user row, and the other user's chain fills
-    /// that wait. Rows both events touch are read and written in memory in
-    /// that order, so the result is that of running the steps one by one.
+    /// The steps of `N` events of different users at once, round robin
+    /// (first of each event in turn, then the second of each, ...), as
+    /// [`Bpr::step`] in that order (tested bit for bit): each step waits
+    /// ~80 cycles for the one before it on the same user row, and the other
+    /// users' chains fill that wait. Rows several events touch are read and
+    /// written in memory in that order, so the result is that of running the
+    /// steps one by one.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn steps32x2_avx2(
+    fn steps32xn_avx2<const N: usize>(
         &mut self,
-        ua: usize,
-        a: &[(u32, u32, f32)],
-        ub: usize,
-        b: &[(u32, u32, f32)],
+        users: [usize; N],
+        steps: [&[(u32, u32, f32)]; N],
     ) {
-        assert_ne!(
-            ua, ub,
-            "two events of one user are learned one after the other"
-        );
+        for a in 0..N {
+            assert!(
+                (users[a] + 1) * 32 <= self.user_f.len(),
+                "user row out of range"
+            );
+            for b in 0..a {
+                assert_ne!(
+                    users[a], users[b],
+                    "one user's events are learned one after the other"
+                );
+            }
+        }
         let (reg, breg) = (self.cfg.reg, self.cfg.bias_reg);
         let Self {
             user_f,
@@ -1083,27 +1095,27 @@ impl Bpr {
             item_b,
             ..
         } = self;
-        let (row_a, row_b) = if ua < ub {
-            let (x, y) = user_f.split_at_mut(ub * 32);
-            (&mut x[ua * 32..(ua + 1) * 32], &mut y[..32])
-        } else {
-            let (x, y) = user_f.split_at_mut(ua * 32);
-            (&mut y[..32], &mut x[ub * 32..(ub + 1) * 32])
-        };
+        let base = user_f.as_mut_ptr();
+        // SAFETY: the rows are in bounds and pairwise different (asserted),
+        // so these slices do not overlap.
+        let rows: [&mut [f32]; N] =
+            users.map(|u| unsafe { std::slice::from_raw_parts_mut(base.add(u * 32), 32) });
         let mut items = Items32::new(item_f, item_b, reg, breg);
+        let len = steps.iter().map(|s| s.len()).max().unwrap_or(0);
         // SAFETY: this function runs only where AVX2 is enabled.
         unsafe {
-            let (mut pa, mut pb) = (load32(row_a), load32(row_b));
-            for k in 0..a.len().max(b.len()) {
-                if let Some(&pair) = a.get(k) {
-                    items.step(&mut pa, pair);
-                }
-                if let Some(&pair) = b.get(k) {
-                    items.step(&mut pb, pair);
+            let mut pu: [[std::arch::x86_64::__m256; 4]; N] =
+                std::array::from_fn(|e| load32(rows[e]));
+            for k in 0..len {
+                for e in 0..N {
+                    if let Some(&t) = steps[e].get(k) {
+                        items.step(&mut pu[e], t);
+                    }
                 }
             }
-            store32(row_a, &pa);
-            store32(row_b, &pb);
+            for (row, p) in rows.into_iter().zip(&pu) {
+                store32(row, p);
+            }
         }
     }
 
@@ -1119,20 +1131,22 @@ impl Bpr {
         self.learn_inner(user, item, w, false);
     }
 
-    /// Learns from two consecutive events, each a (user, item, weight):
-    /// both events' draws in order, then their steps alternating (see
-    /// [`Bpr::steps32x2_avx2`]), then their recent items. Draws never
-    /// depend on steps, so this is learning `a` then `b` with the steps
-    /// reordered — unless the two share the user, or `b` brings a new user
-    /// or item (whose slot may be one `a` just used): those are learned one
-    /// after the other. Deterministic like [`Bpr::learn`].
-    pub fn learn_pair(&mut self, a: (u64, u64, f32), b: (u64, u64, f32)) {
+    /// Learns from up to [`GROUP`] consecutive events, each a (user, item,
+    /// weight): the events' draws in order, then their steps round robin
+    /// (see [`Bpr::steps32xn_avx2`]), then their recent items. Draws never
+    /// depend on steps, so this is learning the events one after the other
+    /// with the steps reordered — except that an event of a user already in
+    /// the group, or bringing a new user or item (whose slot may be one an
+    /// earlier event just used), first has the events before it finish
+    /// their steps. Deterministic like [`Bpr::learn`].
+    pub fn learn_group(&mut self, events: &[(u64, u64, f32)]) {
+        assert!(events.len() <= GROUP, "at most {GROUP} events at once");
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has just been checked to support AVX2.
-            return unsafe { self.learn_pair_avx2(a, b) };
+            return unsafe { self.learn_group_avx2(events) };
         }
-        self.learn_pair_body::<false>(a, b)
+        self.learn_group_body::<false>(events)
     }
 
     fn learn_inner(&mut self, user: u64, item: u64, w: f32, want_loss: bool) -> Option<f32> {
@@ -1153,11 +1167,11 @@ impl Bpr {
         self.learn_body::<true>(user, item, w, want_loss)
     }
 
-    /// [`Bpr::learn_pair_body`] compiled for AVX2 (see [`Bpr::learn_avx2`]).
+    /// [`Bpr::learn_group_body`] compiled for AVX2 (see [`Bpr::learn_avx2`]).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn learn_pair_avx2(&mut self, a: (u64, u64, f32), b: (u64, u64, f32)) {
-        self.learn_pair_body::<true>(a, b)
+    fn learn_group_avx2(&mut self, events: &[(u64, u64, f32)]) {
+        self.learn_group_body::<true>(events)
     }
 
     /// Everything of an event's learning before its SGD steps: the rows of
@@ -1224,7 +1238,7 @@ impl Bpr {
         if cfg!(target_arch = "x86_64") && AVX2 && self.cfg.dim == 32 {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `AVX2` is only set by `Bpr::learn_avx2` and
-            // `Bpr::learn_pair_avx2`, which run only on CPUs detected to
+            // `Bpr::learn_group_avx2`, which run only on CPUs detected to
             // support AVX2.
             unsafe {
                 self.steps32_avx2(u, pairs, margin)
@@ -1265,41 +1279,71 @@ impl Bpr {
     }
 
     #[inline(always)]
-    fn learn_pair_body<const AVX2: bool>(&mut self, a: (u64, u64, f32), b: (u64, u64, f32)) {
-        let cap = self.cfg.recent_len;
-        let mut pa = std::mem::take(&mut self.pairs);
-        let mut pb = std::mem::take(&mut self.pairs_b);
-        let (ua, ia, _) = self.draw(a.0, a.1, a.2, &mut pa);
-        // Checked after a's draws: they may have taken b's user's or item's slot.
-        let apart = b.0 != a.0 && self.users.get(b.0).is_some() && self.items.get(b.1).is_some();
-        if !apart {
-            // a, then b, one after the other.
-            self.steps::<AVX2>(ua, &pa, &mut |_, _| {});
-            self.recent[ua].push(cap, (ia as u32, a.2));
-            (self.pairs, self.pairs_b) = (pa, pb);
-            self.learn_body::<AVX2>(b.0, b.1, b.2, false);
-            return;
+    fn learn_group_body<const AVX2: bool>(&mut self, events: &[(u64, u64, f32)]) {
+        let mut steps = std::mem::take(&mut self.group);
+        // The drawn events waiting for their steps: user id, user row, item
+        // row, weight.
+        let mut drawn = [(0u64, 0usize, 0usize, 0f32); GROUP];
+        let mut n = 0;
+        for &(user, item, w) in events {
+            // Checked after the earlier events' draws: they may have taken
+            // this user's or item's slot.
+            let apart = drawn[..n].iter().all(|d| d.0 != user)
+                && self.users.get(user).is_some()
+                && self.items.get(item).is_some();
+            if !apart {
+                self.finish_group::<AVX2>(&drawn[..n], &steps);
+                n = 0;
+            }
+            let (u, i, _) = self.draw(user, item, w, &mut steps[n]);
+            drawn[n] = (user, u, i, w);
+            n += 1;
         }
-        let (ub, ib, _) = self.draw(b.0, b.1, b.2, &mut pb);
-        if cfg!(target_arch = "x86_64") && AVX2 && self.cfg.dim == 32 {
+        self.finish_group::<AVX2>(&drawn[..n], &steps);
+        self.group = steps;
+    }
+
+    /// The steps of drawn events of different users (round robin), then
+    /// their recent items.
+    #[inline(always)]
+    fn finish_group<const AVX2: bool>(
+        &mut self,
+        drawn: &[(u64, usize, usize, f32)],
+        steps: &[Vec<(u32, u32, f32)>; GROUP],
+    ) {
+        let u = |k: usize| drawn[k].1;
+        let s = |k: usize| steps[k].as_slice();
+        match drawn.len() {
+            0 => return,
+            1 => self.steps::<AVX2>(u(0), s(0), &mut |_, _| {}),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as in `Bpr::steps`.
-            unsafe {
-                self.steps32x2_avx2(ua, &pa, ub, &pb)
-            };
-        } else {
-            for k in 0..pa.len().max(pb.len()) {
-                if let Some(&(p, j, lr)) = pa.get(k) {
-                    self.step(ua, p as usize, j as usize, lr);
-                }
-                if let Some(&(p, j, lr)) = pb.get(k) {
-                    self.step(ub, p as usize, j as usize, lr);
+            // SAFETY (all three): as in `Bpr::steps`.
+            2 if AVX2 && self.cfg.dim == 32 => unsafe {
+                self.steps32xn_avx2([u(0), u(1)], [s(0), s(1)])
+            },
+            #[cfg(target_arch = "x86_64")]
+            3 if AVX2 && self.cfg.dim == 32 => unsafe {
+                self.steps32xn_avx2([u(0), u(1), u(2)], [s(0), s(1), s(2)])
+            },
+            #[cfg(target_arch = "x86_64")]
+            4 if AVX2 && self.cfg.dim == 32 => unsafe {
+                self.steps32xn_avx2([u(0), u(1), u(2), u(3)], [s(0), s(1), s(2), s(3)])
+            },
+            n => {
+                let len = steps[..n].iter().map(Vec::len).max().unwrap_or(0);
+                for t in 0..len {
+                    for (d, s) in drawn.iter().zip(&steps[..n]) {
+                        if let Some(&(p, j, lr)) = s.get(t) {
+                            self.step(d.1, p as usize, j as usize, lr);
+                        }
+                    }
                 }
             }
         }
-        self.recent[ua].push(cap, (ia as u32, a.2));
-        self.recent[ub].push(cap, (ib as u32, b.2));
-        (self.pairs, self.pairs_b) = (pa, pb);
+        let cap = self.cfg.recent_len;
+        for &(_, u, i, w) in drawn {
+            self.recent[u].push(cap, (i as u32, w));
+        }
     }
 
     /// `b_i + p_u · q_i`; the item bias alone for an unknown user, `None` for
@@ -1707,24 +1751,27 @@ impl RecoModel {
         self.events += 1;
     }
 
-    /// Learns from two consecutive events: the same as [`RecoModel::observe`]
-    /// on `a` then `b`, except that the implicit model takes the two events'
-    /// steps alternating ([`Bpr::learn_pair`]), so that their step chains
-    /// overlap on one core.
-    pub fn observe_pair(&mut self, a: &Interaction, b: &Interaction) {
-        let (wa, wb) = (self.cfg.weight(a.kind), self.cfg.weight(b.kind));
-        self.trending.observe(a.ts_ms, a.item, wa);
-        self.trending.observe(b.ts_ms, b.item, wb);
-        self.implicit
-            .learn_pair((a.user, a.item, wa), (b.user, b.item, wb));
-        for ev in [a, b] {
+    /// Learns from up to [`GROUP`] consecutive events: the same as
+    /// [`RecoModel::observe`] on each in turn, except that the implicit
+    /// model takes their steps round robin ([`Bpr::learn_group`]), so that
+    /// their step chains overlap on one core.
+    pub fn observe_group(&mut self, events: &[Interaction]) {
+        assert!(events.len() <= GROUP, "at most {GROUP} events at once");
+        let mut implicit = [(0u64, 0u64, 0f32); GROUP];
+        for (slot, ev) in implicit.iter_mut().zip(events) {
+            let w = self.cfg.weight(ev.kind);
+            self.trending.observe(ev.ts_ms, ev.item, w);
+            *slot = (ev.user, ev.item, w);
+        }
+        self.implicit.learn_group(&implicit[..events.len()]);
+        for ev in events {
             if let Kind::Rating(r) = ev.kind
                 && r.is_finite()
             {
                 self.explicit.observe(ev.user, ev.item, r);
             }
         }
-        self.events += 2;
+        self.events += events.len() as u64;
     }
 
     /// Implicit score; `f32::NEG_INFINITY` for an item never seen.
@@ -2036,7 +2083,7 @@ mod tests {
     }
 
     #[test]
-    fn dispatched_pair_update_equals_the_portable_one_bit_for_bit() {
+    fn dispatched_group_update_equals_the_portable_one_bit_for_bit() {
         let cfg = RecoConfig::default();
         let (mut fast, mut portable) = (Bpr::new(&cfg, 3), Bpr::new(&cfg, 3));
         let mut x = 88_172_645_463_325_252u64;
@@ -2044,19 +2091,20 @@ mod tests {
             let x = xorshift(&mut x);
             (x % 300, (x >> 20) % 500, 1.0 + (x >> 40) as f32 % 3.0)
         };
-        for _ in 0..3_000 {
-            let (a, b) = (next(), next());
-            fast.learn_pair(a, b);
-            portable.learn_pair_body::<false>(a, b);
+        for k in 0..3_000 {
+            // Groups of every size, with repeated and new users among them.
+            let group: Vec<_> = (0..=k % GROUP).map(|_| next()).collect();
+            fast.learn_group(&group);
+            portable.learn_group_body::<false>(&group);
         }
-        assert_same_rows(&fast, &portable, "pairs");
+        assert_same_rows(&fast, &portable, "groups");
     }
 
-    /// A pair is the two events learned one after the other, with only the
+    /// A group is its events learned one after the other, with only the
     /// order of their steps changed: where their steps touch different items
-    /// (and always for one user's two events), it is bit for bit the same.
+    /// (and always for one user's events), it is bit for bit the same.
     #[test]
-    fn a_pair_learns_what_the_two_events_one_by_one_learn() {
+    fn a_group_learns_what_its_events_one_by_one_learn() {
         let cfg = RecoConfig {
             sampling: Sampling::Uniform,
             ..RecoConfig::default()
@@ -2071,37 +2119,52 @@ mod tests {
             let e = next(2_000);
             model.learn(e.0, e.1, e.2);
         }
-        let (mut disjoint, mut same_user) = (0, 0);
+        let items = |v: &[(u32, u32, f32)]| {
+            v.iter()
+                .flat_map(|&(i, j, _)| [i, j])
+                .collect::<HashSet<u32>>()
+        };
+        let (mut disjoint, mut one_user) = (0, 0);
         for k in 0..400 {
-            let a = next(2_000);
-            let b = if k % 4 == 0 {
-                (a.0, next(2_000).1, 1.0)
+            let n = 2 + k % (GROUP - 1);
+            let group: Vec<_> = if k % 4 == 0 {
+                // One user's events.
+                let u = next(2_000).0;
+                (0..n).map(|_| (u, next(2_000).1, 1.0)).collect()
             } else {
-                next(2_000)
+                (0..n).map(|_| next(2_000)).collect()
             };
             let (mut p, mut s) = (model.clone(), model.clone());
-            p.learn_pair(a, b);
-            let items = |v: &[(u32, u32, f32)]| {
-                v.iter()
-                    .flat_map(|&(i, j, _)| [i, j])
-                    .collect::<HashSet<u32>>()
-            };
-            let apart = a.0 != b.0 && items(&p.pairs).is_disjoint(&items(&p.pairs_b));
-            s.learn(a.0, a.1, a.2);
-            s.learn(b.0, b.1, b.2);
-            if a.0 == b.0 || apart {
-                assert_same_rows(&p, &s, &format!("pair {k}"));
-                assert_eq!(p.recent_items(a.0), s.recent_items(a.0));
-                assert_eq!(p.recent_items(b.0), s.recent_items(b.0));
+            p.learn_group(&group);
+            for e in &group {
+                s.learn(e.0, e.1, e.2);
+            }
+            let users: HashSet<u64> = group.iter().map(|e| e.0).collect();
+            let mut seen = HashSet::new();
+            // Known users and items: no event started a new group, so each
+            // slot of the scratch holds its event's steps.
+            let known = group
+                .iter()
+                .all(|e| model.users.get(e.0).is_some() && model.items.get(e.1).is_some());
+            let apart = known
+                && users.len() == n
+                && p.group[..n]
+                    .iter()
+                    .all(|steps| items(steps).iter().all(|&i| seen.insert(i)));
+            if users.len() == 1 || apart {
+                assert_same_rows(&p, &s, &format!("group {k}"));
+                for e in &group {
+                    assert_eq!(p.recent_items(e.0), s.recent_items(e.0));
+                }
                 disjoint += usize::from(apart);
-                same_user += usize::from(a.0 == b.0);
+                one_user += usize::from(users.len() == 1);
             }
             // Either way the draws were the same: the generators agree.
             assert_eq!(p.rng.next_u64(), s.rng.next_u64());
-            // Both continue from the pair's state.
+            // Both continue from the group's state.
             model = p;
         }
-        assert!(disjoint > 100 && same_user == 100, "{disjoint} {same_user}");
+        assert!(disjoint > 100 && one_user == 100, "{disjoint} {one_user}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::arrow::record_batch::RecordBatch;
 
-use crate::factors::model::FastHash;
+use crate::factors::model::{FastHash, GROUP};
 use crate::factors::store::Delta;
 use crate::factors::{Interaction, Kind, RecoConfig, RecoModel};
 
@@ -167,7 +167,14 @@ impl Trainer {
             None
         };
         let mut n = 0;
-        let mut pending: Option<Interaction> = None;
+        let idle = Interaction {
+            ts_ms: 0,
+            user: 0,
+            item: 0,
+            kind: Kind::View,
+        };
+        let mut group = [idle; GROUP];
+        let mut grouped = 0;
         let rows = b.num_rows();
         let ahead = |k: usize| {
             (k < rows && !user.is_null(k) && !item.is_null(k))
@@ -209,19 +216,19 @@ impl Trainer {
                 item: item.value(i),
                 kind: k,
             };
-            // Events are learned in pairs (see `RecoModel::observe_pair`).
-            match pending.take() {
-                Some(a) => self.model.observe_pair(&a, &ev),
-                None => pending = Some(ev),
+            // Events are learned in groups (see `RecoModel::observe_group`).
+            group[grouped] = ev;
+            grouped += 1;
+            if grouped == GROUP {
+                self.model.observe_group(&group);
+                grouped = 0;
             }
             if self.collect {
                 self.users.insert(ev.user);
             }
             n += 1;
         }
-        if let Some(a) = pending {
-            self.model.observe(&a);
-        }
+        self.model.observe_group(&group[..grouped]);
         n
     }
 

@@ -58,8 +58,10 @@ pub struct TableSpec {
     /// Int64 or timestamp column that orders a partition's rows (the source
     /// offset, or the window start); file names and the replay skip use it.
     pub position_column: &'static str,
-    /// Columns whose values rarely repeat (ids, offsets, timestamps): written
-    /// without a dictionary, which would only fill up and be abandoned.
+    /// Columns written without a dictionary: those whose values rarely
+    /// repeat (ids, offsets, timestamps), where it would only fill up and be
+    /// abandoned, and `src_partition`, one value per file, where looking each
+    /// row up in it costs more than bit-packed differences of zero.
     pub plain_columns: &'static [&'static str],
 }
 
@@ -488,7 +490,14 @@ pub fn events_spec() -> TableSpec {
         time_column: "ts",
         positioned: true,
         position_column: "src_offset",
-        plain_columns: &["event_id", "ts", "src_offset", "session_id", "latency_ms"],
+        plain_columns: &[
+            "event_id",
+            "ts",
+            "src_partition",
+            "src_offset",
+            "session_id",
+            "latency_ms",
+        ],
     }
 }
 
@@ -499,7 +508,7 @@ pub fn dead_letters_spec() -> TableSpec {
         time_column: "received_at",
         positioned: true,
         position_column: "src_offset",
-        plain_columns: &["received_at", "src_offset", "raw"],
+        plain_columns: &["received_at", "src_partition", "src_offset", "raw"],
     }
 }
 
@@ -726,12 +735,13 @@ mod tests {
                 .unwrap();
             c.encodings().collect::<Vec<_>>()
         };
-        for c in ["received_at", "src_offset"] {
+        // Growing values, and the file's one source partition.
+        for c in ["received_at", "src_offset", "src_partition"] {
             assert!(encodings(c).contains(&Encoding::DELTA_BINARY_PACKED), "{c}");
+            assert!(!encodings(c).contains(&Encoding::RLE_DICTIONARY), "{c}");
         }
-        // Strings and low-cardinality integers keep their encodings.
+        // Strings keep theirs.
         assert!(!encodings("raw").contains(&Encoding::DELTA_BINARY_PACKED));
-        assert!(!encodings("src_partition").contains(&Encoding::DELTA_BINARY_PACKED));
         let back: Vec<RecordBatch> = r.build().unwrap().map(|b| b.unwrap()).collect();
         let column = |name: &str| -> Vec<i64> {
             back.iter()
@@ -739,6 +749,17 @@ mod tests {
                 .collect()
         };
         assert_eq!(column("src_offset"), (1_000..1_300).collect::<Vec<_>>());
+        let parts: Vec<i32> = back
+            .iter()
+            .flat_map(|b| {
+                b.column_by_name("src_partition")
+                    .unwrap()
+                    .as_primitive::<Int32Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(parts, vec![0; 300]);
         let times = column("received_at");
         assert_eq!(times, (0..300).map(|i| 5 * i).collect::<Vec<_>>());
     }
