@@ -372,7 +372,7 @@ unsafe fn store32(row: &mut [f32], v: &[std::arch::x86_64::__m256; 4]) {
 
 /// The item side of the 32-factor AVX2 steps: the item rows (as a raw
 /// base, so that a step may read and write two rows of the table) and
-/// biases, shared by the steps of one or two users.
+/// biases, shared by the steps of up to [`GROUP`] users.
 #[cfg(target_arch = "x86_64")]
 struct Items32<'a> {
     base: *mut f32,
