@@ -48,11 +48,39 @@ pub struct KafkaReport {
     pub pipeline_peak_rss: Option<u64>,
     /// RSS when the pipeline started (what the earlier phases left behind).
     pub rss_before_pipeline: Option<u64>,
+    /// CPU seconds (all threads, user + system) this process spent in the
+    /// raw consumer's run and in the pipeline's, group joins and the idle
+    /// exit included; the broker's and Redis's are not. `None` off Linux.
+    pub raw_cpu_secs: Option<f64>,
+    pub pulse_cpu_secs: Option<f64>,
 }
 
 /// Resets this process's peak-RSS mark to the current RSS (Linux ≥ 4.0).
 fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// CPU seconds (user + system, all threads) this process has used (Linux:
+/// `/proc/self/stat` in USER_HZ ticks, which the kernel fixes at 100/s).
+pub fn process_cpu_secs() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_secs_of_stat(&s)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, in seconds.
+fn cpu_secs_of_stat(stat: &str) -> Option<f64> {
+    // The command name may hold spaces and parentheses: fields are counted
+    // after its closing parenthesis, from field 3 (the state).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// Seconds of CPU from `before` to now, if both are known.
+fn cpu_since(before: Option<f64>) -> Option<f64> {
+    Some(process_cpu_secs()? - before?)
 }
 
 /// This process's peak RSS in bytes since start or the last reset (Linux).
@@ -162,6 +190,7 @@ pub async fn kafka_throughput(
         "produced {n} records to {topic} ({partitions} partitions) in {:.1}s (not timed)",
         t.elapsed().as_secs_f64()
     );
+    let cpu = process_cpu_secs();
     let raw_secs = {
         let cfg = cfg.clone();
         let topic = topic.clone();
@@ -169,6 +198,7 @@ pub async fn kafka_throughput(
             .await
             .map_err(|e| BenchError::Other(e.to_string()))??
     };
+    let raw_cpu_secs = cpu_since(cpu);
     let mut pcfg = cfg.clone();
     pcfg.kafka.topic = topic;
     pcfg.kafka.group = unique("pulse-bench");
@@ -177,7 +207,9 @@ pub async fn kafka_throughput(
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let reset = reset_peak_rss();
     let rss_before_pipeline = rss_bytes();
+    let cpu = process_cpu_secs();
     let s = crate::app::run(&pcfg, &Secrets::default(), SourceSpec::Kafka, store, rx).await?;
+    let pulse_cpu_secs = cpu_since(cpu);
     let pipeline_peak_rss = if reset { peak_rss_bytes() } else { None };
     if s.records != n {
         return Err(BenchError::Other(format!(
@@ -196,6 +228,8 @@ pub async fn kafka_throughput(
         summary: s,
         pipeline_peak_rss,
         rss_before_pipeline,
+        raw_cpu_secs,
+        pulse_cpu_secs,
     })
 }
 
@@ -261,4 +295,31 @@ pub async fn freshness(
     .map_err(|e| BenchError::Other(e.to_string()))??;
     let s = run.await.map_err(|e| BenchError::Other(e.to_string()))??;
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        // A command name with spaces and a parenthesis; utime 250, stime 75 ticks.
+        let stat = "4242 (a b) c)) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 75 0 0 20 0 7 0 100";
+        assert_eq!(cpu_secs_of_stat(stat), Some(3.25));
+        assert_eq!(cpu_secs_of_stat("4242 (x) S 1 2"), None);
+        assert_eq!(cpu_secs_of_stat("no name"), None);
+    }
+
+    #[test]
+    fn process_cpu_time_grows_with_work() {
+        let start = process_cpu_secs().expect("Linux /proc");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 1u64;
+        while process_cpu_secs().unwrap() <= start {
+            assert!(Instant::now() < deadline, "CPU time did not advance");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+    }
 }

@@ -816,6 +816,14 @@ async fn bench_kafka(
     for (stage, busy) in &r.summary.stage_seconds {
         println!("    stage {stage:<26} busy {busy:6.2}s");
     }
+    if let (Some(raw), Some(pipeline)) = (r.raw_cpu_secs, r.pulse_cpu_secs) {
+        let per_m = |s: f64| s * 1e6 / r.events.max(1) as f64;
+        println!(
+            "  CPU of this process per 1M records: raw consumer {:.2}s, pipeline {:.2}s (the broker's and Redis's not included)",
+            per_m(raw),
+            per_m(pipeline)
+        );
+    }
     if let (Some(peak), Some(before)) = (r.pipeline_peak_rss, r.rss_before_pipeline) {
         println!(
             "  peak RSS while the pipeline drained: {:.0} MB (RSS at its start: {:.0} MB)",
