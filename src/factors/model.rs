@@ -1025,56 +1025,27 @@ impl Bpr {
         x
     }
 
-    /// The event's SGD steps ([`Bpr::step`] on each (positive, negative,
-    /// rate) of `pairs`, in order) for dimension 32 in AVX2 registers, with
-    /// the user's row held in four registers from the first step to the last
-    /// instead of stored and reloaded by each: each step waits for the
-    /// previous one's user row, so the store-to-load round trip was on the
-    /// critical path twelve times per event. The same operations in the same
-    /// order as [`Bpr::step`] (tested bit for bit). Written with intrinsics
-    /// because LLVM's SLP vectoriser splits the portable dot product plus its
-    /// reduction tree into 2-lane vectors (~100 instructions instead of ~20).
-    /// `margin(k, x)` gets each step's margin before it.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn steps32_avx2(
-        &mut self,
-        u: usize,
-        pairs: &[(u32, u32, f32)],
-        margin: &mut impl FnMut(usize, f32),
-    ) {
-        let (reg, breg) = (self.cfg.reg, self.cfg.bias_reg);
-        let Self {
-            user_f,
-            item_f,
-            item_b,
-            ..
-        } = self;
-        let row = &mut user_f[u * 32..(u + 1) * 32];
-        let mut items = Items32::new(item_f, item_b, reg, breg);
-        // SAFETY: this function runs only where AVX2 is enabled.
-        unsafe {
-            let mut pu = load32(row);
-            for (k, &pair) in pairs.iter().enumerate() {
-                margin(k, items.step(&mut pu, pair));
-            }
-            store32(row, &pu);
-        }
-    }
-
-    /// The steps of `N` events of different users at once, round robin
-    /// (first of each event in turn, then the second of each, ...), as
-    /// [`Bpr::step`] in that order (tested bit for bit): each step waits
-    /// ~80 cycles for the one before it on the same user row, and the other
-    /// users' chains fill that wait. Rows several events touch are read and
-    /// written in memory in that order, so the result is that of running the
-    /// steps one by one.
+    /// The SGD steps of `N` events of different users (one event's for
+    /// `N` = 1) for dimension 32 in AVX2 registers, round robin (first of
+    /// each event in turn, then the second of each, ...), as [`Bpr::step`]
+    /// in that order (tested bit for bit). Each user's row stays in four
+    /// registers from its first step to its last instead of being stored and
+    /// reloaded by each (the store-to-load round trip was on the critical
+    /// path of every step); each step still waits ~80 cycles for the one
+    /// before it on the same row, and the other users' chains fill that
+    /// wait. Rows several events touch are read and written in memory in
+    /// that order, so the result is that of running the steps one by one.
+    /// Written with intrinsics because LLVM's SLP vectoriser splits the
+    /// portable dot product plus its reduction tree into 2-lane vectors
+    /// (~100 instructions instead of ~20). `margin(e, k, x)` gets the margin
+    /// of event `e`'s step `k` before it.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn steps32xn_avx2<const N: usize>(
         &mut self,
         users: [usize; N],
         steps: [&[(u32, u32, f32)]; N],
+        margin: &mut impl FnMut(usize, usize, f32),
     ) {
         for a in 0..N {
             assert!(
@@ -1109,7 +1080,7 @@ impl Bpr {
             for k in 0..len {
                 for e in 0..N {
                     if let Some(&t) = steps[e].get(k) {
-                        items.step(&mut pu[e], t);
+                        margin(e, k, items.step(&mut pu[e], t));
                     }
                 }
             }
@@ -1226,7 +1197,7 @@ impl Bpr {
     }
 
     /// One event's SGD steps on user row `u`, in order ([`Bpr::step`], or
-    /// [`Bpr::steps32_avx2`] where it applies); `margin(k, x)` gets each
+    /// [`Bpr::steps32xn_avx2`] where it applies); `margin(k, x)` gets each
     /// step's margin before it.
     #[inline(always)]
     fn steps<const AVX2: bool>(
@@ -1241,7 +1212,7 @@ impl Bpr {
             // `Bpr::learn_group_avx2`, which run only on CPUs detected to
             // support AVX2.
             unsafe {
-                self.steps32_avx2(u, pairs, margin)
+                self.steps32xn_avx2([u], [pairs], &mut |_, k, x| margin(k, x))
             };
         } else {
             for (k, &(p, j, lr)) in pairs.iter().enumerate() {
@@ -1319,15 +1290,16 @@ impl Bpr {
             #[cfg(target_arch = "x86_64")]
             // SAFETY (all three): as in `Bpr::steps`.
             2 if AVX2 && self.cfg.dim == 32 => unsafe {
-                self.steps32xn_avx2([u(0), u(1)], [s(0), s(1)])
+                self.steps32xn_avx2([u(0), u(1)], [s(0), s(1)], &mut |_, _, _| {})
             },
             #[cfg(target_arch = "x86_64")]
             3 if AVX2 && self.cfg.dim == 32 => unsafe {
-                self.steps32xn_avx2([u(0), u(1), u(2)], [s(0), s(1), s(2)])
+                self.steps32xn_avx2([u(0), u(1), u(2)], [s(0), s(1), s(2)], &mut |_, _, _| {})
             },
             #[cfg(target_arch = "x86_64")]
             4 if AVX2 && self.cfg.dim == 32 => unsafe {
-                self.steps32xn_avx2([u(0), u(1), u(2), u(3)], [s(0), s(1), s(2), s(3)])
+                let s4 = [s(0), s(1), s(2), s(3)];
+                self.steps32xn_avx2([u(0), u(1), u(2), u(3)], s4, &mut |_, _, _| {})
             },
             n => {
                 let len = steps[..n].iter().map(Vec::len).max().unwrap_or(0);

@@ -1,6 +1,7 @@
 //! The factor-training stage. Consumes `events` batches in source order;
-//! updates the [`RecoModel`] two events at a time, the odd last one of a
-//! batch alone (deterministic for a given sequence of batches and seed), and
+//! updates the [`RecoModel`] in groups of up to [`GROUP`] events, the last
+//! group of a batch possibly smaller (deterministic for a given sequence of
+//! batches and seed), and
 //! produces [`Delta`]s — the user records touched, the item records whose
 //! bytes changed since the last flush, the touched users' recent items, the
 //! trending list — at most every `flush_ms` and at the end.
