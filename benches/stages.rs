@@ -111,6 +111,17 @@ fn stages(c: &mut Criterion) {
         b.iter(|| steady.train(&batch))
     });
 
+    // the model snapshot a Kafka run writes every `reco.snapshot_ms`, and
+    // the restore at start-up, of that steady model
+    let snap = steady.snapshot().unwrap();
+    println!("model snapshot of the steady model: {} bytes", snap.len());
+    g.throughput(Throughput::Bytes(snap.len() as u64));
+    g.bench_function("model_snapshot", |b| b.iter(|| steady.snapshot().unwrap()));
+    g.bench_function("model_restore", |b| {
+        b.iter(|| Trainer::restore(pulse::factors::RecoConfig::default(), 7, &snap).unwrap())
+    });
+    g.throughput(Throughput::Elements(n));
+
     // parquet writing
     let dir = tempfile::tempdir().unwrap();
     g.bench_function("parquet_write_32k", |b| {

@@ -3,7 +3,8 @@
 //! prequential evaluation behind `pulse reco-eval`; [`index`] holds item
 //! factors and scans them for top-k (pure); [`mips`] answers the same top-k
 //! exactly without scoring every item (pure, what `/recommend` uses);
-//! [`slots`] maps user and item ids to table rows (pure);
+//! [`slots`] maps user and item ids to table rows (pure); [`packed`] is the
+//! compact snapshot encoding of the model's vectors (pure);
 //! [`store`] writes and reads the layout in Redis;
 //! [`trainer`] is the pipeline stage that feeds the model from event batches.
 
@@ -11,6 +12,7 @@ pub mod eval;
 pub mod index;
 pub mod mips;
 pub mod model;
+pub mod packed;
 pub mod slots;
 pub mod store;
 pub mod trainer;

@@ -19,6 +19,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use rand_distr::Distribution;
 
+use super::packed;
 use super::slots::IdTable;
 
 /// The models' random generator: xoshiro256++ (rand's `SmallRng`). Negative
@@ -546,6 +547,7 @@ pub const RESERVOIR_SLOTS: usize = 1 << 16;
 /// search of cumulative counts), with bounded memory.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Reservoir {
+    #[serde(with = "packed")]
     slots: Vec<u32>,
     /// Positives offered so far.
     seen: u64,
@@ -578,10 +580,11 @@ struct Index {
     /// before it existed also hold a `map`, which is ignored).
     #[serde(skip)]
     map: IdTable,
+    #[serde(with = "packed")]
     ids: Vec<u64>,
     /// Bounded indexes ([`Index::insert_bounded`]): one CLOCK reference bit
     /// per slot, set when its key is seen again, and the clock hand.
-    #[serde(default)]
+    #[serde(default, with = "packed")]
     refs: Vec<u64>,
     #[serde(default)]
     hand: usize,
@@ -590,8 +593,9 @@ struct Index {
 /// An [`Index`] as serialised.
 #[derive(serde::Deserialize)]
 struct IndexParts {
+    #[serde(with = "packed")]
     ids: Vec<u64>,
-    #[serde(default)]
+    #[serde(default, with = "packed")]
     refs: Vec<u64>,
     #[serde(default)]
     hand: usize,
@@ -683,9 +687,9 @@ impl Index {
 
 /// Fixed-capacity ring of a user's recent (item index, weight) pairs.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-struct Ring {
-    items: Vec<(u32, f32)>,
-    next: usize,
+pub(crate) struct Ring {
+    pub(crate) items: Vec<(u32, f32)>,
+    pub(crate) next: usize,
 }
 
 impl Ring {
@@ -805,16 +809,21 @@ pub struct Bpr {
     rng: ModelRng,
     users: Index,
     items: Index,
+    #[serde(with = "packed")]
     user_f: Vec<f32>,
+    #[serde(with = "packed")]
     item_f: Vec<f32>,
+    #[serde(with = "packed")]
     item_b: Vec<f32>,
+    #[serde(with = "packed")]
     item_n: Vec<u32>,
     /// `pop_prior * ln(1 + item_n)`, recomputed only when `item_n` changes.
-    #[serde(default)]
+    #[serde(default, with = "packed")]
     prior: Vec<f32>,
     /// Past positives, for popularity-proportional negatives.
     #[serde(default)]
     pool: Reservoir,
+    #[serde(with = "packed::rings")]
     recent: Vec<Ring>,
     /// Scratch: the (positive, negative, step) triples of the current event.
     #[serde(skip)]
@@ -1468,9 +1477,13 @@ pub struct BiasedMf {
     n: u64,
     users: Index,
     items: Index,
+    #[serde(with = "packed")]
     user_f: Vec<f32>,
+    #[serde(with = "packed")]
     item_f: Vec<f32>,
+    #[serde(with = "packed")]
     user_b: Vec<f32>,
+    #[serde(with = "packed")]
     item_b: Vec<f32>,
 }
 
@@ -1565,6 +1578,7 @@ pub struct Trending {
     t_ref: i64,
     latest: i64,
     items: Index,
+    #[serde(with = "packed")]
     acc: Vec<f64>,
     /// Most items held (see [`RecoConfig::max_items`]).
     #[serde(default = "default_max_items")]

@@ -108,7 +108,8 @@ impl Trainer {
         *e = (*e).max(next);
     }
 
-    /// The model and its offsets, as bytes (CBOR).
+    /// The model and its offsets, as bytes (CBOR, the model's vectors
+    /// packed: see [`crate::factors::packed`]).
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let s = SnapshotRef {
             model: &self.model,
@@ -352,5 +353,24 @@ mod tests {
             Err(SnapshotError::Dimension { .. })
         ));
         assert!(Trainer::restore(other, 1, b"nonsense").is_err());
+    }
+
+    /// A snapshot written before the model's vectors were packed (one CBOR
+    /// item per number; `tests/data`, from 120 generated events) restores to
+    /// the model that training on those events gives now, and is re-written
+    /// packed, smaller.
+    #[test]
+    fn a_snapshot_in_the_former_encoding_restores_to_the_same_model() {
+        let cfg = crate::config::RecoSection::default().model_config();
+        let old = include_bytes!("../../tests/data/model-snapshot-cbor-v1.cbor");
+        let restored = Trainer::restore(cfg.clone(), 1, old).unwrap();
+        let mut t = Trainer::new(cfg, 1);
+        t.positioned = true;
+        assert!(t.train(&batch(120, 0)) > 100);
+        assert_eq!(restored.model.events(), t.model.events());
+        assert_eq!(restored.offsets(), t.offsets());
+        let now = t.snapshot().unwrap();
+        assert_eq!(restored.snapshot().unwrap(), now);
+        assert!(now.len() < old.len(), "{} vs {}", now.len(), old.len());
     }
 }
