@@ -111,6 +111,12 @@ fn stages(c: &mut Criterion) {
         b.iter(|| steady.train(&batch))
     });
 
+    // a flush (what is published to Redis every `reco.flush_ms`) with
+    // nothing learned since the last: the comparison of every item's record
+    // with the one last published, the flush's fixed cost
+    steady.flush(0);
+    g.bench_function("factor_flush_unchanged", |b| b.iter(|| steady.flush(0)));
+
     // the model snapshot a Kafka run writes every `reco.snapshot_ms`, and
     // the restore at start-up, of that steady model
     let snap = steady.snapshot().unwrap();

@@ -446,7 +446,6 @@ pub async fn run(
             }
             *trained.lock().unwrap_or_else(|e| e.into_inner()) = t.offsets().clone();
         }
-        t.collect = publish;
         let trained_w = trained.clone();
         let handle = spawn_stage("factors", false, move || {
             let mut last = Instant::now();

@@ -825,6 +825,10 @@ pub struct Bpr {
     pool: Reservoir,
     #[serde(with = "packed::rings")]
     recent: Vec<Ring>,
+    /// One bit per user slot: learned from since [`Bpr::take_touched_users`]
+    /// (a bit per slot instead of a set of ids: no hashing per event).
+    #[serde(skip)]
+    touched: Vec<u64>,
     /// Scratch: the (positive, negative, step) triples of the current event.
     #[serde(skip)]
     pairs: Vec<(u32, u32, f32)>,
@@ -852,6 +856,7 @@ impl Bpr {
             prior: Vec::new(),
             pool: Reservoir::default(),
             recent: Vec::new(),
+            touched: Vec::new(),
             pairs: Vec::new(),
             group: Default::default(),
         }
@@ -893,7 +898,27 @@ impl Bpr {
             Self::fresh_row(&mut self.rng, &mut self.user_f, u, d, std);
             put(&mut self.recent, u, Ring::default());
         }
+        let w = u / 64;
+        if w >= self.touched.len() {
+            self.touched.resize(w + 1, 0);
+        }
+        self.touched[w] |= 1 << (u % 64);
         u
+    }
+
+    /// The users learned from since the last call (each once, as they hold
+    /// their slots now: a user forgotten since is not among them).
+    pub fn take_touched_users(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (w, bits) in self.touched.iter_mut().enumerate() {
+            let mut b = std::mem::take(bits);
+            while b != 0 {
+                let slot = w * 64 + b.trailing_zeros() as usize;
+                out.push(self.users.ids[slot]);
+                b &= b - 1;
+            }
+        }
+        out
     }
 
     /// Warms what learning from (`user`, `item`) reads first — the user's

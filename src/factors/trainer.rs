@@ -14,7 +14,7 @@
 //! pipeline's checkpoints never replay from later), so each event is in the
 //! model's lineage once.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 
 use datafusion::arrow::array::{Array, AsArray};
@@ -43,17 +43,15 @@ pub const TRENDING_TOP: usize = 200;
 
 pub struct Trainer {
     pub model: RecoModel,
-    users: HashSet<u64, FastHash>,
-    published: HashMap<u64, u64, FastHash>,
+    /// Per item slot of the model, in its order: the item and the
+    /// fingerprint of the record last published for it.
+    published: Vec<(u64, u64)>,
     /// Next offset to learn from, per source partition (positioned input).
     offsets: BTreeMap<i32, i64>,
     /// Whether batches carry Kafka positions to deduplicate on.
     pub positioned: bool,
     /// Rows skipped because the model already learned them.
     pub skipped: u64,
-    /// Whether deltas are collected for [`Trainer::flush`] (off when nothing
-    /// publishes them, so memory stays flat).
-    pub collect: bool,
 }
 
 /// The durable state of a trainer, as read (written as [`SnapshotRef`]).
@@ -85,12 +83,10 @@ impl Trainer {
     pub fn new(cfg: RecoConfig, seed: u64) -> Self {
         Trainer {
             model: RecoModel::new(cfg, seed),
-            users: HashSet::default(),
-            published: HashMap::default(),
+            published: Vec::new(),
             offsets: BTreeMap::new(),
             positioned: false,
             skipped: 0,
-            collect: true,
         }
     }
 
@@ -225,9 +221,6 @@ impl Trainer {
                 self.model.observe_group(&group);
                 grouped = 0;
             }
-            if self.collect {
-                self.users.insert(ev.user);
-            }
             n += 1;
         }
         self.model.observe_group(&group[..grouped]);
@@ -243,28 +236,34 @@ impl Trainer {
             ..Delta::default()
         };
         let mut seen = Vec::new();
-        for u in self.users.drain() {
+        for u in self.model.implicit.take_touched_users() {
             if let Some((rec, hist)) = self.model.implicit.user_bytes(u, &mut seen) {
                 d.users.push((u, rec));
                 d.history.push((u, hist));
             }
         }
         // Negative sampling touches items the events did not name, so compare
-        // every item's bytes with what was last published.
-        // Only the items the model holds stay in the map (it forgets items
-        // past `reco.max_items`).
-        let published = &self.published;
-        let mut next: HashMap<u64, u64, FastHash> =
-            HashMap::with_capacity_and_hasher(published.len(), FastHash::default());
+        // every item's bytes with what was last published, slot by slot (a
+        // slot the model gave to another item, past `reco.max_items`, differs).
+        let published = &mut self.published;
         let items = &mut d.items;
+        let mut slot = 0;
         self.model.implicit.for_each_item_bytes(|item, bytes| {
-            let fp = FastHash::default().hash_one(bytes);
-            if published.get(&item) != Some(&fp) {
-                items.push((item, bytes.to_vec()));
+            let now = (item, FastHash::default().hash_one(bytes));
+            match published.get_mut(slot) {
+                Some(last) if *last == now => {}
+                Some(last) => {
+                    *last = now;
+                    items.push((item, bytes.to_vec()));
+                }
+                None => {
+                    published.push(now);
+                    items.push((item, bytes.to_vec()));
+                }
             }
-            next.insert(item, fp);
+            slot += 1;
         });
-        self.published = next;
+        published.truncate(slot);
         d.trending = self.model.trending(TRENDING_TOP);
         d
     }
@@ -372,5 +371,85 @@ mod tests {
         let now = t.snapshot().unwrap();
         assert_eq!(restored.snapshot().unwrap(), now);
         assert!(now.len() < old.len(), "{} vs {}", now.len(), old.len());
+    }
+
+    /// A flush publishes every item whose record changed since the last one
+    /// (named by the events or only drawn as a negative, or new in a slot the
+    /// model gave it in place of a forgotten item), and nothing else.
+    #[test]
+    fn a_flush_publishes_exactly_the_items_whose_records_changed() {
+        for cap in [None, Some(40)] {
+            flush_publishes_changes(cap);
+        }
+    }
+
+    fn flush_publishes_changes(max_items: Option<usize>) {
+        let mut cfg = crate::config::RecoSection::default().model_config();
+        if let Some(m) = max_items {
+            cfg.max_items = m;
+        }
+        let mut t = Trainer::new(cfg, 1);
+        let records = |t: &Trainer| {
+            let mut m = std::collections::BTreeMap::new();
+            t.model
+                .implicit
+                .for_each_item_bytes(|i, b| drop(m.insert(i, b.to_vec())));
+            m
+        };
+        t.train(&batch(400, 0));
+        let first = t.flush(1);
+        let all = records(&t);
+        assert_eq!(first.items.len(), all.len());
+        assert!(!first.users.is_empty());
+        // nothing learned since: nothing to publish
+        let idle = t.flush(2);
+        assert!(idle.items.is_empty() && idle.users.is_empty());
+        let more = batch(30, 400);
+        t.train(&more);
+        let now = records(&t);
+        let changed: Vec<(u64, Vec<u8>)> = now
+            .iter()
+            .filter(|(i, b)| all.get(i) != Some(b))
+            .map(|(i, b)| (*i, b.clone()))
+            .collect();
+        assert!(!changed.is_empty());
+        match max_items {
+            // a few events change some items, not all
+            None => assert!(changed.len() < now.len()),
+            Some(m) => {
+                assert_eq!(now.len(), m);
+                assert!(now.keys().any(|i| !all.contains_key(i)), "a slot reused");
+            }
+        }
+        let d = t.flush(3);
+        let mut got = d.items;
+        got.sort();
+        assert_eq!(got, changed);
+        // the users are those of the events learned from, each once
+        let users = more
+            .column_by_name("user_id")
+            .unwrap()
+            .as_primitive::<UInt64Type>();
+        let kinds = more
+            .column_by_name("event_type")
+            .unwrap()
+            .as_string::<i32>();
+        let ratings = more
+            .column_by_name("rating")
+            .unwrap()
+            .as_primitive::<Float32Type>();
+        let want: std::collections::BTreeSet<u64> = (0..more.num_rows())
+            .filter(|&i| !users.is_null(i) && !kinds.is_null(i))
+            .filter(|&i| kinds.value(i) != "rating" || !ratings.is_null(i))
+            .map(|i| users.value(i))
+            .collect();
+        let published: Vec<u64> = d.users.iter().map(|(u, _)| *u).collect();
+        assert_eq!(published.len(), want.len());
+        assert_eq!(
+            published
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>(),
+            want
+        );
     }
 }
