@@ -1002,6 +1002,28 @@ impl Bpr {
 
     /// Rebuilds what a snapshot may lack (the prior cache, the reservoir of
     /// positives, from the counts); called after deserialising.
+    /// Whether the tables agree with the index sizes and each other (see
+    /// [`RecoModel::check_shape`]).
+    fn check_shape(&self) -> Result<(), String> {
+        let (nu, ni, d) = (self.users.ids.len(), self.items.ids.len(), self.cfg.dim);
+        same_len("implicit user vectors", self.user_f.len(), nu * d)?;
+        same_len("implicit item vectors", self.item_f.len(), ni * d)?;
+        same_len("implicit item biases", self.item_b.len(), ni)?;
+        same_len("implicit item counts", self.item_n.len(), ni)?;
+        same_len("recent items", self.recent.len(), nu)?;
+        if self.pool.slots.iter().any(|&i| i as usize >= ni) {
+            return Err("the negative sampler names an item the model lacks".into());
+        }
+        let bad_ring = |r: &Ring| {
+            (!r.items.is_empty() && r.next >= r.items.len())
+                || r.items.iter().any(|&(i, _)| i as usize >= ni)
+        };
+        if self.recent.iter().any(bad_ring) {
+            return Err("a user's recent items name an item the model lacks".into());
+        }
+        Ok(())
+    }
+
     pub fn repair(&mut self) {
         if self.prior.len() != self.item_n.len() {
             self.prior = self
@@ -1513,6 +1535,14 @@ pub struct BiasedMf {
 }
 
 impl BiasedMf {
+    fn check_shape(&self) -> Result<(), String> {
+        let (nu, ni, d) = (self.users.ids.len(), self.items.ids.len(), self.cfg.mf_dim);
+        same_len("rating user vectors", self.user_f.len(), nu * d)?;
+        same_len("rating item vectors", self.item_f.len(), ni * d)?;
+        same_len("rating user biases", self.user_b.len(), nu)?;
+        same_len("rating item biases", self.item_b.len(), ni)
+    }
+
     pub fn new(cfg: &RecoConfig, seed: u64) -> Self {
         Self {
             cfg: cfg.clone(),
@@ -1704,7 +1734,41 @@ pub struct RecoModel {
     events: u64,
 }
 
+/// `Err` naming `what` unless it holds `want` values.
+fn same_len(what: &str, got: usize, want: usize) -> Result<(), String> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: {got} values where the model's size needs {want}"
+        ))
+    }
+}
+
 impl RecoModel {
+    /// Whether the model's tables agree in size with its indexes, its
+    /// dimension and each other. A snapshot can decode and still not (a
+    /// bug, an edit): learning from it would index out of bounds.
+    pub fn check_shape(&self) -> Result<(), String> {
+        for (what, d, want) in [
+            ("implicit", self.implicit.cfg.dim, self.cfg.dim),
+            ("rating", self.explicit.cfg.mf_dim, self.cfg.mf_dim),
+        ] {
+            if d != want {
+                return Err(format!(
+                    "{what} model of dimension {d} where {want} is configured"
+                ));
+            }
+        }
+        self.implicit.check_shape()?;
+        self.explicit.check_shape()?;
+        same_len(
+            "trending scores",
+            self.trending.acc.len(),
+            self.trending.items.ids.len(),
+        )
+    }
+
     pub fn new(cfg: RecoConfig, seed: u64) -> Self {
         Self {
             implicit: Bpr::new(&cfg, seed),
@@ -1841,6 +1905,40 @@ mod tests {
                 ev(t as i64, user, item, Kind::View)
             })
             .collect()
+    }
+
+    /// A model whose tables disagree in size is refused, whichever table.
+    #[test]
+    fn check_shape_finds_every_table_out_of_size() {
+        let mut m = RecoModel::new(RecoConfig::default(), 3);
+        for e in two_taste_stream(300, 1) {
+            m.observe_group(&[e]);
+        }
+        m.observe_group(&[ev(301, 4, 5, Kind::Rating(4.0))]);
+        assert_eq!(m.check_shape(), Ok(()));
+        type Break = fn(&mut RecoModel);
+        let breaks: [(&str, Break); 8] = [
+            ("implicit user vectors", |m| {
+                m.implicit.user_f.pop();
+            }),
+            ("implicit item counts", |m| m.implicit.item_n.push(1)),
+            ("recent items", |m| drop(m.implicit.recent.pop())),
+            ("negative sampler", |m| m.implicit.pool.slots[0] = 1000),
+            ("recent items name", |m| {
+                m.implicit.recent[0].items[0].0 = 1000
+            }),
+            ("rating item biases", |m| m.explicit.item_b.push(0.0)),
+            ("trending scores", |m| {
+                m.trending.acc.pop();
+            }),
+            ("dimension", |m| m.explicit.cfg.mf_dim += 1),
+        ];
+        for (what, f) in breaks {
+            let mut bad = m.clone();
+            f(&mut bad);
+            let err = bad.check_shape().unwrap_err();
+            assert!(err.contains(what), "{what}: {err}");
+        }
     }
 
     #[test]

@@ -126,6 +126,7 @@ impl Trainer {
                 want: cfg.dim,
             });
         }
+        s.model.check_shape().map_err(SnapshotError::Decode)?;
         let mut t = Trainer::new(cfg, seed);
         t.model = s.model;
         t.model.reseed(seed);
