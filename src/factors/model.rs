@@ -1000,8 +1000,6 @@ impl Bpr {
         self.item_b[i] + self.prior[i]
     }
 
-    /// Rebuilds what a snapshot may lack (the prior cache, the reservoir of
-    /// positives, from the counts); called after deserialising.
     /// Whether the tables agree with the index sizes and each other (see
     /// [`RecoModel::check_shape`]).
     fn check_shape(&self) -> Result<(), String> {
@@ -1024,6 +1022,8 @@ impl Bpr {
         Ok(())
     }
 
+    /// Rebuilds what a snapshot may lack (the prior cache, the reservoir of
+    /// positives, from the counts); called after deserialising.
     pub fn repair(&mut self) {
         if self.prior.len() != self.item_n.len() {
             self.prior = self

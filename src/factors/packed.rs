@@ -2,8 +2,9 @@
 //! Consumes a model's `Vec`s of numbers (and its users' recent-item rings);
 //! produces one byte string each, the values little-endian back to back,
 //! where serde's default wrote one CBOR item per number (for `f32`, a
-//! header and a half-precision check each: ~50x slower to encode). Reading
-//! accepts both forms, so snapshots written before stay readable. Pure.
+//! header and a half-precision check each: a 15 MB model took 48 ms to
+//! encode and 128 ms to read, now 8 and 16 ms). Reading accepts both forms,
+//! so snapshots written before stay readable. Pure.
 
 use std::fmt;
 use std::marker::PhantomData;
