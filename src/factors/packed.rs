@@ -54,6 +54,15 @@ fn unpack<T: Le, E: de::Error>(b: &[u8]) -> Result<Vec<T>, E> {
     Ok(b.chunks_exact(T::SIZE).map(T::get).collect())
 }
 
+/// The elements of a sequence: the form serde wrote before packing.
+fn seq_vec<'de, T: Deserialize<'de>, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<T>, A::Error> {
+    let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+    while let Some(x) = seq.next_element()? {
+        v.push(x);
+    }
+    Ok(v)
+}
+
 /// `#[serde(with = "packed")]` for a `Vec` of numbers.
 pub fn serialize<T: Le, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_bytes(&pack(v))
@@ -74,12 +83,8 @@ where
         fn visit_bytes<E: de::Error>(self, b: &[u8]) -> Result<Vec<T>, E> {
             unpack(b)
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-            while let Some(x) = seq.next_element()? {
-                v.push(x);
-            }
-            Ok(v)
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<T>, A::Error> {
+            seq_vec(seq)
         }
     }
     d.deserialize_any(V(PhantomData))
@@ -130,12 +135,8 @@ pub(crate) mod rings {
                 }
                 Ok(out)
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Ring>, A::Error> {
-                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-                while let Some(x) = seq.next_element()? {
-                    v.push(x);
-                }
-                Ok(v)
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<Ring>, A::Error> {
+                seq_vec(seq)
             }
         }
         d.deserialize_any(V)
