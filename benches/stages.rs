@@ -59,7 +59,7 @@ fn stages(c: &mut Criterion) {
     g.sample_size(10);
 
     // window SQL: the partial aggregates of one batch
-    let engine = pulse::sql::SqlEngine::new();
+    let engine = pulse::window::sql::SqlEngine::new();
     let ws: Vec<i64> = {
         use datafusion::arrow::array::AsArray;
         let ts = batch
@@ -71,7 +71,7 @@ fn stages(c: &mut Criterion) {
             .collect()
     };
     let sql_in = {
-        let schema = pulse::sql::batch_input_schema();
+        let schema = pulse::window::sql::batch_input_schema();
         let col = |n: &str| batch.column_by_name(n).unwrap().clone();
         datafusion::arrow::record_batch::RecordBatch::try_new(
             schema,

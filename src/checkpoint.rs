@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sink::store::MinuteRow;
+use crate::model::{MinuteRow, TopItemRow};
 use crate::window::WindowSnapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +48,8 @@ pub struct PartitionCheckpoint {
     pub windows: WindowSnapshot,
     /// Final rows of hours not yet closed (written when the hour closes).
     pub pending_stats: Vec<MinuteRow>,
-    /// (window_start_ms, rank, item, requests) of hours not yet closed.
-    pub pending_top: Vec<(i64, u64, u64, i64)>,
+    /// `top_items` rows of hours not yet closed.
+    pub pending_top: Vec<TopItemRow>,
     pub written_ms: i64,
 }
 
@@ -62,10 +62,7 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Checkpoi
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let path = dir.join(name);
-    let tmp = dir.join(format!(
-        ".{name}.{}.tmp",
-        crate::sink::parquet::instance_id()
-    ));
+    let tmp = dir.join(format!(".{name}.{}.tmp", crate::timefmt::instance_id()));
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
@@ -166,7 +163,7 @@ mod tests {
                 windows: vec![],
             },
             pending_stats: vec![],
-            pending_top: vec![(60_000, 1, 7, 3)],
+            pending_top: vec![(60_000, 1, 7, 3).into()],
             written_ms: 1,
         };
         st.save(&cp).unwrap();

@@ -1,48 +1,59 @@
 //! pulse: a streaming event pipeline.
 //!
 //! ```text
-//!  Kafka topic ─┐                          ┌─▶ window + SQL (sql/*.sql) ─▶ store: Redis | memory
-//!  JSONL files ─┼─▶ RawChunk ─▶ decode ─▶ events batch ─┤
-//!  generator  ──┘               │                      └─▶ Parquet: events, minute_stats, top_items
-//!                               └─▶ dead letters ─────────▶ Parquet: dead_letters
+//!                                                      ┌─▶ window + SQL (sql/*.sql) ─▶ merged minute rows ─▶ detect: anomalies, incidents
+//!  Kafka topic ─┐                                      │         │ partials, rows, top items, incidents          │ alerts
+//!  JSONL files ─┼─▶ source ─RawChunk─▶ decode ─events─┤         ▼                                                ▼
+//!  generator  ──┘                        │             │   store: Redis | memory ◀─────────────────────── notifier: webhook, Kafka
+//!                                        │             ├─▶ factors: trainer ─Delta─▶ publisher ─▶ Redis (reco:*) ─▶ serve: /recommend
+//!                                        │             └─▶ Parquet: events; final minute_stats, top_items; anomalies
+//!                                        └─dead letters──▶ Parquet: dead_letters
+//!  checkpoints (Kafka): per partition, windows + pending rows + positions; the model snapshot beside them
+//!  serve: dashboard, JSON API, /metrics over the store        query, eval: tools over the tables and the models
 //! ```
 //!
 //! Modules, in data-flow order:
 //! - [`config`]: TOML + `PULSE_*` overrides, validated; secrets from the environment.
-//! - [`model`]: table schemas and the messages stages exchange.
-//! - [`source`]: Kafka consumer group, JSONL files (plain or gzip), the generator.
-//! - [`decode`]: JSON → Arrow with validation; invalid records become dead letters. Pure.
-//! - [`window`]: event-time tumbling windows, watermark, allowed lateness. Pure.
-//! - [`sketch`]: mergeable HDR histograms and HyperLogLog. Pure.
-//! - [`sql`]: the per-window DataFusion SQL and its sketch functions.
-//! - [`detect`]: online anomaly detector (pure); [`alert`]: per-service scoring and incidents.
-//! - [`sink`]: Parquet tables (atomic, deterministically named files) and the aggregate store.
+//! - [`model`]: table schemas, row structs and the messages stages exchange (a leaf).
+//! - [`timefmt`]: calendar days, timestamps, hex, the process id (a leaf).
+//! - [`source`]: the source stage: Kafka consumer group, JSONL files (plain or gzip), the generator.
+//! - [`decode`]: JSON → Arrow with validation; invalid records become dead letters (pure), and the decode stage.
+//! - [`window`]: event-time tumbling windows, watermarks, allowed lateness (pure), and
+//!   [`window::sql`], the per-window DataFusion SQL and its sketch functions.
+//! - [`sketch`]: mergeable HDR histograms and HyperLogLog (pure, a leaf).
+//! - [`detect`]: the online anomaly detector (pure) and [`detect::incidents`], per-service scoring and incidents.
+//! - [`aggregate`]: the core stage: per-partition windows + SQL, detection, store writes, checkpoints.
+//! - [`factors`]: online factor models (pure maths and kernels), the trainer stage, the Redis publisher.
+//! - [`sink`]: Parquet tables and their stage, the aggregate store (Redis | memory), the alert notifier.
 //! - [`checkpoint`]: per-partition checkpoints (window state, pending rows, positions).
-//! - [`app`]: wires the stages with bounded channels and owns shutdown.
+//! - [`error`]: the error of a pipeline run.
+//! - [`app`]: wires the stages with bounded channels and owns the shutdown order.
+//! - [`serve`]: the dashboard, JSON API, recommendations, /metrics and health over Redis.
 //! - [`query`]: DataFusion SQL over the Parquet tables.
-//! - [`bench`]: the Kafka-path benchmarks of `pulse bench --kafka`.
+//! - [`eval`]: evaluation and benchmark tools (Kafka-path bench, NAB scorer, detector on CSV, reco-eval).
 //!
 //! Delivery: every record read lands in `events` or `dead_letters`; file runs
 //! are complete or fail; Kafka runs are exactly-once per source partition
 //! (pulse's own checkpoints, replay with skip of what is durable, guarded
 //! Redis writes; see the README's "Exactly once" section).
+//!
+//! No module imports another in a circle, and the pure ones import no I/O
+//! module: `scripts/check_cycles.py` checks both.
 
-pub mod alert;
+pub mod aggregate;
 pub mod app;
-pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod detect;
-pub mod detect_csv;
+pub mod error;
+pub mod eval;
 pub mod factors;
 pub mod model;
-pub mod nab;
-pub mod notify;
 pub mod query;
 pub mod serve;
 pub mod sink;
 pub mod sketch;
 pub mod source;
-pub mod sql;
+pub mod timefmt;
 pub mod window;

@@ -2,9 +2,19 @@
 //! Pure definitions: no I/O. Every stage consumes and produces Arrow
 //! `RecordBatch`es with these schemas, tagged with the source positions they cover.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::array::{
+    Array, AsArray, Float64Array, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
+    UInt64Array,
+};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit,
+    TimestampMillisecondType,
+};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
 
 /// Timestamps are UTC milliseconds.
 pub fn ts_type() -> DataType {
@@ -105,6 +115,156 @@ pub fn anomalies_schema() -> SchemaRef {
     ]))
 }
 
+/// One `minute_stats` row: one source partition's (`partition` ≥ 0) or
+/// merged over partitions (`partition` = -1).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MinuteRow {
+    pub window_start_ms: i64,
+    pub service: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub client_errors: i64,
+    pub error_rate: f64,
+    pub latency_mean_ms: Option<f64>,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub latency_max_ms: Option<f64>,
+    pub unique_users: i64,
+    pub is_final: bool,
+    pub partition: i32,
+}
+
+/// One `top_items` row of a partition: an item's rank by requests in a
+/// window. Stored in checkpoints as the array `[window_start_ms, rank, item,
+/// requests]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "(i64, u64, u64, i64)", into = "(i64, u64, u64, i64)")]
+pub struct TopItemRow {
+    pub window_start_ms: i64,
+    /// 1 for the most requested item.
+    pub rank: u64,
+    pub item: u64,
+    pub requests: i64,
+}
+
+impl From<(i64, u64, u64, i64)> for TopItemRow {
+    fn from((window_start_ms, rank, item, requests): (i64, u64, u64, i64)) -> Self {
+        TopItemRow {
+            window_start_ms,
+            rank,
+            item,
+            requests,
+        }
+    }
+}
+
+impl From<TopItemRow> for (i64, u64, u64, i64) {
+    fn from(r: TopItemRow) -> Self {
+        (r.window_start_ms, r.rank, r.item, r.requests)
+    }
+}
+
+/// Reads rows out of a batch with [`minute_stats_schema`].
+pub fn minute_rows(b: &RecordBatch, is_final: bool) -> Vec<MinuteRow> {
+    let ws = b.column(0).as_primitive::<TimestampMillisecondType>();
+    let svc = b.column(1).as_string::<i32>();
+    let i = |c: usize| b.column(c).as_primitive::<Int64Type>().clone();
+    let f = |c: usize| b.column(c).as_primitive::<Float64Type>().clone();
+    let (req, err, cerr, users) = (i(2), i(3), i(4), i(11));
+    let part = b.column(12).as_primitive::<Int32Type>().clone();
+    let (rate, mean, p50, p95, p99, max) = (f(5), f(6), f(7), f(8), f(9), f(10));
+    let opt = |a: &Float64Array, r: usize| (!a.is_null(r)).then(|| a.value(r));
+    (0..b.num_rows())
+        .map(|r| MinuteRow {
+            window_start_ms: ws.value(r),
+            service: svc.value(r).to_string(),
+            requests: req.value(r),
+            errors: err.value(r),
+            client_errors: cerr.value(r),
+            error_rate: rate.value(r),
+            latency_mean_ms: opt(&mean, r),
+            latency_p50_ms: opt(&p50, r),
+            latency_p95_ms: opt(&p95, r),
+            latency_p99_ms: opt(&p99, r),
+            latency_max_ms: opt(&max, r),
+            unique_users: users.value(r),
+            is_final,
+            partition: part.value(r),
+        })
+        .collect()
+}
+
+/// The `minute_stats` batch of rows (inverse of [`minute_rows`]).
+pub fn minute_rows_batch(rows: &[MinuteRow]) -> RecordBatch {
+    let f = |g: fn(&MinuteRow) -> Option<f64>| {
+        Arc::new(Float64Array::from(rows.iter().map(g).collect::<Vec<_>>()))
+    };
+    let i = |g: fn(&MinuteRow) -> i64| {
+        Arc::new(Int64Array::from(rows.iter().map(g).collect::<Vec<_>>()))
+    };
+    RecordBatch::try_new(
+        minute_stats_schema(),
+        vec![
+            Arc::new(
+                TimestampMillisecondArray::from(
+                    rows.iter().map(|r| r.window_start_ms).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.service.as_str()).collect::<Vec<_>>(),
+            )),
+            i(|r| r.requests),
+            i(|r| r.errors),
+            i(|r| r.client_errors),
+            Arc::new(Float64Array::from(
+                rows.iter().map(|r| r.error_rate).collect::<Vec<_>>(),
+            )),
+            f(|r| r.latency_mean_ms),
+            f(|r| r.latency_p50_ms),
+            f(|r| r.latency_p95_ms),
+            f(|r| r.latency_p99_ms),
+            f(|r| r.latency_max_ms),
+            i(|r| r.unique_users),
+            Arc::new(Int32Array::from(
+                rows.iter().map(|r| r.partition).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .expect("columns match minute_stats_schema")
+}
+
+/// The `top_items` batch of one partition's rows.
+pub fn top_items_batch(rows: &[TopItemRow], partition: i32) -> Result<RecordBatch, ArrowError> {
+    RecordBatch::try_new(
+        top_items_schema(),
+        vec![
+            Arc::new(
+                TimestampMillisecondArray::from(
+                    rows.iter().map(|r| r.window_start_ms).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(UInt64Array::from(
+                rows.iter().map(|r| r.rank).collect::<Vec<_>>(),
+            )),
+            Arc::new(UInt64Array::from(
+                rows.iter().map(|r| r.item).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.requests).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int32Array::from(vec![partition; rows.len()])),
+        ],
+    )
+}
+
+/// The next offset per source partition that some stage has made durable
+/// (the checkpoints, the model snapshot), shared with the stages that report
+/// it (the Kafka source commits it as a progress hint).
+pub type Progress = Arc<Mutex<BTreeMap<i32, i64>>>;
+
 /// Where a record came from: a Kafka topic-partition-offset, or a file's index and line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
@@ -178,12 +338,14 @@ impl ChunkPool {
     }
 }
 
-/// What the source hands the pipeline, in order.
+/// What the source hands the pipeline, in order. `C` is the state a newly
+/// owned partition resumes from (the pipeline's checkpoint); stages between
+/// the source and the one that restores it pass it on untouched.
 #[derive(Debug)]
-pub enum SourceMsg {
+pub enum SourceMsg<C> {
     Chunk(RawChunk),
     /// Partitions newly owned, with the checkpoint each resumes from.
-    Assigned(Vec<(i32, Option<crate::checkpoint::PartitionCheckpoint>)>),
+    Assigned(Vec<(i32, Option<C>)>),
     /// Partitions to give up: the pipeline checkpoints them, forgets them and
     /// then answers on the channel (the source waits before releasing them).
     Revoked(Vec<i32>, std::sync::mpsc::SyncSender<()>),

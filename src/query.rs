@@ -39,7 +39,7 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef)> {
 
 /// A session with the data directory's tables and pulse's SQL functions registered.
 pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
-    let ctx = crate::sql::session_context();
+    let ctx = crate::window::sql::session_context();
     let root = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     for (name, schema) in known_tables() {
         let dir = root.join(name);

@@ -105,7 +105,7 @@ async fn factors_flow_from_kafka_to_recommendations() {
             .collect();
         assert_eq!(items.len(), 10);
         let hist: Vec<u8> = con.hget(format!("{prefix}:reco:hist"), u).await.unwrap();
-        let hist = pulse::factors::store::decode_items(&hist);
+        let hist = pulse::factors::packed::decode_items(&hist);
         // a user's events share a key, so the model saw them in order: the
         // history is the distinct items of the last `recent_len`, newest first
         let mut want: Vec<u64> = Vec::new();

@@ -6,7 +6,9 @@
 
 use std::collections::HashSet;
 
-use crate::factors::model::{FactorRecord, dot, top_k};
+use crate::factors::bpr::top_k;
+use crate::factors::kernels::dot;
+use crate::factors::model::FactorRecord;
 
 /// Encodes a factor record: little-endian `f32` bias followed by the vector.
 pub fn encode(bias: f32, v: &[f32]) -> Vec<u8> {

@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::factors::index::ItemIndex;
-use crate::factors::model::dot;
+use crate::factors::kernels::dot;
 
 /// Most clusters an index is built with.
 pub const MAX_CLUSTERS: usize = 256;

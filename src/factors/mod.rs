@@ -1,20 +1,34 @@
-//! Online user/item latent factors. [`model`] holds the pure maths (implicit
-//! BPR-style factors, explicit biased MF, time-decayed trending); [`eval`] the
-//! prequential evaluation behind `pulse reco-eval`; [`index`] holds item
-//! factors and scans them for top-k (pure); [`mips`] answers the same top-k
-//! exactly without scoring every item (pure, what `/recommend` uses);
-//! [`slots`] maps user and item ids to table rows (pure); [`packed`] is the
-//! compact snapshot encoding of the model's vectors (pure);
-//! [`store`] writes and reads the layout in Redis;
-//! [`trainer`] is the pipeline stage that feeds the model from event batches.
+//! Online user/item latent factors, from the maths to the pipeline stage.
+//!
+//! Pure (no I/O): [`config`] (hyper-parameters, event kinds), [`kernels`]
+//! (dot products, the logistic table, the AVX2 SGD steps: every `unsafe`
+//! block of the SIMD code), [`ids`] (user and item ids to table rows),
+//! [`ring`] (recent items per user), [`reservoir`] (past positives for
+//! negative sampling), [`bpr`] (the implicit model), [`mf`] (the rating
+//! model), [`trending`] (time-decayed popularity), [`model`] (the three
+//! behind one `observe`), [`packed`] (snapshot and record encodings),
+//! [`index`] and [`mips`] (exact top-k over item vectors, what
+//! `/recommend` uses).
+//!
+//! Stage and I/O: [`trainer`] feeds the model from event batches and
+//! collects what changed; [`stage`] runs it on its own thread with
+//! snapshots; [`store`] publishes the changes to Redis and reads them back.
 
-pub mod eval;
+pub mod bpr;
+pub mod config;
+pub mod ids;
 pub mod index;
+pub mod kernels;
+pub mod mf;
 pub mod mips;
 pub mod model;
 pub mod packed;
-pub mod slots;
+pub mod reservoir;
+pub mod ring;
+pub mod stage;
 pub mod store;
 pub mod trainer;
+pub mod trending;
 
-pub use model::{Interaction, Kind, RecoConfig, RecoModel};
+pub use config::{Interaction, Kind, RecoConfig};
+pub use model::RecoModel;

@@ -1,5 +1,8 @@
-//! Compact serde encodings of the model's numeric vectors, for snapshots.
-//! Consumes a model's `Vec`s of numbers (and its users' recent-item rings);
+//! Byte encodings of the factor model: the compact serde encodings of its
+//! numeric vectors for snapshots, the [`FactorRecord`]s (bias + vector) and
+//! item-id lists published to Redis, and the size check of a decoded model.
+//!
+//! Snapshots: consumes a model's `Vec`s of numbers (and its users' recent-item rings);
 //! produces one byte string each, the values little-endian back to back,
 //! where serde's default wrote one CBOR item per number (for `f32`, a
 //! header and a half-precision check each: a 15 MB model took 48 ms to
@@ -95,7 +98,7 @@ where
 /// pairs (u32, f32); read back from that or from serde's former form.
 pub(crate) mod rings {
     use super::*;
-    use crate::factors::model::Ring;
+    use crate::factors::ring::Ring;
 
     pub(crate) fn serialize<S: Serializer>(v: &[Ring], s: S) -> Result<S::Ok, S::Error> {
         let n: usize = v.iter().map(|r| 8 + 8 * r.items.len()).sum();
@@ -140,6 +143,73 @@ pub(crate) mod rings {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// Packs item ids as the `{p}:reco:hist` values: u64 little-endian each.
+pub fn encode_items(items: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 * items.len());
+    for i in items {
+        out.extend_from_slice(&i.to_le_bytes());
+    }
+    out
+}
+
+/// Inverse of [`encode_items`]; a trailing partial id is ignored.
+pub fn decode_items(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("chunks of 8")))
+        .collect()
+}
+
+/// A user or item record as stored externally: bias, then the latent vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FactorRecord {
+    pub bias: f32,
+    pub vector: Vec<f32>,
+}
+
+impl FactorRecord {
+    /// `4 * (1 + dim)` bytes: the bias then each component, f32 little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 * (1 + self.vector.len()));
+        Self::write(&mut out, self.bias, &self.vector);
+        out
+    }
+
+    /// Appends the [`FactorRecord::to_bytes`] form of (`bias`, `vector`) to `out`.
+    pub fn write(out: &mut Vec<u8>, bias: f32, vector: &[f32]) {
+        out.extend_from_slice(&bias.to_le_bytes());
+        for x in vector {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+
+    /// Inverse of [`FactorRecord::to_bytes`]; `None` unless the length is a
+    /// positive multiple of four.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.is_empty() || !b.len().is_multiple_of(4) {
+            return None;
+        }
+        let mut it = b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let bias = it.next()?;
+        Some(Self {
+            bias,
+            vector: it.collect(),
+        })
+    }
+}
+
+/// `Err` naming `what` unless it holds `want` values.
+pub(super) fn same_len(what: &str, got: usize, want: usize) -> Result<(), String> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: {got} values where the model's size needs {want}"
+        ))
     }
 }
 

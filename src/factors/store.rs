@@ -3,29 +3,13 @@
 //! (`{p}` = `redis.prefix`), written in pipelined MULTI/EXEC batches:
 //! - `{p}:reco:user` — hash user_id → record (`index::encode`: f32 LE bias, then the vector)
 //! - `{p}:reco:item` — hash item_id → record
-//! - `{p}:reco:hist` — hash user_id → the user's recent items ([`encode_items`]:
+//! - `{p}:reco:hist` — hash user_id → the user's recent items ([`encode_items`](crate::factors::packed::encode_items):
 //!   u64 LE item ids, distinct, newest first; the last `recent_len` interactions)
 //! - `{p}:reco:trending` — sorted set item_id → time-decayed popularity
 //! - `{p}:reco:meta` — hash: version (events trained), updated_ms, dim
 //!
 //! Records and histories are absolute values, so re-applying a delta is
 //! idempotent: a replay after a crash rewrites the same bytes.
-
-/// Packs item ids as the `{p}:reco:hist` values: u64 little-endian each.
-pub fn encode_items(items: impl ExactSizeIterator<Item = u64>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 * items.len());
-    for i in items {
-        out.extend_from_slice(&i.to_le_bytes());
-    }
-    out
-}
-
-/// Inverse of [`encode_items`]; a trailing partial id is ignored.
-pub fn decode_items(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("chunks of 8")))
-        .collect()
-}
 
 /// Changes to publish, accumulated by the trainer between flushes.
 #[derive(Debug, Default, Clone)]
@@ -34,7 +18,7 @@ pub struct Delta {
     pub users: Vec<(u64, Vec<u8>)>,
     /// (item, record), each item once.
     pub items: Vec<(u64, Vec<u8>)>,
-    /// (user, [`encode_items`] of the user's recent items), each user once.
+    /// (user, [`encode_items`](crate::factors::packed::encode_items) of the user's recent items), each user once.
     pub history: Vec<(u64, Vec<u8>)>,
     pub trending: Vec<(u64, f32)>,
     pub version: u64,
@@ -86,4 +70,19 @@ pub async fn write(
     )
     .ignore();
     pipe.exec_async(conn).await
+}
+
+/// The publisher's loop: writes each [`Delta`] to Redis as it comes, until
+/// the trainer closes the channel. Returns how many it wrote.
+pub async fn publish(
+    mut rx: tokio::sync::mpsc::Receiver<Delta>,
+    mut conn: redis::aio::ConnectionManager,
+    prefix: String,
+) -> redis::RedisResult<u64> {
+    let mut n = 0u64;
+    while let Some(d) = rx.recv().await {
+        write(&mut conn, &prefix, &d).await?;
+        n += 1;
+    }
+    Ok(n)
 }

@@ -23,7 +23,8 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::arrow::record_batch::RecordBatch;
 
-use crate::factors::model::{FastHash, GROUP};
+use crate::factors::bpr::GROUP;
+use crate::factors::config::FastHash;
 use crate::factors::store::Delta;
 use crate::factors::{Interaction, Kind, RecoConfig, RecoModel};
 

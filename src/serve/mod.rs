@@ -704,7 +704,7 @@ async fn recommend(
         .hget(format!("{p}:reco:hist"), user)
         .query_async(&mut c)
         .await?;
-    let mut hist = crate::factors::store::decode_items(hist.as_deref().unwrap_or_default());
+    let mut hist = crate::factors::packed::decode_items(hist.as_deref().unwrap_or_default());
     hist.sort_unstable();
     let excluded = |i: u64| hist.binary_search(&i).is_ok();
     let cat = s.catalogue();

@@ -29,9 +29,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMillisecondType};
-use datafusion::arrow::record_batch::RecordBatch;
+use crate::model::MinuteRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,101 +47,6 @@ impl StoreError {
             StoreError::Corrupt(_) => false,
         }
     }
-}
-
-/// One `minute_stats` row: one source partition's (`partition` ≥ 0) or
-/// merged over partitions (`partition` = -1).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct MinuteRow {
-    pub window_start_ms: i64,
-    pub service: String,
-    pub requests: i64,
-    pub errors: i64,
-    pub client_errors: i64,
-    pub error_rate: f64,
-    pub latency_mean_ms: Option<f64>,
-    pub latency_p50_ms: Option<f64>,
-    pub latency_p95_ms: Option<f64>,
-    pub latency_p99_ms: Option<f64>,
-    pub latency_max_ms: Option<f64>,
-    pub unique_users: i64,
-    pub is_final: bool,
-    pub partition: i32,
-}
-
-/// Reads rows out of a batch with [`crate::model::minute_stats_schema`].
-pub fn minute_rows(b: &RecordBatch, is_final: bool) -> Vec<MinuteRow> {
-    let ws = b.column(0).as_primitive::<TimestampMillisecondType>();
-    let svc = b.column(1).as_string::<i32>();
-    let i = |c: usize| b.column(c).as_primitive::<Int64Type>().clone();
-    let f = |c: usize| b.column(c).as_primitive::<Float64Type>().clone();
-    let (req, err, cerr, users) = (i(2), i(3), i(4), i(11));
-    let part = b.column(12).as_primitive::<Int32Type>().clone();
-    let (rate, mean, p50, p95, p99, max) = (f(5), f(6), f(7), f(8), f(9), f(10));
-    let opt =
-        |a: &datafusion::arrow::array::Float64Array, r: usize| (!a.is_null(r)).then(|| a.value(r));
-    (0..b.num_rows())
-        .map(|r| MinuteRow {
-            window_start_ms: ws.value(r),
-            service: svc.value(r).to_string(),
-            requests: req.value(r),
-            errors: err.value(r),
-            client_errors: cerr.value(r),
-            error_rate: rate.value(r),
-            latency_mean_ms: opt(&mean, r),
-            latency_p50_ms: opt(&p50, r),
-            latency_p95_ms: opt(&p95, r),
-            latency_p99_ms: opt(&p99, r),
-            latency_max_ms: opt(&max, r),
-            unique_users: users.value(r),
-            is_final,
-            partition: part.value(r),
-        })
-        .collect()
-}
-
-/// The `minute_stats` batch of rows (inverse of [`minute_rows`]).
-pub fn minute_rows_batch(rows: &[MinuteRow]) -> RecordBatch {
-    use datafusion::arrow::array::{
-        Float64Array, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
-    };
-    use std::sync::Arc;
-    let f = |g: fn(&MinuteRow) -> Option<f64>| {
-        Arc::new(Float64Array::from(rows.iter().map(g).collect::<Vec<_>>()))
-    };
-    let i = |g: fn(&MinuteRow) -> i64| {
-        Arc::new(Int64Array::from(rows.iter().map(g).collect::<Vec<_>>()))
-    };
-    RecordBatch::try_new(
-        crate::model::minute_stats_schema(),
-        vec![
-            Arc::new(
-                TimestampMillisecondArray::from(
-                    rows.iter().map(|r| r.window_start_ms).collect::<Vec<_>>(),
-                )
-                .with_timezone("UTC"),
-            ),
-            Arc::new(StringArray::from(
-                rows.iter().map(|r| r.service.as_str()).collect::<Vec<_>>(),
-            )),
-            i(|r| r.requests),
-            i(|r| r.errors),
-            i(|r| r.client_errors),
-            Arc::new(Float64Array::from(
-                rows.iter().map(|r| r.error_rate).collect::<Vec<_>>(),
-            )),
-            f(|r| r.latency_mean_ms),
-            f(|r| r.latency_p50_ms),
-            f(|r| r.latency_p95_ms),
-            f(|r| r.latency_p99_ms),
-            f(|r| r.latency_max_ms),
-            i(|r| r.unique_users),
-            Arc::new(Int32Array::from(
-                rows.iter().map(|r| r.partition).collect::<Vec<_>>(),
-            )),
-        ],
-    )
-    .expect("columns match minute_stats_schema")
 }
 
 /// One partition's top items of a window, as of `version`.
@@ -165,8 +68,8 @@ pub struct Emission {
     /// Length of the merged top-items list per window.
     pub top_n: usize,
     pub watermark_ms: i64,
-    pub anomalies: Vec<crate::alert::Anomaly>,
-    pub alerts: Vec<crate::alert::Alert>,
+    pub anomalies: Vec<crate::detect::incidents::Anomaly>,
+    pub alerts: Vec<crate::detect::incidents::Alert>,
 }
 
 /// Deterministic stream ids `{window_start_ms}-{n}` (n counts entries of the
@@ -185,11 +88,11 @@ fn stream_ids(windows: impl Iterator<Item = i64>) -> Vec<String> {
 pub const STREAM_MAXLEN: usize = 10_000;
 
 /// The JSON form of an alert (webhook body, Kafka alert message, Redis field).
-pub fn alert_json(a: &crate::alert::Alert) -> String {
+pub fn alert_json(a: &crate::detect::incidents::Alert) -> String {
     serde_json::json!({
         "kind": a.kind,
         "service": a.service,
-        "window_start": crate::source::generator::fmt_ts(a.window_start_ms),
+        "window_start": crate::timefmt::fmt_ts(a.window_start_ms),
         "window_start_ms": a.window_start_ms,
         "metrics": a.metrics,
         "score": a.score,
@@ -220,8 +123,8 @@ pub struct MemoryInner {
     pub merged_version: BTreeMap<(String, i64), i64>,
     pub top: BTreeMap<i64, Vec<(u64, i64)>>,
     pub watermark_ms: i64,
-    pub anomalies: Vec<crate::alert::Anomaly>,
-    pub alerts: Vec<crate::alert::Alert>,
+    pub anomalies: Vec<crate::detect::incidents::Anomaly>,
+    pub alerts: Vec<crate::detect::incidents::Alert>,
 }
 
 impl MemoryStore {

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::model::{ChunkPool, Position, RawChunk, SourceMsg};
+use crate::model::{ChunkPool, Position, RawChunk};
+use crate::source::SourceMsg;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {
@@ -139,6 +140,40 @@ pub fn read_files(
         progress(len);
     }
     Ok(total)
+}
+
+/// [`read_files`] with a progress bar on a terminal's stderr.
+pub fn read_files_shown(
+    paths: &[PathBuf],
+    batch_size: usize,
+    tx: &mpsc::Sender<SourceMsg>,
+    pool: &ChunkPool,
+) -> Result<u64, FileSourceError> {
+    let bar = progress_bar(total_bytes(paths));
+    let done = |n: u64| {
+        if let Some(b) = &bar {
+            b.inc(n)
+        }
+    };
+    let lines = read_files(paths, batch_size, tx, pool, &done)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(lines)
+}
+
+fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() || total == 0 {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        b.set_style(style);
+    }
+    Some(b)
 }
 
 #[cfg(test)]

@@ -242,7 +242,7 @@ impl Generator {
         let _ = write!(
             out,
             "{{\"event_id\":{event_id},\"ts\":\"{}\",\"user_id\":{user},\"item_id\":{item},\"event_type\":\"{event_type}\",",
-            fmt_ts(t)
+            crate::timefmt::fmt_ts(t)
         );
         if event_type == "rating" {
             let liked = genre == g1 || genre == g2;
@@ -273,14 +273,6 @@ impl Generator {
             _ => 4,
         }
     }
-}
-
-/// RFC 3339 UTC with milliseconds.
-pub fn fmt_ts(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string()
 }
 
 #[cfg(test)]

@@ -30,7 +30,8 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::{KafkaConfig, Secrets};
-use crate::model::{ChunkPool, Position, RawChunk, SourceMsg};
+use crate::model::{ChunkPool, Position, RawChunk};
+use crate::source::SourceMsg;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
@@ -218,9 +219,7 @@ impl ClientContext for LagContext {
     }
 }
 
-/// Offsets whose effects are durable, per partition: the pipeline sets them
-/// after each checkpoint and the source commits them to the group as a hint.
-pub type Progress = Arc<Mutex<BTreeMap<i32, i64>>>;
+pub use crate::model::Progress;
 
 /// How the consumer thread runs and where it delivers.
 pub struct ConsumerRun {

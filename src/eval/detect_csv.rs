@@ -8,7 +8,7 @@ use std::io::{self, BufRead, Write};
 use std::path::Path;
 
 use crate::detect::{Detector, DetectorConfig};
-use crate::nab::{ProfileResult, Scorer, load_corpus, load_profiles, parse_timestamp};
+use crate::eval::nab::{ProfileResult, Scorer, load_corpus, load_profiles, parse_timestamp};
 
 fn bad(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)

@@ -27,6 +27,8 @@
 //!    samples (one alert per event); those samples are also kept out of the surprise
 //!    history, so an alerted event does not mask the next one (declustering).
 
+pub mod incidents;
+
 /// Detector parameters. Window lengths are in samples.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DetectorConfig {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::alert::Alert;
 use crate::config::{DetectConfig, KafkaConfig, Secrets};
+use crate::detect::incidents::Alert;
 use crate::sink::store::alert_json;
 
 pub struct Notifier {

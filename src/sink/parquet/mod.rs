@@ -14,6 +14,8 @@
 //! found in the hour's directory on first use) and skips rows at or below it,
 //! so a file never overlaps a committed one, whatever was in flight at a crash.
 
+pub mod stage;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufWriter;
@@ -351,7 +353,7 @@ impl TableWriter {
             let tmp = dir.join(format!(
                 ".inprogress-p{}-{}-{}.tmp",
                 key.1,
-                instance_id(),
+                crate::timefmt::instance_id(),
                 self.seq
             ));
             let file = File::create(&tmp).map_err(|source| ParquetError::Io {
@@ -557,13 +559,6 @@ fn position_values(b: &RecordBatch, name: &str) -> Result<Vec<i64>, ParquetError
         return Ok(a.values().to_vec());
     }
     Err(ParquetError::Column(name.into()))
-}
-
-/// A random id of this process, in in-progress file names (several
-/// instances may share the data directory).
-pub fn instance_id() -> &'static str {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
 }
 
 /// Deletes the in-progress files of `partition` under `data_dir` (left by a

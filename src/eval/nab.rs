@@ -331,7 +331,7 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
         let digits: String = frac.chars().chain("000".chars()).take(3).collect();
         digits.parse::<i64>().ok()?
     };
-    let days = crate::decode::days_from_civil(y, m, day);
+    let days = crate::timefmt::days_from_civil(y, m, day);
     Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms)
 }
 

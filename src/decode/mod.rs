@@ -8,6 +8,7 @@
 //! column builders: no per-event `serde_json::Value` tree is built.
 
 mod flat;
+pub mod stage;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -137,7 +138,7 @@ fn parse_rfc3339_utc_fast(b: &[u8]) -> Option<i64> {
     if da > days_in_month(y, mo) {
         return None;
     }
-    let days = days_from_civil_4digit(y as u32, mo as u32, da as u32);
+    let days = crate::timefmt::days_from_civil_4digit(y as u32, mo as u32, da as u32);
     Some(((days * 24 + hh) * 60 + mi) * 60_000 + sec * 1000 + ms)
 }
 
@@ -148,32 +149,6 @@ fn days_in_month(y: i64, m: i64) -> i64 {
         4 | 6 | 9 | 11 => 30,
         _ => 31,
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// [`days_from_civil`] for a four-digit year (0..=9999), in unsigned
-/// arithmetic: shifted one 400-year era up, every quotient is of a
-/// non-negative number by a constant, which compiles to a multiply and a
-/// shift (the signed `div_euclid` did not; every event's timestamp passes here).
-#[inline]
-fn days_from_civil_4digit(y: u32, m: u32, d: u32) -> i64 {
-    debug_assert!(y <= 9999 && (1..=12).contains(&m) && (1..=31).contains(&d));
-    let y = y + 400 - u32::from(m <= 2);
-    let (era, yoe) = (y / 400, y % 400);
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    i64::from(era * 146_097 + doe) - 719_468 - 146_097
 }
 
 /// A JSON string borrowed from the input when it has no escapes (the usual
@@ -835,17 +810,17 @@ mod tests {
         for y in 0..=9999 {
             for m in 1..=12 {
                 for d in [1, 15, 28, days_in_month(y, m)] {
-                    let want = days_from_civil(y, m, d);
+                    let want = crate::timefmt::days_from_civil(y, m, d);
                     assert_eq!(
-                        days_from_civil_4digit(y as u32, m as u32, d as u32),
+                        crate::timefmt::days_from_civil_4digit(y as u32, m as u32, d as u32),
                         want,
                         "{y}-{m}-{d}"
                     );
                 }
             }
         }
-        assert_eq!(days_from_civil_4digit(1970, 1, 1), 0);
-        assert_eq!(days_from_civil_4digit(0, 1, 1), -719_528);
+        assert_eq!(crate::timefmt::days_from_civil_4digit(1970, 1, 1), 0);
+        assert_eq!(crate::timefmt::days_from_civil_4digit(0, 1, 1), -719_528);
     }
 
     proptest::proptest! {

@@ -7,9 +7,14 @@
 //! drops are seen. Pure code: detectors are the shared [`crate::detect`] ones.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::detect::{Detector, DetectorConfig};
-use crate::sink::store::MinuteRow;
+use datafusion::arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::model::MinuteRow;
 
 /// The series scored per service.
 pub const METRICS: [&str; 3] = ["requests", "error_rate", "latency_p95_ms"];
@@ -171,6 +176,33 @@ impl AnomalyTracker {
             .map(|(k, _)| k.as_str())
             .collect()
     }
+}
+
+/// The `anomalies` batch of flagged points.
+pub fn anomalies_batch(a: &[Anomaly]) -> Result<RecordBatch, ArrowError> {
+    RecordBatch::try_new(
+        crate::model::anomalies_schema(),
+        vec![
+            Arc::new(
+                TimestampMillisecondArray::from(
+                    a.iter().map(|x| x.window_start_ms).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from(
+                a.iter().map(|x| x.service.as_str()).collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                a.iter().map(|x| x.metric).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from(
+                a.iter().map(|x| x.value).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from(
+                a.iter().map(|x| x.score).collect::<Vec<_>>(),
+            )),
+        ],
+    )
 }
 
 #[cfg(test)]

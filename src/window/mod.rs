@@ -11,6 +11,8 @@
 //! behind the watermark is *too late*: it is kept in `events` and counted, but
 //! changes no window, so a finalised window never reopens.
 
+pub mod sql;
+
 use std::collections::{BTreeMap, HashMap};
 
 use crate::sketch::{Hll, SparseHist};
@@ -504,27 +506,6 @@ pub struct WindowSnap {
     pub items: Vec<(u64, i64)>,
 }
 
-pub fn to_hex(b: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for &x in b {
-        s.push(D[(x >> 4) as usize] as char);
-        s.push(D[(x & 15) as usize] as char);
-    }
-    s
-}
-
-pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    let v = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let b = s.as_bytes();
-    if !b.len().is_multiple_of(2) {
-        return None;
-    }
-    b.chunks_exact(2)
-        .map(|p| Some(v(p[0])? << 4 | v(p[1])?))
-        .collect()
-}
-
 impl PartitionWindows {
     pub fn new(params: WindowParams, top_n: usize, key: i32) -> Self {
         let mut windower = Windower::new(params);
@@ -552,7 +533,7 @@ impl PartitionWindows {
                     services: w
                         .services
                         .iter()
-                        .map(|(s, p)| (s.clone(), to_hex(&p.to_bytes())))
+                        .map(|(s, p)| (s.clone(), crate::timefmt::to_hex(&p.to_bytes())))
                         .collect(),
                     items: {
                         let mut v: Vec<(u64, i64)> =
@@ -582,7 +563,10 @@ impl PartitionWindows {
         for w in &s.windows {
             let mut services = BTreeMap::new();
             for (svc, hex) in &w.services {
-                services.insert(svc.clone(), Partial::from_bytes(&from_hex(hex)?)?);
+                services.insert(
+                    svc.clone(),
+                    Partial::from_bytes(&crate::timefmt::from_hex(hex)?)?,
+                );
             }
             pw.table.open.insert(
                 w.start,
@@ -648,8 +632,11 @@ mod tests {
         assert_eq!(q.users, p.users);
         assert!(Partial::from_bytes(&b[..b.len() - 1]).is_none());
         assert!(Partial::from_bytes(&[2]).is_none());
-        assert_eq!(from_hex(&to_hex(&b)).unwrap(), b);
-        assert!(from_hex("abc").is_none());
+        assert_eq!(
+            crate::timefmt::from_hex(&crate::timefmt::to_hex(&b)).unwrap(),
+            b
+        );
+        assert!(crate::timefmt::from_hex("abc").is_none());
     }
 
     #[test]

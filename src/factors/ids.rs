@@ -1,4 +1,10 @@
-//! An open-addressing hash table from `u64` keys (user and item ids) to the
+//! Ids of users and items to the dense rows of the factor tables: [`Index`]
+//! (dense ids in order of first appearance, optionally bounded by CLOCK
+//! eviction) over [`IdTable`], an open-addressing hash table whose lookups
+//! can be prefetched. Pure, in memory; an [`Index`] serialises its ids only
+//! and rebuilds its table on restore.
+//!
+//! [`IdTable`] is an open-addressing hash table from `u64` keys (user and item ids) to the
 //! dense `u32` slots of the factor tables. Consumes keys and slots, produces
 //! lookups; pure, in memory, nothing durable (it is rebuilt from the slots'
 //! keys when a model is restored).
@@ -11,6 +17,8 @@
 //! can warm it further ahead still, and the lookup then hits the cache.
 //! Linear probing over 16-byte entries (four per cache line) at most half
 //! full: a lookup reads one line, rarely two.
+
+use super::packed;
 
 /// One entry: a key and its slot, or `FREE` in `slot` when unused.
 #[derive(Debug, Clone, Copy)]
@@ -91,7 +99,7 @@ impl IdTable {
     #[inline]
     pub fn prefetch(&self, key: u64) {
         if !self.entries.is_empty() {
-            super::model::prefetch(std::slice::from_ref(&self.entries[self.home(key)]));
+            super::kernels::prefetch(std::slice::from_ref(&self.entries[self.home(key)]));
         }
     }
 
@@ -152,6 +160,119 @@ impl IdTable {
                 self.insert(e.key, e.slot);
             }
         }
+    }
+}
+
+/// Dense ids for sparse u64 keys, in order of first appearance.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(from = "IndexParts")]
+pub(super) struct Index {
+    /// Key to slot; not serialised: rebuilt from `ids` (snapshots written
+    /// before it existed also hold a `map`, which is ignored).
+    #[serde(skip)]
+    pub(super) map: IdTable,
+    #[serde(with = "packed")]
+    pub(super) ids: Vec<u64>,
+    /// Bounded indexes ([`Index::insert_bounded`]): one CLOCK reference bit
+    /// per slot, set when its key is seen again, and the clock hand.
+    #[serde(default, with = "packed")]
+    pub(super) refs: Vec<u64>,
+    #[serde(default)]
+    pub(super) hand: usize,
+}
+
+/// An [`Index`] as serialised.
+#[derive(serde::Deserialize)]
+pub(super) struct IndexParts {
+    #[serde(with = "packed")]
+    pub(super) ids: Vec<u64>,
+    #[serde(default, with = "packed")]
+    pub(super) refs: Vec<u64>,
+    #[serde(default)]
+    pub(super) hand: usize,
+}
+
+impl From<IndexParts> for Index {
+    fn from(p: IndexParts) -> Self {
+        let mut map = IdTable::default();
+        for (slot, &id) in p.ids.iter().enumerate() {
+            map.insert(id, slot as u32);
+        }
+        Index {
+            map,
+            ids: p.ids,
+            refs: p.refs,
+            hand: p.hand,
+        }
+    }
+}
+
+/// Where [`Index::insert_bounded`] put a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Slot {
+    /// The key was there.
+    Known,
+    /// A new slot at the end.
+    New,
+    /// The slot of another key, now forgotten.
+    Reused,
+}
+
+/// `v[i] = x`, appending when `i` is the next index (a new key's slot).
+pub(super) fn put<T>(v: &mut Vec<T>, i: usize, x: T) {
+    if i == v.len() {
+        v.push(x);
+    } else {
+        v[i] = x;
+    }
+}
+
+impl Index {
+    pub(super) fn get(&self, id: u64) -> Option<usize> {
+        self.map.get(id).map(|i| i as usize)
+    }
+
+    /// Warms the table entry a lookup of `id` reads first (see [`IdTable::prefetch`]).
+    pub(super) fn prefetch(&self, id: u64) {
+        self.map.prefetch(id);
+    }
+
+    /// The dense index of `id` (a new one at the end if unknown), holding
+    /// at most `cap` keys. At the cap a new key
+    /// takes the slot the clock hand reaches first without a reference bit
+    /// (bits are cleared as the hand passes): a key not seen again since the
+    /// hand last passed it, an approximation of the least recently used.
+    pub(super) fn insert_bounded(&mut self, id: u64, cap: usize) -> (usize, Slot) {
+        if let Some(i) = self.map.get(id) {
+            let i = i as usize;
+            let w = i / 64;
+            if w >= self.refs.len() {
+                self.refs.resize(w + 1, 0);
+            }
+            self.refs[w] |= 1 << (i % 64);
+            return (i, Slot::Known);
+        }
+        let n = self.ids.len();
+        if n < cap.max(1) {
+            self.map.insert(id, n as u32);
+            self.ids.push(id);
+            return (n, Slot::New);
+        }
+        self.refs.resize(n.div_ceil(64), 0);
+        // Two turns at most: the first clears every bit it passes.
+        let victim = loop {
+            let h = self.hand % n;
+            self.hand = (h + 1) % n;
+            let (w, b) = (h / 64, 1u64 << (h % 64));
+            if self.refs[w] & b == 0 {
+                break h;
+            }
+            self.refs[w] &= !b;
+        };
+        self.map.remove(self.ids[victim]);
+        self.ids[victim] = id;
+        self.map.insert(id, victim as u32);
+        (victim, Slot::Reused)
     }
 }
 

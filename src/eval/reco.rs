@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::factors::model::GROUP;
+use crate::factors::bpr::GROUP;
 use crate::factors::{Interaction, Kind, RecoConfig, RecoModel};
 
 /// Input file formats.
@@ -96,7 +96,7 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let days = crate::decode::days_from_civil(y, mo, d);
+    let days = crate::timefmt::days_from_civil(y, mo, d);
     let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
     Some(secs * 1000 + ms)
 }

@@ -33,9 +33,9 @@ use crate::model::ts_type;
 use crate::sketch::{Hll, SparseHist};
 use crate::window::{Partial, StoredPartial};
 
-pub const MINUTE_PARTIALS_SQL: &str = include_str!("../sql/minute_partials.sql");
-pub const TOP_ITEMS_PARTIAL_SQL: &str = include_str!("../sql/top_items_partial.sql");
-pub const MINUTE_STATS_SQL: &str = include_str!("../sql/minute_stats.sql");
+pub const MINUTE_PARTIALS_SQL: &str = include_str!("../../sql/minute_partials.sql");
+pub const TOP_ITEMS_PARTIAL_SQL: &str = include_str!("../../sql/top_items_partial.sql");
+pub const MINUTE_STATS_SQL: &str = include_str!("../../sql/minute_stats.sql");
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Lists the `crate::` edges between pulse's modules and fails on a cycle.
+
+A module is a source file under src/ (`src/a/b.rs` and `src/a/b/mod.rs` are
+`a::b`). An edge A -> B is any path in A's code (a `use` item, braces
+expanded, or an inline `crate::…`, `super::…` or `self::…` path) that
+resolves to B, taking the longest prefix of the path that names a module
+file. Comments and `#[cfg(test)]` modules are ignored: tests are consumers
+of a module, and may build their input with any other (the generator, say).
+Declaring a child (`mod x;`) is not an edge.
+
+Usage: scripts/check_cycles.py [--edges]
+  --edges  print every edge
+Exit status 1 if the graph has a cycle, a pure module imports an I/O one
+(source/, sink/, serve/, the wiring, the core stage or the evaluation
+tools), or a leaf module (model, timefmt, sketch) imports any module.
+"""
+
+import os
+import re
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+# Modules that must not depend on I/O (source/, sink/, serve/, app, cli).
+PURE = ["decode", "window", "detect", "factors::kernels", "factors::ids",
+        "factors::ring", "factors::reservoir", "factors::bpr", "factors::mf",
+        "factors::trending", "factors::model", "model", "timefmt", "sketch"]
+IO = ["source", "sink", "serve", "app", "aggregate", "eval"]
+# Modules that import no other module of the crate.
+LEAVES = ["model", "timefmt", "sketch"]
+
+
+def module_files():
+    mods = {}
+    for dirpath, _, files in os.walk(ROOT):
+        for f in files:
+            if not f.endswith(".rs"):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, f), ROOT)
+            parts = rel[:-3].split(os.sep)
+            if parts[-1] == "mod":
+                parts = parts[:-1]
+            if parts in (["lib"], ["main"]):
+                parts = [] if parts == ["lib"] else ["main"]
+            mods["::".join(parts)] = os.path.join(dirpath, f)
+    return mods
+
+
+def strip_comments(src):
+    out, i, n = [], 0, len(src)
+    while i < n:
+        if src.startswith("//", i):
+            j = src.find("\n", i)
+            i = n if j < 0 else j
+        elif src.startswith("/*", i):
+            j = src.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+        elif src[i] == '"':
+            # skip string literals (raw strings are rare in use paths)
+            j = i + 1
+            while j < n and src[j] != '"':
+                j += 2 if src[j] == "\\" else 1
+            out.append('""')
+            i = j + 1
+        elif src.startswith("r#\"", i):
+            j = src.find("\"#", i + 3)
+            out.append('""')
+            i = n if j < 0 else j + 2
+        else:
+            out.append(src[i])
+            i += 1
+    return "".join(out)
+
+
+def strip_test_modules(src):
+    """Removes `#[cfg(test)] mod name { ... }` blocks (comments already gone)."""
+    src = re.sub(r"'(\\.|[^\\'])'", "' '", src)  # char literals such as '{'
+    while True:
+        m = re.search(r"#\[cfg\(test\)\]\s*(pub\s+)?mod\s+\w+\s*\{", src)
+        if not m:
+            return src
+        depth, i = 1, m.end()
+        while i < len(src) and depth:
+            depth += {"{": 1, "}": -1}.get(src[i], 0)
+            i += 1
+        src = src[:m.start()] + src[i:]
+
+
+def expand_use(tree):
+    """Expands `a::{b, c::{d, e}}` into ['a::b', 'a::c::d', 'a::c::e']."""
+    tree = re.sub(r"\s+", "", tree)
+
+    def parse(s, i):
+        # returns (list of paths, index after)
+        prefix = ""
+        while i < len(s) and s[i] not in "{,}":
+            prefix += s[i]
+            i += 1
+        if i < len(s) and s[i] == "{":
+            i += 1
+            paths = []
+            while True:
+                sub, i = parse(s, i)
+                paths += [prefix + p for p in sub]
+                if i < len(s) and s[i] == ",":
+                    i += 1
+                    continue
+                if i < len(s) and s[i] == "}":
+                    i += 1
+                break
+            return paths, i
+        return [prefix], i
+
+    paths, _ = parse(tree, 0)
+    return [re.sub(r"\bas\w+$", "", p) for p in paths if p]
+
+
+def resolve(path, here, mods):
+    segs = [s for s in path.split("::") if s]
+    if not segs:
+        return None
+    if segs[0] == "crate":
+        base, segs = [], segs[1:]
+    elif segs[0] in ("super", "self"):
+        base = here.split("::") if here else []
+        while segs and segs[0] in ("super", "self"):
+            if segs[0] == "super":
+                base = base[:-1]
+            segs = segs[1:]
+    else:
+        return None
+    full = base + segs
+    for k in range(len(full), -1, -1):
+        name = "::".join(full[:k])
+        if name in mods:
+            return name
+    return None
+
+
+def edges_of(name, path, mods):
+    src = strip_test_modules(strip_comments(open(path, encoding="utf-8").read()))
+    found = set()
+    for m in re.finditer(r"\buse\s+([^;]+);", src):
+        for p in expand_use(m.group(1)):
+            t = resolve(p, name, mods)
+            if t is not None and t != name:
+                found.add(t)
+    for m in re.finditer(r"\b((?:crate|super|self)(?:::\w+)+)", src):
+        t = resolve(m.group(1), name, mods)
+        if t is not None and t != name:
+            found.add(t)
+    # a child module file's parent only declares it: `pub mod x;` is no edge
+    return found
+
+
+def find_cycles(graph):
+    index, low, stack, on, sccs = {}, {}, [], set(), []
+    counter = [0]
+
+    def strong(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                sccs.append(sorted(comp))
+
+    sys.setrecursionlimit(10000)
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return sccs
+
+
+def under(mod, prefixes):
+    return any(mod == p or mod.startswith(p + "::") for p in prefixes)
+
+
+def binary_modules(mods):
+    """Modules of the `pulse` binary: those main.rs declares (`mod x;`)."""
+    main = strip_comments(open(os.path.join(ROOT, "main.rs"), encoding="utf-8").read())
+    return {m for m in re.findall(r"^\s*mod\s+(\w+)\s*;", main, flags=re.M) if m in mods}
+
+
+def main():
+    mods = module_files()
+    for b in binary_modules(mods):
+        del mods[b]  # the binary uses the library as `pulse::`, not `crate::`
+    graph = {}
+    for name, path in sorted(mods.items()):
+        if name in ("", "main"):
+            continue  # the crate root and the binary only wire modules
+        graph[name] = edges_of(name, path, mods) - {""}
+    if "--edges" in sys.argv:
+        for a in sorted(graph):
+            for b in sorted(graph[a]):
+                print(f"{a or 'crate'} -> {b}")
+    bad = 0
+    for comp in find_cycles(graph):
+        bad += 1
+        print("cycle: " + " <-> ".join(comp))
+    for a in sorted(graph):
+        if not under(a, PURE) or under(a, IO):
+            continue
+        for b in sorted(graph[a]):
+            if under(b, IO):
+                bad += 1
+                print(f"pure module imports I/O: {a} -> {b}")
+    for a in LEAVES:
+        for b in sorted(graph.get(a, ())):
+            bad += 1
+            print(f"leaf module imports another: {a} -> {b}")
+    n_edges = sum(len(v) for v in graph.values())
+    status = "FAIL" if bad else "ok"
+    print(f"check_cycles: {len(graph)} modules, {n_edges} edges, {bad} problems: {status}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,921 @@
+//! The core stage: per-partition event-time windows, the per-window SQL,
+//! anomaly scoring and the aggregate store, over the decoded batches.
+//!
+//! Consumes the decode stage's [`DecodeMsg`]s in source order: batches of
+//! events and dead letters, and (Kafka) partitions gained, with the
+//! checkpoint each resumes from, and lost. Produces: every record to the
+//! Parquet stage (`events` with its lateness class, `dead_letters`), window
+//! partials to the store and merged rows back, scored windows' anomalies and
+//! incidents (store, `anomalies`, notifier), final `minute_stats` and
+//! `top_items` rows once their hour closes, fresh events to the factor
+//! trainer, and per-partition checkpoints. Delivery: files and generator runs
+//! are complete or fail; with Kafka, each partition's checkpoint holds every
+//! effect of its records that is not yet durable, with the offset to replay
+//! the still-open Parquet files from ([`crate::checkpoint`]); on assignment
+//! the partition resumes from there, the Parquet writer skips rows already
+//! committed, and the store's writes are version-guarded. Revocation and
+//! shutdown checkpoint first; shutdown never finalises open windows.
+
+mod task;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{
+    ArrayRef, AsArray, BooleanArray, StringBuilder, TimestampMillisecondArray,
+};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondType};
+use datafusion::arrow::record_batch::RecordBatch;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use crate::config::{Config, Secrets};
+use crate::decode::Decoded;
+use crate::decode::stage::DecodeMsg;
+use crate::detect::incidents::{AnomalyTracker, anomalies_batch};
+use crate::error::PipelineError;
+use crate::factors::stage::TrainMsg;
+use crate::model::{
+    MinuteRow, Progress, TopItemRow, events_schema, minute_rows, minute_rows_batch, top_items_batch,
+};
+use crate::sink::notify::Notifier;
+use crate::sink::parquet::WrittenFile;
+use crate::sink::parquet::stage::ParquetMsg;
+use crate::sink::store::{Emission, MergeInput, PartialUpdate, Store, StoreError, TopUpdate};
+use crate::window::sql::{SqlEngine, partials_to_batch};
+use crate::window::{Lateness, StoredPartial, WindowEmit, WindowParams, Windower};
+use task::{FinalRows, Task, flush_pending};
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub records: u64,
+    pub events: u64,
+    pub invalid: u64,
+    pub late: u64,
+    pub too_late: u64,
+    pub windows_emitted: u64,
+    pub minute_rows_final: u64,
+    pub final_rows: Vec<MinuteRow>,
+    pub anomalies: u64,
+    pub alerts: Vec<crate::detect::incidents::Alert>,
+    pub files: Vec<(String, WrittenFile)>,
+    pub elapsed: Duration,
+    /// Events the recommendation model trained on.
+    pub trained: u64,
+    /// Busy time of each stage (they run concurrently).
+    pub stage_seconds: Vec<(String, f64)>,
+    pub watermark_ms: Option<i64>,
+    /// When the first batch reached the core, and when the last one was done.
+    pub first_batch_at: Option<Instant>,
+    pub last_batch_done_at: Option<Instant>,
+    /// Event freshness: event time to its batch's store write, ms (HDR).
+    pub freshness: Option<crate::sketch::LatencyHist>,
+}
+
+/// Hours: final rows are written, and files closed, by the hour.
+const HOUR_MS: i64 = 3_600_000;
+
+/// The core stage's state: windows, SQL, detection and the store over
+/// decoded batches, for every owned partition.
+pub struct Core {
+    sql: SqlEngine,
+    params: WindowParams,
+    top_n: usize,
+    tasks: BTreeMap<i32, Task>,
+    /// The instance's watermark over its partitions (with idleness): when a
+    /// window is complete enough to score.
+    instance: Windower,
+    store: Store,
+    lateness_ms: i64,
+    summary: Summary,
+    tracker: AnomalyTracker,
+    busy: Duration,
+    trainer: Option<mpsc::Sender<TrainMsg>>,
+    notifier: Option<Notifier>,
+    kafka: bool,
+    checkpoints: Option<CheckpointStore>,
+    checkpoint_every: Duration,
+    last_checkpoint: Instant,
+    progress: Option<Progress>,
+    /// Latest merged rows per window, until scored.
+    latest: BTreeMap<i64, BTreeMap<String, MinuteRow>>,
+    scored_upto: i64,
+    /// Version of file-source emissions (Kafka uses offsets).
+    seq: i64,
+    /// The input ended (files, generator): every window is complete.
+    ended: bool,
+    live_every: Option<Duration>,
+    last_live: Instant,
+    /// Event times of events not yet visible in the store (until the next live tick).
+    unseen_ts: Vec<i64>,
+    /// Kafka with training: offsets the model snapshot covers, per partition
+    /// (a checkpoint never replays from later than these).
+    trained: Option<Progress>,
+}
+
+impl Core {
+    /// `trainer`: where fresh events go to be learned; `progress`: where
+    /// checkpointed offsets are published; `trained` (Kafka with training):
+    /// the offsets the model snapshot covers.
+    pub fn new(
+        cfg: &Config,
+        secrets: &Secrets,
+        store: Store,
+        kafka: bool,
+        trainer: Option<mpsc::Sender<TrainMsg>>,
+        progress: Progress,
+        trained: Option<Progress>,
+    ) -> Self {
+        let params = WindowParams::from_config(&cfg.window);
+        Core {
+            sql: SqlEngine::new(),
+            params,
+            top_n: cfg.window.top_items,
+            tasks: BTreeMap::new(),
+            instance: Windower::with_idleness(params, cfg.window.idle_partition_ms as i64),
+            store,
+            lateness_ms: params.allowed_lateness_ms,
+            summary: Summary::default(),
+            tracker: AnomalyTracker::new(cfg.detect.detector(), cfg.detect.recover_windows),
+            busy: Duration::ZERO,
+            trainer,
+            notifier: Notifier::from_config(&cfg.detect, &cfg.kafka, secrets),
+            kafka,
+            checkpoints: kafka
+                .then(|| CheckpointStore::new(&cfg.parquet.data_dir, &cfg.kafka.topic)),
+            checkpoint_every: Duration::from_millis(cfg.pipeline.checkpoint_ms.max(1)),
+            last_checkpoint: Instant::now(),
+            progress: Some(progress),
+            latest: BTreeMap::new(),
+            scored_upto: i64::MIN,
+            seq: 0,
+            ended: false,
+            live_every: (cfg.window.live_emit_ms > 0)
+                .then(|| Duration::from_millis(cfg.window.live_emit_ms)),
+            last_live: Instant::now(),
+            unseen_ts: Vec::new(),
+            trained,
+        }
+    }
+
+    /// The stage's loop over the decode stage's messages, until that
+    /// channel closes (the source ended or stopped). A shutdown request only
+    /// stops watching `shutdown`: the source stops and what it sent before
+    /// is drained here.
+    pub async fn run(
+        &mut self,
+        rx: &mut mpsc::Receiver<DecodeMsg<PartitionCheckpoint>>,
+        pq: &mpsc::Sender<ParquetMsg>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let mut watching = true;
+        loop {
+            let d = if watching {
+                tokio::select! {
+                    d = rx.recv() => d,
+                    r = shutdown.changed() => {
+                        // A dropped sender can signal nothing more: stop watching it.
+                        if r.is_err() || *shutdown.borrow() {
+                            watching = false;
+                        }
+                        if *shutdown.borrow() {
+                            tracing::info!("shutdown requested, draining in-flight batches");
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            let Some(d) = d else { break };
+            let t0 = Instant::now();
+            match d {
+                DecodeMsg::Batch(d) => self.on_batch(d, pq).await?,
+                DecodeMsg::Assigned(a) => self.on_assigned(a, pq).await?,
+                DecodeMsg::Revoked(parts, ack) => {
+                    self.on_revoked(&parts, pq).await?;
+                    let _ = ack.send(());
+                }
+            }
+            self.busy += t0.elapsed();
+        }
+        Ok(())
+    }
+
+    /// Stops sending events to the factor trainer (its input closes once
+    /// every other sender is gone).
+    pub fn stop_training(&mut self) {
+        self.trainer = None;
+    }
+
+    /// The stage's busy time so far.
+    pub fn busy(&self) -> Duration {
+        self.busy
+    }
+
+    /// What the stage did: counts, final rows, alerts, freshness, and the
+    /// instance's watermark where it saw events.
+    pub fn into_summary(self) -> Summary {
+        let mut s = self.summary;
+        s.watermark_ms = self
+            .instance
+            .max_event_time()
+            .map(|_| self.instance.watermark());
+        s
+    }
+
+    /// Anomaly detection needs every partition's rows of a window: with
+    /// several instances, the owner of partition 0 scores (from the merged rows).
+    fn detects(&self) -> bool {
+        !self.kafka || self.tasks.contains_key(&0)
+    }
+
+    async fn on_assigned(
+        &mut self,
+        list: Vec<(i32, Option<PartitionCheckpoint>)>,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        for (p, cp) in list {
+            send(pq, ParquetMsg::Adopt(p)).await?;
+            let task = match &cp {
+                Some(cp) => Task::restore(self.params, self.top_n, p, cp).ok_or_else(|| {
+                    PipelineError::Stage(format!("checkpoint of partition {p} is corrupt"))
+                })?,
+                None => Task::fresh(self.params, self.top_n, p),
+            };
+            tracing::info!(
+                partition = p,
+                resume = task.next_offset,
+                replay_from = cp.as_ref().map(|c| c.replay_from),
+                open_windows = task.pw.table.open_windows(),
+                "partition owned"
+            );
+            self.tasks.insert(p, task);
+        }
+        self.instance.tick(chrono::Utc::now().timestamp_millis());
+        let keys: Vec<i32> = self.tasks.keys().copied().collect();
+        self.instance.set_partitions(&keys);
+        Ok(())
+    }
+
+    async fn on_revoked(
+        &mut self,
+        parts: &[i32],
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        for &p in parts {
+            if !self.tasks.contains_key(&p) {
+                continue;
+            }
+            self.checkpoint(p, pq).await?;
+            ask(pq, |tx| ParquetMsg::DropPartition(p, tx)).await?;
+            self.tasks.remove(&p);
+            tracing::info!(partition = p, "partition released after checkpoint");
+        }
+        let keys: Vec<i32> = self.tasks.keys().copied().collect();
+        self.instance.set_partitions(&keys);
+        Ok(())
+    }
+
+    /// Writes partition `p`'s checkpoint (its effects so far are durable or in it).
+    async fn checkpoint(
+        &mut self,
+        p: i32,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        let Some(store) = &self.checkpoints else {
+            return Ok(());
+        };
+        let open_first = ask(pq, |tx| ParquetMsg::OpenFirst(p, tx)).await?;
+        let Some(t) = self.tasks.get_mut(&p) else {
+            return Ok(());
+        };
+        if t.next_offset == i64::MIN {
+            return Ok(()); // nothing consumed yet
+        }
+        let trained_floor = match &self.trained {
+            Some(tr) => tr
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&p)
+                .copied()
+                .unwrap_or(i64::MIN),
+            None => i64::MAX,
+        };
+        let (replay_from, replay_max_ts) = t.replay_point(open_first, trained_floor);
+        let cp = PartitionCheckpoint {
+            topic: String::new(),
+            partition: p,
+            next_offset: t.next_offset,
+            replay_from,
+            replay_max_ts,
+            windows: t.pw.snapshot(),
+            pending_stats: t.pending_stats.clone(),
+            pending_top: t.pending_top.clone(),
+            written_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let started = Instant::now();
+        store.save(&cp)?;
+        metrics::histogram!("pulse_checkpoint_write_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if let Some(pr) = &self.progress {
+            pr.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p, t.next_offset);
+        }
+        tracing::debug!(
+            partition = p,
+            next_offset = cp.next_offset,
+            replay_from,
+            "checkpoint"
+        );
+        Ok(())
+    }
+
+    async fn on_batch(
+        &mut self,
+        d: Decoded,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        let t0 = Instant::now();
+        self.summary.first_batch_at.get_or_insert(t0);
+        let mut fresh_ts: Vec<i64> = Vec::new();
+        let now = chrono::Utc::now().timestamp_millis();
+        self.instance.tick(now);
+        let part_col = |b: &RecordBatch| -> Result<(Vec<i32>, Vec<i64>), PipelineError> {
+            let p = b
+                .column_by_name("src_partition")
+                .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
+                .ok_or_else(|| PipelineError::Stage("missing src_partition".into()))?;
+            let o = b
+                .column_by_name("src_offset")
+                .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
+                .ok_or_else(|| PipelineError::Stage("missing src_offset".into()))?;
+            Ok((p.values().to_vec(), o.values().to_vec()))
+        };
+        let keyed = d.partitioned_time;
+        let (dparts, doffs) = part_col(&d.dead_letters)?;
+        let (eparts, eoffs) = part_col(&d.events)?;
+        let key = |p: i32| if keyed { p } else { 0 };
+        // Per partition: first and last offset in this batch (events and dead letters).
+        let mut span: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        for (p, o) in dparts.iter().zip(&doffs).chain(eparts.iter().zip(&eoffs)) {
+            let e = span.entry(key(*p)).or_insert((*o, *o));
+            e.0 = e.0.min(*o);
+            e.1 = e.1.max(*o);
+        }
+        if !self.kafka {
+            for &k in span.keys() {
+                self.tasks
+                    .entry(k)
+                    .or_insert_with(|| Task::fresh(self.params, self.top_n, k));
+            }
+        }
+        // Rows of partitions this instance does not own (a chunk read just
+        // before a revocation) are left to the owner.
+        let owned = |p: &i32| self.tasks.contains_key(&key(*p));
+        let unowned = dparts.iter().filter(|p| !owned(p)).count()
+            + eparts.iter().filter(|p| !owned(p)).count();
+        let (dead, ev) = if unowned > 0 {
+            metrics::counter!("pulse_records_unowned_total").increment(unowned as u64);
+            let dm = BooleanArray::from(dparts.iter().map(owned).collect::<Vec<_>>());
+            let em = BooleanArray::from(eparts.iter().map(owned).collect::<Vec<_>>());
+            (
+                filter_record_batch(&d.dead_letters, &dm)?,
+                filter_record_batch(&d.events, &em)?,
+            )
+        } else {
+            (d.dead_letters, d.events)
+        };
+        let (eparts, eoffs) = part_col(&ev)?;
+        span.retain(|k, _| self.tasks.contains_key(k));
+        for (k, (first, _)) in &span {
+            if let Some(t) = self.tasks.get_mut(k) {
+                let before = match &t.replay {
+                    Some(r) if self.kafka && *first < t.next_offset => r.max_event_time(),
+                    _ => t.pw.windower.max_event_time(),
+                };
+                if self.kafka {
+                    t.history.push_back((*first, before));
+                }
+            }
+        }
+
+        // The trainer's offsets move past the whole batch, dead letters included.
+        let mut trainer_upto: Vec<(i32, i64)> = if self.kafka && self.trainer.is_some() {
+            span.iter().map(|(k, (_, last))| (*k, last + 1)).collect()
+        } else {
+            Vec::new()
+        };
+        let n_dead = dead.num_rows() as u64;
+        self.summary.records += n_dead + ev.num_rows() as u64;
+        self.summary.invalid += n_dead;
+        for (kind, n) in &d.rejected {
+            metrics::counter!("pulse_dead_letters_total", "reason" => *kind).increment(*n);
+        }
+        if n_dead > 0 {
+            send(pq, ParquetMsg::Dead(dead)).await?;
+        }
+        let n = ev.num_rows();
+        if n > 0 {
+            self.summary.events += n as u64;
+            metrics::counter!("pulse_events_total").increment(n as u64);
+            let ts = ev.column(1).as_primitive::<TimestampMillisecondType>();
+            let (late0, too_late0) = (self.summary.late, self.summary.too_late);
+            let mut ws = Vec::with_capacity(n);
+            let mut counted = Vec::with_capacity(n);
+            let mut fresh = Vec::with_capacity(n);
+            let mut keys = Vec::with_capacity(n);
+            let mut lateness = StringBuilder::with_capacity(n, n * 7);
+            for (i, &t) in ts.values().iter().enumerate() {
+                let k = key(eparts[i]);
+                let task = self.tasks.get_mut(&k).expect("owned rows only");
+                let replayed = self.kafka && eoffs[i] < task.next_offset;
+                let (w, class) = match (&mut task.replay, replayed) {
+                    (Some(r), true) => r.observe(k, t),
+                    (None, true) => {
+                        return Err(PipelineError::Stage(format!(
+                            "partition {k} replays offset {} without a replay state",
+                            eoffs[i]
+                        )));
+                    }
+                    (_, false) => {
+                        self.instance.observe(k, t);
+                        task.pw.windower.observe(k, t)
+                    }
+                };
+                if !replayed {
+                    fresh_ts.push(t);
+                }
+                ws.push(w);
+                keys.push(k);
+                counted.push(!replayed && class != Lateness::TooLate);
+                fresh.push(!replayed);
+                lateness.append_value(class.as_str());
+                if !replayed {
+                    match class {
+                        Lateness::OnTime => {}
+                        Lateness::Late => self.summary.late += 1,
+                        Lateness::TooLate => self.summary.too_late += 1,
+                    }
+                }
+            }
+            let mut cols = ev.columns().to_vec();
+            cols.push(Arc::new(lateness.finish()) as ArrayRef);
+            let full = RecordBatch::try_new(events_schema(), cols)?;
+
+            // The SQL input: counted events' grouping columns, bins and partition key.
+            let ws_arr =
+                Arc::new(TimestampMillisecondArray::from(ws).with_timezone("UTC")) as ArrayRef;
+            let pick = |name: &str| -> Result<ArrayRef, PipelineError> {
+                full.column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| PipelineError::Stage(format!("missing column {name}")))
+            };
+            let sql_in = RecordBatch::try_new(
+                crate::window::sql::batch_input_schema(),
+                vec![
+                    ws_arr,
+                    pick("service")?,
+                    pick("status")?,
+                    pick("latency_ms")?,
+                    pick("user_id")?,
+                    pick("item_id")?,
+                    Arc::new(datafusion::arrow::array::Int32Array::from(keys)) as ArrayRef,
+                ],
+            )?;
+            let mask = BooleanArray::from(counted);
+            let sql_in = if mask.true_count() == n {
+                sql_in
+            } else {
+                filter_record_batch(&sql_in, &mask)?
+            };
+            if let Some(t) = &self.trainer {
+                // With Kafka the trainer sees replays too and skips what its
+                // snapshot holds (it may be older than this checkpoint).
+                let fresh = BooleanArray::from(if self.kafka { vec![true; n] } else { fresh });
+                let train = if fresh.true_count() == n {
+                    full.clone()
+                } else {
+                    filter_record_batch(&full, &fresh)?
+                };
+                if train.num_rows() > 0 {
+                    let upto = std::mem::take(&mut trainer_upto);
+                    to_trainer(t, Some(train), upto).await?;
+                }
+            }
+            send(pq, ParquetMsg::Events(full)).await?;
+            if sql_in.num_rows() > 0 {
+                for (p, w, svc, part) in self.sql.partials(sql_in.clone()).await? {
+                    if let Some(t) = self.tasks.get_mut(&p) {
+                        t.pw.table.add_partial(w, &svc, &part);
+                    }
+                }
+                for (p, w, item, c) in self.sql.item_counts(sql_in).await? {
+                    if let Some(t) = self.tasks.get_mut(&p) {
+                        t.pw.table.add_item_counts(w, item, c);
+                    }
+                }
+            }
+            let (late, too_late) = (self.summary.late - late0, self.summary.too_late - too_late0);
+            if late > 0 {
+                metrics::counter!("pulse_late_events_total", "class" => "late").increment(late);
+            }
+            if too_late > 0 {
+                metrics::counter!("pulse_late_events_total", "class" => "too_late")
+                    .increment(too_late);
+            }
+        }
+        if !trainer_upto.is_empty()
+            && let Some(t) = &self.trainer
+        {
+            to_trainer(t, None, trainer_upto).await?;
+        }
+        // Positions advance, replays end.
+        for (k, (_, last)) in &span {
+            if let Some(t) = self.tasks.get_mut(k)
+                && self.kafka
+            {
+                t.next_offset = t.next_offset.max(last + 1);
+                if t.replay.is_some() && t.history.back().is_some_and(|h| h.0 >= t.next_offset) {
+                    t.replay = None;
+                }
+            }
+        }
+        let touched: Vec<i32> = span.keys().copied().collect();
+        let mut emits = Vec::new();
+        // Live values of open windows at most every `live_emit_ms`.
+        let live = self
+            .live_every
+            .is_some_and(|d| self.last_live.elapsed() >= d);
+        if live {
+            self.last_live = Instant::now();
+        }
+        for (&k, t) in self.tasks.iter_mut() {
+            if !live && !touched.contains(&k) {
+                continue;
+            }
+            t.pw.table.live = live;
+            let wm = t.pw.windower.watermark();
+            emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
+        }
+        self.emit(emits, pq).await?;
+        // Freshness: from event time to the store showing the event (the
+        // next live tick, or this batch when live values are off).
+        self.unseen_ts.extend(fresh_ts);
+        if live || self.live_every.is_none() {
+            self.record_freshness();
+        }
+        self.close_hours(&span.keys().copied().collect::<Vec<_>>(), pq)
+            .await?;
+        let wm = self.instance.watermark();
+        metrics::gauge!("pulse_watermark_ms").set(wm as f64);
+        if wm > i64::MIN {
+            let lag = now.saturating_sub(wm);
+            metrics::gauge!("pulse_watermark_lag_seconds").set(lag as f64 / 1000.0);
+        }
+        if self.kafka && self.last_checkpoint.elapsed() >= self.checkpoint_every {
+            let keys: Vec<i32> = self.tasks.keys().copied().collect();
+            for k in keys {
+                self.checkpoint(k, pq).await?;
+            }
+            self.last_checkpoint = Instant::now();
+        }
+        metrics::histogram!("pulse_batch_seconds").record(t0.elapsed().as_secs_f64());
+        self.summary.last_batch_done_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Records the freshness of the events the store now shows.
+    fn record_freshness(&mut self) {
+        if self.unseen_ts.is_empty() {
+            return;
+        }
+        let done = chrono::Utc::now().timestamp_millis();
+        let h = self
+            .summary
+            .freshness
+            .get_or_insert_with(crate::sketch::new_hist);
+        let mut worst = 0i64;
+        for t in self.unseen_ts.drain(..) {
+            let age = done.saturating_sub(t).max(0);
+            worst = worst.max(age);
+            crate::sketch::record_ms(h, age as f64);
+        }
+        metrics::histogram!("pulse_event_freshness_seconds").record(worst as f64 / 1000.0);
+    }
+
+    /// Writes the pending final rows of hours the partitions' watermarks closed,
+    /// and closes their `events`/`dead_letters` files of those hours.
+    async fn close_hours(
+        &mut self,
+        keys: &[i32],
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        for &k in keys {
+            let Some(t) = self.tasks.get_mut(&k) else {
+                continue;
+            };
+            let wm = t.pw.windower.watermark();
+            if wm == i64::MIN {
+                continue;
+            }
+            let closed = wm.saturating_sub(self.lateness_ms);
+            let upto = closed.div_euclid(HOUR_MS) * HOUR_MS;
+            let flush = flush_pending(t, upto);
+            write_rows(flush, pq, &mut self.summary).await?;
+            let part = if self.kafka { Some(k) } else { None };
+            send(pq, ParquetMsg::CloseHoursBefore(part, closed)).await?;
+        }
+        Ok(())
+    }
+
+    /// Partials to the store, merged rows back, detection, finals to pending.
+    async fn emit(
+        &mut self,
+        emits: Vec<(i32, WindowEmit)>,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        if emits.is_empty() && !self.detects() {
+            return Ok(());
+        }
+        self.seq += 1;
+        self.summary.windows_emitted += emits.len() as u64;
+        let mut updates = Vec::new();
+        let mut tops = Vec::new();
+        let mut finals: Vec<(i32, i64, &str, crate::window::StoredPartial)> = Vec::new();
+        for (k, e) in &emits {
+            let version = if self.kafka {
+                self.tasks.get(k).map_or(0, |t| t.next_offset)
+            } else {
+                self.seq
+            };
+            for (svc, p) in &e.services {
+                updates.push(PartialUpdate {
+                    window_start_ms: e.window_start,
+                    service: svc.clone(),
+                    partition: *k,
+                    version,
+                    is_final: e.is_final,
+                    partial: p.clone(),
+                });
+                if e.is_final {
+                    finals.push((*k, e.window_start, svc.as_str(), StoredPartial::of(p)));
+                }
+            }
+            tops.push(TopUpdate {
+                window_start_ms: e.window_start,
+                partition: *k,
+                version,
+                items: e.top_items.clone(),
+            });
+        }
+        // Final rows per partition, kept until their hour closes.
+        if !finals.is_empty() {
+            let refs: Vec<_> = finals.iter().map(|(k, w, s, p)| (*k, *w, *s, p)).collect();
+            let stats = self.sql.minute_stats(partials_to_batch(&refs)).await?;
+            for r in minute_rows(&stats, true) {
+                if let Some(t) = self.tasks.get_mut(&r.partition) {
+                    t.pending_stats.push(r);
+                }
+            }
+            for (k, e) in emits.iter().filter(|(_, e)| e.is_final) {
+                if let Some(t) = self.tasks.get_mut(k) {
+                    for (rank, (item, n)) in e.top_items.iter().enumerate() {
+                        t.pending_top.push(TopItemRow {
+                            window_start_ms: e.window_start,
+                            rank: rank as u64 + 1,
+                            item: *item,
+                            requests: *n,
+                        });
+                    }
+                }
+            }
+        }
+        // Merged rows over every partition's stored partial.
+        let inputs = self.apply_partials_with_retry(&updates).await?;
+        let mut latest_input: BTreeMap<(i64, String), MergeInput> = BTreeMap::new();
+        for m in inputs {
+            let key = (m.window_start_ms, m.service.clone());
+            if latest_input
+                .get(&key)
+                .is_none_or(|c| c.version_sum <= m.version_sum)
+            {
+                latest_input.insert(key, m);
+            }
+        }
+        let mut rows = Vec::new();
+        if !latest_input.is_empty() {
+            let all: Vec<(i32, i64, &str, &crate::window::StoredPartial)> = latest_input
+                .values()
+                .flat_map(|m| {
+                    m.parts
+                        .iter()
+                        .map(move |(_, p)| (-1, m.window_start_ms, m.service.as_str(), p))
+                })
+                .collect();
+            let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;
+            for mut r in minute_rows(&stats, false) {
+                if let Some(m) = latest_input.get(&(r.window_start_ms, r.service.clone())) {
+                    r.is_final = m.all_final;
+                    self.latest
+                        .entry(r.window_start_ms)
+                        .or_default()
+                        .insert(r.service.clone(), r.clone());
+                    rows.push((r, m.version_sum));
+                }
+            }
+        }
+        // Score complete windows once, in order, from the merged rows.
+        let (mut anomalies, mut alerts) = (Vec::new(), Vec::new());
+        if self.detects() {
+            let wm = if self.ended {
+                i64::MAX
+            } else {
+                self.instance.watermark()
+            };
+            let size = self.params.size_ms;
+            let ready: Vec<i64> = self
+                .latest
+                .range(self.scored_upto.saturating_add(1)..)
+                .map(|(w, _)| *w)
+                .take_while(|w| w + size <= wm)
+                .collect();
+            for w in ready {
+                let rows_w: Vec<MinuteRow> = self
+                    .latest
+                    .remove(&w)
+                    .unwrap_or_default()
+                    .into_values()
+                    .collect();
+                let refs: Vec<&MinuteRow> = rows_w.iter().collect();
+                let (a, al) = self.tracker.observe_window(w, &refs);
+                anomalies.extend(a);
+                alerts.extend(al);
+                self.scored_upto = w;
+            }
+        }
+        let floor = self.scored_upto;
+        self.latest.retain(|w, _| *w > floor);
+        for a in &alerts {
+            tracing::warn!(kind = a.kind, service = %a.service, metrics = ?a.metrics, score = a.score,
+                window_start = %crate::timefmt::fmt_ts(a.window_start_ms), "incident");
+            metrics::counter!("pulse_alerts_total", "kind" => a.kind).increment(1);
+        }
+        self.summary.anomalies += anomalies.len() as u64;
+        self.summary.alerts.extend(alerts.iter().cloned());
+        if rows.is_empty() && tops.is_empty() && anomalies.is_empty() && alerts.is_empty() {
+            return Ok(());
+        }
+        let emission = Emission {
+            rows,
+            top_items: tops,
+            top_n: self.top_n,
+            watermark_ms: self.instance.watermark(),
+            anomalies,
+            alerts,
+        };
+        self.apply_with_retry(&emission).await?;
+        if !emission.anomalies.is_empty() {
+            send(
+                pq,
+                ParquetMsg::Anomalies(anomalies_batch(&emission.anomalies)?),
+            )
+            .await?;
+        }
+        if !emission.alerts.is_empty()
+            && let Some(n) = &self.notifier
+        {
+            n.notify(&emission.alerts);
+        }
+        Ok(())
+    }
+
+    async fn apply_partials_with_retry(
+        &self,
+        ups: &[PartialUpdate],
+    ) -> Result<Vec<MergeInput>, PipelineError> {
+        with_retry(|| self.store.put_partials(ups)).await
+    }
+
+    async fn apply_with_retry(&self, e: &Emission) -> Result<(), PipelineError> {
+        with_retry(|| self.store.apply(e)).await
+    }
+
+    /// End of the run. Files and the generator ended: every window is
+    /// finalised and written. Kafka only stopped: open windows stay open in
+    /// the checkpoints (finalising them now would count their later events
+    /// twice), open files are committed so the restart replays nothing.
+    pub async fn finish(&mut self, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
+        let t0 = Instant::now();
+        let r = self.finish_inner(pq).await;
+        self.busy += t0.elapsed();
+        r
+    }
+
+    async fn finish_inner(&mut self, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
+        let keys: Vec<i32> = self.tasks.keys().copied().collect();
+        if self.kafka {
+            // The store gets the latest values of the windows still open.
+            let mut emits = Vec::new();
+            for (&k, t) in self.tasks.iter_mut() {
+                t.pw.table.live = true;
+                let wm = t.pw.windower.watermark();
+                emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
+            }
+            self.emit(emits, pq).await?;
+            self.record_freshness();
+            for k in keys {
+                ask(pq, |tx| ParquetMsg::ClosePartition(k, tx)).await?;
+                self.checkpoint(k, pq).await?;
+            }
+            return Ok(());
+        }
+        let mut emits = Vec::new();
+        for &k in &keys {
+            let t = self.tasks.get_mut(&k).expect("listed");
+            let wm = t.pw.windower.watermark();
+            emits.extend(t.pw.table.advance(wm, true).into_iter().map(|e| (k, e)));
+        }
+        // Score what is left, as if the watermark had passed everything.
+        self.ended = true;
+        self.emit(emits, pq).await?;
+        for k in keys {
+            let t = self.tasks.get_mut(&k).expect("listed");
+            let flush = flush_pending(t, i64::MAX);
+            write_rows(flush, pq, &mut self.summary).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a store write, retrying connection-level failures with backoff.
+async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, PipelineError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(err) if err.is_retryable() && attempt < 8 => {
+                tracing::warn!(error = %err, attempt, "store write failed, retrying");
+                metrics::counter!("pulse_store_retries_total").increment(1);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+async fn write_rows(
+    (stats, top, key): FinalRows,
+    pq: &mpsc::Sender<ParquetMsg>,
+    summary: &mut Summary,
+) -> Result<(), PipelineError> {
+    if !stats.is_empty() {
+        summary.minute_rows_final += stats.len() as u64;
+        let b = minute_rows_batch(&stats);
+        summary.final_rows.extend(stats);
+        send(pq, ParquetMsg::MinuteStats(b)).await?;
+    }
+    if !top.is_empty() {
+        send(pq, ParquetMsg::TopItems(top_items_batch(&top, key)?)).await?;
+    }
+    Ok(())
+}
+
+/// Sends a request to the parquet stage and waits for its answer (it comes
+/// after every message sent before).
+async fn ask<T>(
+    pq: &mpsc::Sender<ParquetMsg>,
+    make: impl FnOnce(oneshot::Sender<T>) -> ParquetMsg,
+) -> Result<T, PipelineError> {
+    let (tx, rx) = oneshot::channel();
+    send(pq, make(tx)).await?;
+    rx.await
+        .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))
+}
+
+async fn to_trainer(
+    t: &mpsc::Sender<TrainMsg>,
+    batch: Option<RecordBatch>,
+    upto: Vec<(i32, i64)>,
+) -> Result<(), PipelineError> {
+    t.send(TrainMsg { batch, upto })
+        .await
+        .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))
+}
+
+async fn send(pq: &mpsc::Sender<ParquetMsg>, m: ParquetMsg) -> Result<(), PipelineError> {
+    pq.send(m)
+        .await
+        .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))
+}

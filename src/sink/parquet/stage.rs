@@ -1,0 +1,152 @@
+//! The Parquet stage: one thread owning a writer per table. Consumes
+//! [`ParquetMsg`]s (rows to append, hours to close, partitions gained and
+//! lost, questions about open files) in the order the core stage sends them;
+//! produces committed files ([`super::TableWriter`]). Guarantee: what it
+//! answers about a partition reflects every message sent before the question,
+//! and a file is visible only once committed (renamed into place).
+
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::record_batch::RecordBatch;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    ParquetError, TableWriter, WrittenFile, anomalies_spec, dead_letters_spec, events_spec,
+    minute_stats_spec, remove_in_progress, remove_in_progress_of, top_items_spec,
+};
+use crate::config::Config;
+
+/// What the Parquet stage is asked to do.
+pub enum ParquetMsg {
+    Events(RecordBatch),
+    Dead(RecordBatch),
+    /// Final rows of closed hours: written and committed at once.
+    MinuteStats(RecordBatch),
+    TopItems(RecordBatch),
+    Anomalies(RecordBatch),
+    /// Closes `events`/`dead_letters` files of hours ending at or before the
+    /// time, of one partition or all.
+    CloseHoursBefore(Option<i32>, i64),
+    /// First position of the oldest open `events`/`dead_letters` file of a partition.
+    OpenFirst(i32, oneshot::Sender<Option<i64>>),
+    /// Commits every open file of a partition.
+    ClosePartition(i32, oneshot::Sender<()>),
+    /// Deletes a partition's unpublished files and forgets its positions.
+    DropPartition(i32, oneshot::Sender<()>),
+    /// Removes a newly owned partition's leftovers of interrupted writes.
+    Adopt(i32),
+}
+
+/// The parquet stage's loop: owns one writer per table, returns the files
+/// it wrote and its busy time.
+pub fn run(
+    cfg: &Config,
+    kafka: bool,
+    mut rx: mpsc::Receiver<ParquetMsg>,
+) -> Result<(Vec<(String, WrittenFile)>, Duration), ParquetError> {
+    let mut busy = Duration::ZERO;
+    let pc = &cfg.parquet;
+    if !kafka {
+        // Only a Kafka partition's owner may clean its files (instances share the directory).
+        let removed = remove_in_progress(&pc.data_dir).unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(removed, "removed leftovers of interrupted writes");
+        }
+    }
+    let mk = |spec| {
+        TableWriter::new(
+            &pc.data_dir,
+            spec,
+            pc.row_group_rows,
+            pc.max_file_rows,
+            pc.zstd_level,
+        )
+        .map(|w| w.with_buffer_limit(pc.buffer_mb << 20))
+    };
+    let mut events = mk(events_spec())?;
+    let mut dead = mk(dead_letters_spec())?;
+    let mut stats = mk(minute_stats_spec())?;
+    let mut top = mk(top_items_spec())?;
+    let mut anom = mk(anomalies_spec())?;
+    while let Some(m) = rx.blocking_recv() {
+        let t0 = Instant::now();
+        match m {
+            ParquetMsg::Events(b) => events.write(&b)?,
+            ParquetMsg::Dead(b) => dead.write(&b)?,
+            ParquetMsg::MinuteStats(b) => {
+                stats.write(&b)?;
+                stats.close_all()?;
+            }
+            ParquetMsg::TopItems(b) => {
+                top.write(&b)?;
+                top.close_all()?;
+            }
+            ParquetMsg::Anomalies(b) => {
+                anom.write(&b)?;
+                anom.close_all()?;
+            }
+            ParquetMsg::CloseHoursBefore(part, ms) => {
+                for w in [&mut events, &mut dead] {
+                    match part {
+                        Some(p) => w.close_partition_hours_before(p, ms)?,
+                        None => w.close_hours_before(ms)?,
+                    }
+                }
+            }
+            ParquetMsg::OpenFirst(p, reply) => {
+                let first = [events.open_first(p), dead.open_first(p)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                let _ = reply.send(first);
+            }
+            ParquetMsg::ClosePartition(p, reply) => {
+                events.close_partition(p)?;
+                dead.close_partition(p)?;
+                let _ = reply.send(());
+            }
+            ParquetMsg::DropPartition(p, reply) => {
+                for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
+                    w.drop_partition(p);
+                }
+                let _ = reply.send(());
+            }
+            ParquetMsg::Adopt(p) => match remove_in_progress_of(&pc.data_dir, p) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(
+                        partition = p,
+                        removed = n,
+                        "removed leftovers of interrupted writes"
+                    )
+                }
+                Err(e) => tracing::warn!(partition = p, error = %e, "cannot clean leftovers"),
+            },
+        }
+        busy += t0.elapsed();
+    }
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    if !kafka {
+        for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
+            w.close_all()?;
+        }
+    }
+    for (name, w) in [
+        ("events", &events),
+        ("dead_letters", &dead),
+        ("minute_stats", &stats),
+        ("top_items", &top),
+        ("anomalies", &anom),
+    ] {
+        out.extend(w.written().iter().map(|f| (name.to_string(), f.clone())));
+    }
+    let skipped = events.skipped + dead.skipped;
+    if skipped > 0 {
+        tracing::info!(
+            rows = skipped,
+            "replayed rows already in committed files were skipped"
+        );
+    }
+    Ok((out, busy + t0.elapsed()))
+}
