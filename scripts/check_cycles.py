@@ -5,7 +5,7 @@ A module is a source file under src/ (`src/a/b.rs` and `src/a/b/mod.rs` are
 `a::b`). An edge A -> B is any path in A's code (a `use` item, braces
 expanded, or an inline `crate::…`, `super::…` or `self::…` path) that
 resolves to B, taking the longest prefix of the path that names a module
-file. Comments and `#[cfg(test)]` modules are ignored: tests are consumers
+file; a path that starts with a child module's name is relative to A. Comments and `#[cfg(test)]` modules are ignored: tests are consumers
 of a module, and may build their input with any other (the generator, say).
 Declaring a child (`mod x;`) is not an edge.
 
@@ -116,6 +116,24 @@ def expand_use(tree):
     return [re.sub(r"\bas\w+$", "", p) for p in paths if p]
 
 
+def inline_modules(src):
+    """(start, end, name) of each inline `mod name { ... }` block."""
+    spans = []
+    for m in re.finditer(r"\bmod\s+(\w+)\s*\{", src):
+        depth, i = 1, m.end()
+        while i < len(src) and depth:
+            depth += {"{": 1, "}": -1}.get(src[i], 0)
+            i += 1
+        spans.append((m.start(), i, m.group(1)))
+    return spans
+
+
+def scope_at(name, spans, pos):
+    """The module path at `pos`: the file's module plus enclosing inline ones."""
+    inner = [n for (a, b, n) in spans if a < pos < b]
+    return "::".join(([name] if name else []) + inner)
+
+
 def resolve(path, here, mods):
     segs = [s for s in path.split("::") if s]
     if not segs:
@@ -140,16 +158,29 @@ def resolve(path, here, mods):
 
 def edges_of(name, path, mods):
     src = strip_test_modules(strip_comments(open(path, encoding="utf-8").read()))
+    spans = inline_modules(src)
     found = set()
     for m in re.finditer(r"\buse\s+([^;]+);", src):
+        here = scope_at(name, spans, m.start())
         for p in expand_use(m.group(1)):
-            t = resolve(p, name, mods)
+            head = p.split("::")[0]
+            child = f"{name}::{head}" if name else head
+            if head not in ("crate", "super", "self") and child in mods:
+                p = "self::" + p
+            t = resolve(p, here, mods)
             if t is not None and t != name:
                 found.add(t)
     for m in re.finditer(r"\b((?:crate|super|self)(?:::\w+)+)", src):
-        t = resolve(m.group(1), name, mods)
+        t = resolve(m.group(1), scope_at(name, spans, m.start()), mods)
         if t is not None and t != name:
             found.add(t)
+    # paths relative to this module: `child::item` (in `use` or inline)
+    for m in re.finditer(r"(?<![:\w])([a-z_]\w*)((?:::\w+)+)", src):
+        child = f"{name}::{m.group(1)}" if name else m.group(1)
+        if child in mods:
+            t = resolve("self::" + m.group(1) + m.group(2), name, mods)
+            if t is not None and t != name:
+                found.add(t)
     # a child module file's parent only declares it: `pub mod x;` is no edge
     return found
 

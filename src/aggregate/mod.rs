@@ -78,6 +78,33 @@ pub struct Summary {
 /// Hours: final rows are written, and files closed, by the hour.
 const HOUR_MS: i64 = 3_600_000;
 
+/// The rows of a decoded batch this instance owns.
+struct OwnedRows {
+    dead: RecordBatch,
+    events: RecordBatch,
+    /// Source partition and offset of each event.
+    parts: Vec<i32>,
+    offsets: Vec<i64>,
+    /// Per owned partition key: first and last offset in the batch (events
+    /// and dead letters).
+    span: BTreeMap<i32, (i64, i64)>,
+}
+
+/// A batch's events classified against the watermarks.
+struct Classified {
+    /// The events with their `lateness` column.
+    full: RecordBatch,
+    /// Per event: its window's start, its partition key, whether it counts
+    /// in the windows (fresh and not too late), whether it is fresh (not a
+    /// replay).
+    bins: Vec<i64>,
+    keys: Vec<i32>,
+    counted: Vec<bool>,
+    fresh: Vec<bool>,
+    /// Event times of the fresh events.
+    fresh_ts: Vec<i64>,
+}
+
 /// The core stage's state: windows, SQL, detection and the store over
 /// decoded batches, for every owned partition.
 pub struct Core {
@@ -345,64 +372,15 @@ impl Core {
         let mut fresh_ts: Vec<i64> = Vec::new();
         let now = chrono::Utc::now().timestamp_millis();
         self.instance.tick(now);
-        let part_col = |b: &RecordBatch| -> Result<(Vec<i32>, Vec<i64>), PipelineError> {
-            let p = b
-                .column_by_name("src_partition")
-                .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
-                .ok_or_else(|| PipelineError::Stage("missing src_partition".into()))?;
-            let o = b
-                .column_by_name("src_offset")
-                .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
-                .ok_or_else(|| PipelineError::Stage("missing src_offset".into()))?;
-            Ok((p.values().to_vec(), o.values().to_vec()))
-        };
         let keyed = d.partitioned_time;
-        let (dparts, doffs) = part_col(&d.dead_letters)?;
-        let (eparts, eoffs) = part_col(&d.events)?;
-        let key = |p: i32| if keyed { p } else { 0 };
-        // Per partition: first and last offset in this batch (events and dead letters).
-        let mut span: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
-        for (p, o) in dparts.iter().zip(&doffs).chain(eparts.iter().zip(&eoffs)) {
-            let e = span.entry(key(*p)).or_insert((*o, *o));
-            e.0 = e.0.min(*o);
-            e.1 = e.1.max(*o);
-        }
-        if !self.kafka {
-            for &k in span.keys() {
-                self.tasks
-                    .entry(k)
-                    .or_insert_with(|| Task::fresh(self.params, self.top_n, k));
-            }
-        }
-        // Rows of partitions this instance does not own (a chunk read just
-        // before a revocation) are left to the owner.
-        let owned = |p: &i32| self.tasks.contains_key(&key(*p));
-        let unowned = dparts.iter().filter(|p| !owned(p)).count()
-            + eparts.iter().filter(|p| !owned(p)).count();
-        let (dead, ev) = if unowned > 0 {
-            metrics::counter!("pulse_records_unowned_total").increment(unowned as u64);
-            let dm = BooleanArray::from(dparts.iter().map(owned).collect::<Vec<_>>());
-            let em = BooleanArray::from(eparts.iter().map(owned).collect::<Vec<_>>());
-            (
-                filter_record_batch(&d.dead_letters, &dm)?,
-                filter_record_batch(&d.events, &em)?,
-            )
-        } else {
-            (d.dead_letters, d.events)
-        };
-        let (eparts, eoffs) = part_col(&ev)?;
-        span.retain(|k, _| self.tasks.contains_key(k));
-        for (k, (first, _)) in &span {
-            if let Some(t) = self.tasks.get_mut(k) {
-                let before = match &t.replay {
-                    Some(r) if self.kafka && *first < t.next_offset => r.max_event_time(),
-                    _ => t.pw.windower.max_event_time(),
-                };
-                if self.kafka {
-                    t.history.push_back((*first, before));
-                }
-            }
-        }
+        let OwnedRows {
+            dead,
+            events: ev,
+            parts: eparts,
+            offsets: eoffs,
+            span,
+        } = self.own_rows(d.dead_letters, d.events, keyed)?;
+        self.mark_batch_starts(&span);
 
         // The trainer's offsets move past the whole batch, dead letters included.
         let mut trainer_upto: Vec<(i32, i64)> = if self.kafka && self.trainer.is_some() {
@@ -423,49 +401,16 @@ impl Core {
         if n > 0 {
             self.summary.events += n as u64;
             metrics::counter!("pulse_events_total").increment(n as u64);
-            let ts = ev.column(1).as_primitive::<TimestampMillisecondType>();
             let (late0, too_late0) = (self.summary.late, self.summary.too_late);
-            let mut ws = Vec::with_capacity(n);
-            let mut counted = Vec::with_capacity(n);
-            let mut fresh = Vec::with_capacity(n);
-            let mut keys = Vec::with_capacity(n);
-            let mut lateness = StringBuilder::with_capacity(n, n * 7);
-            for (i, &t) in ts.values().iter().enumerate() {
-                let k = key(eparts[i]);
-                let task = self.tasks.get_mut(&k).expect("owned rows only");
-                let replayed = self.kafka && eoffs[i] < task.next_offset;
-                let (w, class) = match (&mut task.replay, replayed) {
-                    (Some(r), true) => r.observe(k, t),
-                    (None, true) => {
-                        return Err(PipelineError::Stage(format!(
-                            "partition {k} replays offset {} without a replay state",
-                            eoffs[i]
-                        )));
-                    }
-                    (_, false) => {
-                        self.instance.observe(k, t);
-                        task.pw.windower.observe(k, t)
-                    }
-                };
-                if !replayed {
-                    fresh_ts.push(t);
-                }
-                ws.push(w);
-                keys.push(k);
-                counted.push(!replayed && class != Lateness::TooLate);
-                fresh.push(!replayed);
-                lateness.append_value(class.as_str());
-                if !replayed {
-                    match class {
-                        Lateness::OnTime => {}
-                        Lateness::Late => self.summary.late += 1,
-                        Lateness::TooLate => self.summary.too_late += 1,
-                    }
-                }
-            }
-            let mut cols = ev.columns().to_vec();
-            cols.push(Arc::new(lateness.finish()) as ArrayRef);
-            let full = RecordBatch::try_new(events_schema(), cols)?;
+            let Classified {
+                full,
+                bins: ws,
+                keys,
+                counted,
+                fresh,
+                fresh_ts: ts_fresh,
+            } = self.classify(&ev, &eparts, &eoffs, keyed)?;
+            fresh_ts = ts_fresh;
 
             // The SQL input: counted events' grouping columns, bins and partition key.
             let ws_arr =
@@ -587,6 +532,153 @@ impl Core {
         metrics::histogram!("pulse_batch_seconds").record(t0.elapsed().as_secs_f64());
         self.summary.last_batch_done_at = Some(Instant::now());
         Ok(())
+    }
+
+    /// Splits a decoded batch into the rows of partitions this instance
+    /// owns (a chunk read just before a revocation is left to the new
+    /// owner), with each owned partition's first and last offset in it.
+    /// File and generator runs own every partition they see.
+    fn own_rows(
+        &mut self,
+        dead_letters: RecordBatch,
+        events: RecordBatch,
+        keyed: bool,
+    ) -> Result<OwnedRows, PipelineError> {
+        let part_col = |b: &RecordBatch| -> Result<(Vec<i32>, Vec<i64>), PipelineError> {
+            let p = b
+                .column_by_name("src_partition")
+                .and_then(|c| c.as_primitive_opt::<Int32Type>().cloned())
+                .ok_or_else(|| PipelineError::Stage("missing src_partition".into()))?;
+            let o = b
+                .column_by_name("src_offset")
+                .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
+                .ok_or_else(|| PipelineError::Stage("missing src_offset".into()))?;
+            Ok((p.values().to_vec(), o.values().to_vec()))
+        };
+        let (dparts, doffs) = part_col(&dead_letters)?;
+        let (eparts, eoffs) = part_col(&events)?;
+        let key = |p: i32| if keyed { p } else { 0 };
+        // Per partition: first and last offset in this batch (events and dead letters).
+        let mut span: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        for (p, o) in dparts.iter().zip(&doffs).chain(eparts.iter().zip(&eoffs)) {
+            let e = span.entry(key(*p)).or_insert((*o, *o));
+            e.0 = e.0.min(*o);
+            e.1 = e.1.max(*o);
+        }
+        if !self.kafka {
+            for &k in span.keys() {
+                self.tasks
+                    .entry(k)
+                    .or_insert_with(|| Task::fresh(self.params, self.top_n, k));
+            }
+        }
+        // Rows of partitions this instance does not own (a chunk read just
+        // before a revocation) are left to the owner.
+        let owned = |p: &i32| self.tasks.contains_key(&key(*p));
+        let unowned = dparts.iter().filter(|p| !owned(p)).count()
+            + eparts.iter().filter(|p| !owned(p)).count();
+        let (dead, ev) = if unowned > 0 {
+            metrics::counter!("pulse_records_unowned_total").increment(unowned as u64);
+            let dm = BooleanArray::from(dparts.iter().map(owned).collect::<Vec<_>>());
+            let em = BooleanArray::from(eparts.iter().map(owned).collect::<Vec<_>>());
+            (
+                filter_record_batch(&dead_letters, &dm)?,
+                filter_record_batch(&events, &em)?,
+            )
+        } else {
+            (dead_letters, events)
+        };
+        let (eparts, eoffs) = part_col(&ev)?;
+        span.retain(|k, _| self.tasks.contains_key(k));
+        Ok(OwnedRows {
+            dead,
+            events: ev,
+            parts: eparts,
+            offsets: eoffs,
+            span,
+        })
+    }
+
+    /// Kafka: records where each partition's batch starts and the
+    /// partition's max event time before it (the points a checkpoint can
+    /// replay from).
+    fn mark_batch_starts(&mut self, span: &BTreeMap<i32, (i64, i64)>) {
+        for (k, (first, _)) in span {
+            if let Some(t) = self.tasks.get_mut(k) {
+                let before = match &t.replay {
+                    Some(r) if self.kafka && *first < t.next_offset => r.max_event_time(),
+                    _ => t.pw.windower.max_event_time(),
+                };
+                if self.kafka {
+                    t.history.push_back((*first, before));
+                }
+            }
+        }
+    }
+
+    /// Classifies each event against its partition's watermark (a replayed
+    /// one as it was classified the first time), assigns its window, and
+    /// counts late ones; returns the events with their lateness column.
+    fn classify(
+        &mut self,
+        ev: &RecordBatch,
+        eparts: &[i32],
+        eoffs: &[i64],
+        keyed: bool,
+    ) -> Result<Classified, PipelineError> {
+        let key = |p: i32| if keyed { p } else { 0 };
+        let n = ev.num_rows();
+        let mut fresh_ts = Vec::new();
+        let ts = ev.column(1).as_primitive::<TimestampMillisecondType>();
+        let mut ws = Vec::with_capacity(n);
+        let mut counted = Vec::with_capacity(n);
+        let mut fresh = Vec::with_capacity(n);
+        let mut keys = Vec::with_capacity(n);
+        let mut lateness = StringBuilder::with_capacity(n, n * 7);
+        for (i, &t) in ts.values().iter().enumerate() {
+            let k = key(eparts[i]);
+            let task = self.tasks.get_mut(&k).expect("owned rows only");
+            let replayed = self.kafka && eoffs[i] < task.next_offset;
+            let (w, class) = match (&mut task.replay, replayed) {
+                (Some(r), true) => r.observe(k, t),
+                (None, true) => {
+                    return Err(PipelineError::Stage(format!(
+                        "partition {k} replays offset {} without a replay state",
+                        eoffs[i]
+                    )));
+                }
+                (_, false) => {
+                    self.instance.observe(k, t);
+                    task.pw.windower.observe(k, t)
+                }
+            };
+            if !replayed {
+                fresh_ts.push(t);
+            }
+            ws.push(w);
+            keys.push(k);
+            counted.push(!replayed && class != Lateness::TooLate);
+            fresh.push(!replayed);
+            lateness.append_value(class.as_str());
+            if !replayed {
+                match class {
+                    Lateness::OnTime => {}
+                    Lateness::Late => self.summary.late += 1,
+                    Lateness::TooLate => self.summary.too_late += 1,
+                }
+            }
+        }
+        let mut cols = ev.columns().to_vec();
+        cols.push(Arc::new(lateness.finish()) as ArrayRef);
+        let full = RecordBatch::try_new(events_schema(), cols)?;
+        Ok(Classified {
+            full,
+            bins: ws,
+            keys,
+            counted,
+            fresh,
+            fresh_ts,
+        })
     }
 
     /// Records the freshness of the events the store now shows.

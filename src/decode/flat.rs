@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 
-use super::{RawEvent, Text, Ts, parse_ts};
+use super::event::{RawEvent, Text, Ts, parse_ts};
 
 /// The known keys with their quotes, by field number.
 const QUOTED: [&[u8]; 12] = [
