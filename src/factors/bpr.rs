@@ -486,6 +486,35 @@ impl Bpr {
         (u, i, steps)
     }
 
+    /// [`steps32xn_avx2`] on this model's tables.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2: called from the `AVX2` bodies only.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn steps_avx2<const N: usize>(
+        &mut self,
+        users: [usize; N],
+        steps: [&[(u32, u32, f32)]; N],
+        margin: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let tables = (
+            &mut self.user_f[..],
+            &mut self.item_f[..],
+            &mut self.item_b[..],
+        );
+        // SAFETY: AVX2 by this function's contract.
+        unsafe {
+            steps32xn_avx2(
+                tables,
+                (self.cfg.reg, self.cfg.bias_reg),
+                users,
+                steps,
+                margin,
+            )
+        }
+    }
+
     /// One event's SGD steps on user row `u`, in order ([`Bpr::step`], or
     /// `kernels::steps32xn_avx2` where it applies); `margin(k, x)` gets each
     /// step's margin before it.
@@ -502,13 +531,7 @@ impl Bpr {
             // `Bpr::learn_group_avx2`, which run only on CPUs detected to
             // support AVX2.
             unsafe {
-                steps32xn_avx2(
-                    (&mut self.user_f, &mut self.item_f, &mut self.item_b),
-                    (self.cfg.reg, self.cfg.bias_reg),
-                    [u],
-                    [pairs],
-                    &mut |_, k, x| margin(k, x),
-                )
+                self.steps_avx2([u], [pairs], &mut |_, k, x| margin(k, x))
             };
         } else {
             for (k, &(p, j, lr)) in pairs.iter().enumerate() {
@@ -586,34 +609,16 @@ impl Bpr {
             #[cfg(target_arch = "x86_64")]
             // SAFETY (all three): as in `Bpr::steps`.
             2 if AVX2 && self.cfg.dim == 32 => unsafe {
-                steps32xn_avx2(
-                    (&mut self.user_f, &mut self.item_f, &mut self.item_b),
-                    (self.cfg.reg, self.cfg.bias_reg),
-                    [u(0), u(1)],
-                    [s(0), s(1)],
-                    &mut |_, _, _| {},
-                )
+                self.steps_avx2([u(0), u(1)], [s(0), s(1)], &mut |_, _, _| {})
             },
             #[cfg(target_arch = "x86_64")]
             3 if AVX2 && self.cfg.dim == 32 => unsafe {
-                steps32xn_avx2(
-                    (&mut self.user_f, &mut self.item_f, &mut self.item_b),
-                    (self.cfg.reg, self.cfg.bias_reg),
-                    [u(0), u(1), u(2)],
-                    [s(0), s(1), s(2)],
-                    &mut |_, _, _| {},
-                )
+                self.steps_avx2([u(0), u(1), u(2)], [s(0), s(1), s(2)], &mut |_, _, _| {})
             },
             #[cfg(target_arch = "x86_64")]
             4 if AVX2 && self.cfg.dim == 32 => unsafe {
                 let s4 = [s(0), s(1), s(2), s(3)];
-                steps32xn_avx2(
-                    (&mut self.user_f, &mut self.item_f, &mut self.item_b),
-                    (self.cfg.reg, self.cfg.bias_reg),
-                    [u(0), u(1), u(2), u(3)],
-                    s4,
-                    &mut |_, _, _| {},
-                )
+                self.steps_avx2([u(0), u(1), u(2), u(3)], s4, &mut |_, _, _| {})
             },
             n => {
                 let len = steps[..n].iter().map(Vec::len).max().unwrap_or(0);
