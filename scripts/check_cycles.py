@@ -9,8 +9,9 @@ file; a path that starts with a child module's name is relative to A. Comments a
 of a module, and may build their input with any other (the generator, say).
 Declaring a child (`mod x;`) is not an edge.
 
-Usage: scripts/check_cycles.py [--edges]
-  --edges  print every edge
+Usage: scripts/check_cycles.py [--edges | --self-test]
+  --edges      print every edge
+  --self-test  check the checker on small trees with known problems
 Exit status 1 if the graph has a cycle, a pure module imports an I/O one
 (source/, sink/, serve/, the wiring, the core stage or the evaluation
 tools), or a leaf module (model, timefmt, sketch) imports any module.
@@ -31,13 +32,13 @@ IO = ["source", "sink", "serve", "app", "aggregate", "eval"]
 LEAVES = ["model", "timefmt", "sketch"]
 
 
-def module_files():
+def module_files(root):
     mods = {}
-    for dirpath, _, files in os.walk(ROOT):
+    for dirpath, _, files in os.walk(root):
         for f in files:
             if not f.endswith(".rs"):
                 continue
-            rel = os.path.relpath(os.path.join(dirpath, f), ROOT)
+            rel = os.path.relpath(os.path.join(dirpath, f), root)
             parts = rel[:-3].split(os.sep)
             if parts[-1] == "mod":
                 parts = parts[:-1]
@@ -222,44 +223,98 @@ def under(mod, prefixes):
     return any(mod == p or mod.startswith(p + "::") for p in prefixes)
 
 
-def binary_modules(mods):
+def binary_modules(root, mods):
     """Modules of the `pulse` binary: those main.rs declares (`mod x;`)."""
-    main = strip_comments(open(os.path.join(ROOT, "main.rs"), encoding="utf-8").read())
+    path = os.path.join(root, "main.rs")
+    if not os.path.exists(path):
+        return set()
+    main = strip_comments(open(path, encoding="utf-8").read())
     return {m for m in re.findall(r"^\s*mod\s+(\w+)\s*;", main, flags=re.M) if m in mods}
 
 
-def main():
-    mods = module_files()
-    for b in binary_modules(mods):
+def check(root, show_edges=False, out=print):
+    """Prints the problems of the tree at `root`; returns how many."""
+    mods = module_files(root)
+    for b in binary_modules(root, mods):
         del mods[b]  # the binary uses the library as `pulse::`, not `crate::`
     graph = {}
     for name, path in sorted(mods.items()):
         if name in ("", "main"):
             continue  # the crate root and the binary only wire modules
         graph[name] = edges_of(name, path, mods) - {""}
-    if "--edges" in sys.argv:
+    if show_edges:
         for a in sorted(graph):
             for b in sorted(graph[a]):
-                print(f"{a or 'crate'} -> {b}")
+                out(f"{a or 'crate'} -> {b}")
     bad = 0
     for comp in find_cycles(graph):
         bad += 1
-        print("cycle: " + " <-> ".join(comp))
+        out("cycle: " + " <-> ".join(comp))
     for a in sorted(graph):
         if not under(a, PURE) or under(a, IO):
             continue
         for b in sorted(graph[a]):
             if under(b, IO):
                 bad += 1
-                print(f"pure module imports I/O: {a} -> {b}")
+                out(f"pure module imports I/O: {a} -> {b}")
     for a in LEAVES:
         for b in sorted(graph.get(a, ())):
             bad += 1
-            print(f"leaf module imports another: {a} -> {b}")
+            out(f"leaf module imports another: {a} -> {b}")
     n_edges = sum(len(v) for v in graph.values())
     status = "FAIL" if bad else "ok"
-    print(f"check_cycles: {len(graph)} modules, {n_edges} edges, {bad} problems: {status}")
-    return 1 if bad else 0
+    out(f"check_cycles: {len(graph)} modules, {n_edges} edges, {bad} problems: {status}")
+    return bad
+
+def self_test():
+    """Runs the checker on small trees whose problems are known."""
+    import tempfile
+
+    def tree(files):
+        d = tempfile.mkdtemp(prefix="check-cycles-")
+        for name, text in files.items():
+            path = os.path.join(d, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return d
+
+    def problems(files):
+        lines = []
+        bad = check(tree(files), out=lines.append)
+        return bad, lines
+
+    cases = [
+        # (files, expected problem count, a line that must appear)
+        ({"lib.rs": "mod a; mod b;", "a.rs": "use crate::b::X;", "b.rs": "use crate::a::Y;"},
+         1, "cycle: a <-> b"),
+        ({"lib.rs": "", "a.rs": "use crate::b::{c::X, Y};", "b/mod.rs": "pub mod c;",
+          "b/c.rs": "fn f() { crate::a::g() }"}, 1, "cycle: a <-> b::c"),
+        # a child named without a prefix, and `super` inside an inline module
+        ({"lib.rs": "", "p/mod.rs": "mod q; fn f() { q::g() }",
+          "p/q.rs": "mod inner { use super::super::h; }"}, 1, "cycle: p <-> p::q"),
+        ({"lib.rs": "", "decode.rs": "use crate::sink::W;", "sink.rs": ""},
+         1, "pure module imports I/O: decode -> sink"),
+        ({"lib.rs": "", "model.rs": "use crate::config::C;", "config.rs": ""},
+         1, "leaf module imports another: model -> config"),
+        # tests and comments are not edges; `mod x;` is not an edge
+        ({"lib.rs": "", "a.rs": "// use crate::b::X;\n#[cfg(test)]\nmod tests { use crate::b::X; }",
+          "b.rs": "use crate::a::Y;"}, 0, "0 problems: ok"),
+    ]
+    failed = 0
+    for files, want, line in cases:
+        bad, lines = problems(files)
+        if bad != want or not any(line in x for x in lines):
+            failed += 1
+            print(f"self-test failed: expected {want} problem(s) and {line!r}, got {lines}")
+    print(f"check_cycles self-test: {len(cases) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def main():
+    if "--self-test" in sys.argv:
+        return self_test()
+    return 1 if check(ROOT, "--edges" in sys.argv) else 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 eval "$(scripts/services.sh start)"
 trap 'scripts/services.sh stop "$PULSE_SERVICES_DIR"' EXIT
 
+python3 scripts/check_cycles.py --self-test
 python3 scripts/check_cycles.py
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
