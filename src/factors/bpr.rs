@@ -775,3 +775,133 @@ impl Bpr {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngCore;
+
+    /// The next number of a xorshift64 sequence.
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    /// Asserts that two models hold the same user rows, item rows and item
+    /// biases, bit for bit.
+    fn assert_same_rows(a: &Bpr, b: &Bpr, context: &str) {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.user_f), bits(&b.user_f), "{context}");
+        assert_eq!(bits(&a.item_f), bits(&b.item_f), "{context}");
+        assert_eq!(bits(&a.item_b), bits(&b.item_b), "{context}");
+    }
+
+    #[test]
+    fn dispatched_update_equals_the_portable_one_bit_for_bit() {
+        let cfg = RecoConfig::default();
+        let (mut fast, mut portable) = (Bpr::new(&cfg, 3), Bpr::new(&cfg, 3));
+        let mut x = 88_172_645_463_325_252u64;
+        for _ in 0..5_000 {
+            let x = xorshift(&mut x);
+            let (u, i, w) = (x % 300, (x >> 20) % 500, 1.0 + (x >> 40) as f32 % 3.0);
+            let a = fast.observe(u, i, w);
+            let b = portable.learn_body::<false>(u, i, w, true);
+            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+        }
+        assert_same_rows(&fast, &portable, "single events");
+    }
+
+    #[test]
+    fn dispatched_group_update_equals_the_portable_one_bit_for_bit() {
+        let cfg = RecoConfig::default();
+        let (mut fast, mut portable) = (Bpr::new(&cfg, 3), Bpr::new(&cfg, 3));
+        let mut x = 88_172_645_463_325_252u64;
+        let mut next = || {
+            let x = xorshift(&mut x);
+            (x % 300, (x >> 20) % 500, 1.0 + (x >> 40) as f32 % 3.0)
+        };
+        for k in 0..3_000 {
+            // Groups of every size, with repeated and new users among them.
+            let group: Vec<_> = (0..=k % GROUP).map(|_| next()).collect();
+            fast.learn_group(&group);
+            portable.learn_group_body::<false>(&group);
+        }
+        assert_same_rows(&fast, &portable, "groups");
+    }
+
+    #[test]
+    fn top_k_orders_and_breaks_ties_by_index() {
+        let s = [0.5f32, 2.0, 0.5, 3.0, -1.0];
+        let t = top_k(s.len(), 3, |j| s[j], |j| j == 3);
+        assert_eq!(t, vec![(1, 2.0), (0, 0.5), (2, 0.5)]);
+    }
+
+    /// A group is its events learned one after the other, with only the
+    /// order of their steps changed: where their steps touch different items
+    /// (and always for one user's events), it is bit for bit the same.
+    #[test]
+    fn a_group_learns_what_its_events_one_by_one_learn() {
+        let cfg = RecoConfig {
+            sampling: Sampling::Uniform,
+            ..RecoConfig::default()
+        };
+        let mut x = 2_463_534_242u64;
+        let mut next = |users: u64| {
+            let x = xorshift(&mut x);
+            (x % users, (x >> 16) % 5_000, 1.0 + (x >> 40) as f32 % 3.0)
+        };
+        let mut model = Bpr::new(&cfg, 9);
+        for _ in 0..20_000 {
+            let e = next(2_000);
+            model.learn(e.0, e.1, e.2);
+        }
+        let items = |v: &[(u32, u32, f32)]| {
+            v.iter()
+                .flat_map(|&(i, j, _)| [i, j])
+                .collect::<HashSet<u32>>()
+        };
+        let (mut disjoint, mut one_user) = (0, 0);
+        for k in 0..400 {
+            let n = 2 + k % (GROUP - 1);
+            let group: Vec<_> = if k % 4 == 0 {
+                // One user's events.
+                let u = next(2_000).0;
+                (0..n).map(|_| (u, next(2_000).1, 1.0)).collect()
+            } else {
+                (0..n).map(|_| next(2_000)).collect()
+            };
+            let (mut p, mut s) = (model.clone(), model.clone());
+            p.learn_group(&group);
+            for e in &group {
+                s.learn(e.0, e.1, e.2);
+            }
+            let users: HashSet<u64> = group.iter().map(|e| e.0).collect();
+            let mut seen = HashSet::new();
+            // Known users and items: no event started a new group, so each
+            // slot of the scratch holds its event's steps.
+            let known = group
+                .iter()
+                .all(|e| model.users.get(e.0).is_some() && model.items.get(e.1).is_some());
+            let apart = known
+                && users.len() == n
+                && p.group[..n]
+                    .iter()
+                    .all(|steps| items(steps).iter().all(|&i| seen.insert(i)));
+            if users.len() == 1 || apart {
+                assert_same_rows(&p, &s, &format!("group {k}"));
+                for e in &group {
+                    assert_eq!(p.recent_items(e.0), s.recent_items(e.0));
+                }
+                disjoint += usize::from(apart);
+                one_user += usize::from(users.len() == 1);
+            }
+            // Either way the draws were the same: the generators agree.
+            assert_eq!(p.rng.next_u64(), s.rng.next_u64());
+            // Both continue from the group's state.
+            model = p;
+        }
+        assert!(disjoint > 100 && one_user == 100, "{disjoint} {one_user}");
+    }
+}

@@ -329,4 +329,70 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_bounded_index_forgets_the_key_not_seen_again_first() {
+        let mut ix = Index::default();
+        for id in [10, 20, 30] {
+            assert_eq!(ix.insert_bounded(id, 3).1, Slot::New);
+        }
+        // 10 and 30 come back; 20 does not.
+        assert_eq!(ix.insert_bounded(10, 3), (0, Slot::Known));
+        assert_eq!(ix.insert_bounded(30, 3), (2, Slot::Known));
+        assert_eq!(ix.insert_bounded(40, 3), (1, Slot::Reused));
+        assert_eq!((ix.get(20), ix.get(40), ix.ids.len()), (None, Some(1), 3));
+        // The hand cleared 10's bit on its way and 10 was not seen again:
+        // it goes next (30 had its bit, so it only loses it).
+        assert_eq!(ix.insert_bounded(50, 3), (0, Slot::Reused));
+        assert_eq!((ix.get(10), ix.get(30)), (None, Some(2)));
+        // 30 seen again keeps it; 40, not seen since it came, goes.
+        assert_eq!(ix.insert_bounded(30, 3), (2, Slot::Known));
+        assert_eq!(ix.insert_bounded(60, 3), (1, Slot::Reused));
+        assert_eq!(
+            (ix.get(40), ix.get(30), ix.get(50)),
+            (None, Some(2), Some(0))
+        );
+        assert_eq!(ix.map.len(), 3);
+        for (i, id) in ix.ids.iter().enumerate() {
+            assert_eq!(ix.get(*id), Some(i));
+        }
+    }
+
+    #[test]
+    fn an_index_is_rebuilt_from_its_ids_on_restore_in_either_snapshot_format() {
+        let mut ix = Index::default();
+        for id in (0..500u64).map(|k| k * 1_000_003) {
+            ix.insert_bounded(id, 300);
+        }
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&ix, &mut bytes).unwrap();
+        let back: Index = ciborium::from_reader(&bytes[..]).unwrap();
+        // Snapshots before the slot table also held the map itself.
+        #[derive(serde::Serialize)]
+        struct Old<'a> {
+            map: std::collections::HashMap<u64, u32>,
+            ids: &'a [u64],
+            refs: &'a [u64],
+            hand: usize,
+        }
+        let old = Old {
+            map: (ix.ids.iter().enumerate())
+                .map(|(i, &id)| (id, i as u32))
+                .collect(),
+            ids: &ix.ids,
+            refs: &ix.refs,
+            hand: ix.hand,
+        };
+        let mut old_bytes = Vec::new();
+        ciborium::into_writer(&old, &mut old_bytes).unwrap();
+        let old_back: Index = ciborium::from_reader(&old_bytes[..]).unwrap();
+        for r in [&back, &old_back] {
+            assert_eq!((r.ids.len(), r.map.len(), r.hand), (300, 300, ix.hand));
+            assert_eq!(r.refs, ix.refs);
+            for k in 0..500u64 {
+                assert_eq!(r.get(k * 1_000_003), ix.get(k * 1_000_003), "key {k}");
+            }
+        }
+        assert_eq!(ix.get(499 * 1_000_003), Some(199));
+    }
 }

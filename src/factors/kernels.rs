@@ -406,3 +406,75 @@ pub(super) fn unseeded() -> ModelRng {
 pub(super) fn normal(rng: &mut ModelRng) -> f32 {
     rand_distr::StandardNormal.sample(rng)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_naive() {
+        let a: Vec<f32> = (0..37).map(|x| x as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..37).map(|x| (x as f32).sin()).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-3);
+    }
+
+    #[test]
+    fn neg_sigmoid_table_matches_the_logistic() {
+        let mut worst = 0f64;
+        for k in 0..=400_000 {
+            let x = -20.0 + k as f32 * 1e-4;
+            let want = 1.0 / (1.0 + f64::from(x).exp());
+            worst = worst.max((f64::from(neg_sigmoid(x)) - want).abs());
+        }
+        assert!(worst < 3e-6, "absolute error {worst}");
+        assert_eq!(neg_sigmoid(0.0), 0.5);
+        // The compile-time exp agrees with libm to f64 rounding.
+        for x in [-16.0, -3.7, -0.2, 0.0, 0.9, 5.5, 16.0] {
+            let (got, want) = (exp_f64_const(x), x.exp());
+            assert!(((got - want) / want).abs() < 1e-14, "{x}: {got} vs {want}");
+        }
+        // Saturates at the ends, monotone, and NaN is not turned into a number.
+        assert!(neg_sigmoid(1e6) < 2e-7 && neg_sigmoid(1e6) >= 0.0);
+        assert!(neg_sigmoid(-1e6) > 0.999_999 && neg_sigmoid(-1e6) <= 1.0);
+        assert!(
+            NEG_SIGMOID[..SIG_KNOTS]
+                .windows(2)
+                .all(|w| w[1][0] <= w[0][0])
+        );
+        assert!(
+            NEG_SIGMOID[..SIG_KNOTS]
+                .iter()
+                .all(|[_, slope]| *slope <= 0.0)
+        );
+        assert!(neg_sigmoid(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn the_count_logarithm_is_ln_1p_to_f32_precision() {
+        let worst = (0..200_000u32)
+            .chain((0..2_000).map(|k| k * 2_147_483 + 7))
+            .chain([u32::MAX, 1 << 24, (1 << 24) + 1])
+            .map(|n| {
+                let exact = f64::from(n).ln_1p();
+                let err = (f64::from(ln_1p_count(n)) - exact).abs();
+                if n == 0 { err } else { err / exact }
+            })
+            .fold(0.0f64, f64::max);
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(ln_1p_count(0), 0.0);
+    }
+
+    #[test]
+    fn below_is_uniform_and_in_range() {
+        let mut rng = ModelRng::seed_from_u64(9);
+        let mut counts = [0u32; 7];
+        for _ in 0..70_000 {
+            counts[below(&mut rng, 7)] += 1;
+        }
+        for c in counts {
+            assert!((9_500..10_500).contains(&c), "{counts:?}");
+        }
+        assert!((0..1000).all(|_| below(&mut rng, 1) == 0));
+    }
+}

@@ -215,6 +215,8 @@ pub(super) fn same_len(what: &str, got: usize, want: usize) -> Result<(), String
 
 #[cfg(test)]
 mod tests {
+    use super::FactorRecord;
+
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Packed {
         #[serde(with = "super")]
@@ -283,5 +285,19 @@ mod tests {
         });
         let err = ciborium::from_reader::<Packed, _>(&bad[..]).unwrap_err();
         assert!(err.to_string().contains("not a multiple of 4"), "{err}");
+    }
+
+    #[test]
+    fn record_round_trips() {
+        let r = FactorRecord {
+            bias: -0.25,
+            vector: vec![1.0, -2.5, 3.125],
+        };
+        let b = r.to_bytes();
+        assert_eq!(b.len(), 16);
+        assert_eq!(&b[..4], &(-0.25f32).to_le_bytes());
+        assert_eq!(FactorRecord::from_bytes(&b), Some(r));
+        assert_eq!(FactorRecord::from_bytes(&b[..5]), None);
+        assert_eq!(FactorRecord::from_bytes(&[]), None);
     }
 }

@@ -44,3 +44,29 @@ impl Reservoir {
         (!self.slots.is_empty()).then(|| self.slots[below(rng, self.slots.len())] as usize)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn reservoir_draws_items_in_proportion_to_their_positives() {
+        let mut rng = ModelRng::seed_from_u64(5);
+        let mut r = Reservoir::default();
+        // item 0 seen 9,000 times, item 1 1,000 times, item 2 never, into 500 slots
+        for n in 0..10_000u32 {
+            r.offer(&mut rng, 500, u32::from(n % 10 == 9));
+        }
+        assert_eq!(r.seen, 10_000);
+        assert_eq!(r.slots.len(), 500);
+        let mut hits = [0u32; 3];
+        for _ in 0..20_000 {
+            hits[r.draw(&mut rng).unwrap()] += 1;
+        }
+        assert_eq!(hits[2], 0);
+        let share = f64::from(hits[1]) / 20_000.0;
+        assert!((0.06..0.14).contains(&share), "item 1 share {share}");
+        assert!(Reservoir::default().draw(&mut rng).is_none());
+    }
+}

@@ -59,3 +59,25 @@ impl RingFilter {
         self.0[b >> 6] & (1 << (b & 63)) != 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_filter_never_misses_a_member() {
+        let mut ring = Ring::default();
+        for i in 0..40u32 {
+            ring.push(32, (i * 7919, 1.0));
+        }
+        let f = RingFilter::of(&ring);
+        for &(i, _) in &ring.items {
+            assert!(f.may_contain(i));
+        }
+        // Mostly sparse: far fewer than all non-members pass.
+        let passed = (0..10_000u32)
+            .filter(|&i| !ring.contains(i) && f.may_contain(i))
+            .count();
+        assert!(passed < 2_500, "{passed} of 10,000 non-members passed");
+    }
+}
