@@ -44,7 +44,7 @@ use crate::sink::notify::Notifier;
 use crate::sink::parquet::WrittenFile;
 use crate::sink::parquet::stage::ParquetMsg;
 use crate::sink::store::{Emission, MergeInput, PartialUpdate, Store, StoreError, TopUpdate};
-use crate::window::sql::{SqlEngine, partials_to_batch};
+use crate::window::sql::{PartialRef, SqlEngine, partials_to_batch};
 use crate::window::{Lateness, StoredPartial, WindowEmit, WindowParams, Windower};
 use task::{FinalRows, Task, flush_pending};
 
@@ -454,14 +454,16 @@ impl Core {
             }
             send(pq, ParquetMsg::Events(full)).await?;
             if sql_in.num_rows() > 0 {
-                for (p, w, svc, part) in self.sql.partials(sql_in.clone()).await? {
-                    if let Some(t) = self.tasks.get_mut(&p) {
-                        t.pw.table.add_partial(w, &svc, &part);
+                for r in self.sql.partials(sql_in.clone()).await? {
+                    if let Some(t) = self.tasks.get_mut(&r.partition) {
+                        t.pw.table
+                            .add_partial(r.window_start_ms, &r.service, &r.partial);
                     }
                 }
-                for (p, w, item, c) in self.sql.item_counts(sql_in).await? {
-                    if let Some(t) = self.tasks.get_mut(&p) {
-                        t.pw.table.add_item_counts(w, item, c);
+                for c in self.sql.item_counts(sql_in).await? {
+                    if let Some(t) = self.tasks.get_mut(&c.partition) {
+                        t.pw.table
+                            .add_item_counts(c.window_start_ms, c.item, c.requests);
                     }
                 }
             }
@@ -767,7 +769,15 @@ impl Core {
         }
         // Final rows per partition, kept until their hour closes.
         if !finals.is_empty() {
-            let refs: Vec<_> = finals.iter().map(|(k, w, s, p)| (*k, *w, *s, p)).collect();
+            let refs: Vec<PartialRef> = finals
+                .iter()
+                .map(|(k, w, s, p)| PartialRef {
+                    partition: *k,
+                    window_start_ms: *w,
+                    service: s,
+                    partial: p,
+                })
+                .collect();
             let stats = self.sql.minute_stats(partials_to_batch(&refs)).await?;
             for r in minute_rows(&stats, true) {
                 if let Some(t) = self.tasks.get_mut(&r.partition) {
@@ -801,12 +811,15 @@ impl Core {
         }
         let mut rows = Vec::new();
         if !latest_input.is_empty() {
-            let all: Vec<(i32, i64, &str, &crate::window::StoredPartial)> = latest_input
+            let all: Vec<PartialRef> = latest_input
                 .values()
                 .flat_map(|m| {
-                    m.parts
-                        .iter()
-                        .map(move |(_, p)| (-1, m.window_start_ms, m.service.as_str(), p))
+                    m.parts.iter().map(move |(_, p)| PartialRef {
+                        partition: -1,
+                        window_start_ms: m.window_start_ms,
+                        service: m.service.as_str(),
+                        partial: p,
+                    })
                 })
                 .collect();
             let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;

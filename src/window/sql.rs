@@ -229,10 +229,7 @@ impl SqlEngine {
     }
 
     /// Runs `top_items_partial.sql`: (src_partition, window_start, item_id, requests).
-    pub async fn item_counts(
-        &self,
-        batch: RecordBatch,
-    ) -> Result<Vec<(i32, i64, u64, i64)>, SqlError> {
+    pub async fn item_counts(&self, batch: RecordBatch) -> Result<Vec<ItemCount>, SqlError> {
         let out = self.run("batch", batch, TOP_ITEMS_PARTIAL_SQL).await?;
         let mut res = Vec::new();
         for b in out {
@@ -245,7 +242,12 @@ impl SqlEngine {
             let n = col_i64(&b, "requests", &DataType::Int64)?;
             let part = col_i32(&b)?;
             for i in 0..b.num_rows() {
-                res.push((part.value(i), ws.value(i), item.value(i), n.value(i)));
+                res.push(ItemCount {
+                    partition: part.value(i),
+                    window_start_ms: ws.value(i),
+                    item: item.value(i),
+                    requests: n.value(i),
+                });
             }
         }
         Ok(res)
@@ -450,13 +452,44 @@ pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<PartialRow>, SqlError> {
                     .ok_or_else(|| SqlError::Shape("bad users_hll".into()))?
             },
         };
-        out.push((part.value(i), ws.value(i), svc.value(i).to_string(), p));
+        out.push(PartialRow {
+            partition: part.value(i),
+            window_start_ms: ws.value(i),
+            service: svc.value(i).to_string(),
+            partial: p,
+        });
     }
     Ok(out)
 }
 
-/// (source partition, window start, service, partial aggregate).
-pub type PartialRow = (i32, i64, String, Partial);
+/// One row of `minute_partials.sql`: a source partition's partial
+/// aggregate of a (window, service).
+#[derive(Debug, Clone)]
+pub struct PartialRow {
+    pub partition: i32,
+    pub window_start_ms: i64,
+    pub service: String,
+    pub partial: Partial,
+}
+
+/// One row of `top_items_partial.sql`: an item's requests in a partition's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ItemCount {
+    pub partition: i32,
+    pub window_start_ms: i64,
+    pub item: u64,
+    pub requests: i64,
+}
+
+/// A stored partial to merge: one input row of `minute_stats.sql`
+/// (`partition` -1 for rows merged over partitions).
+#[derive(Debug, Clone, Copy)]
+pub struct PartialRef<'a> {
+    pub partition: i32,
+    pub window_start_ms: i64,
+    pub service: &'a str,
+    pub partial: &'a StoredPartial,
+}
 
 /// Reads `src_partition` (Int32) of a result batch.
 fn col_i32(b: &RecordBatch) -> Result<Int32Array, SqlError> {
@@ -468,21 +501,22 @@ fn col_i32(b: &RecordBatch) -> Result<Int32Array, SqlError> {
         .clone())
 }
 
-/// Builds a `partials` batch from window state: (partition, window, service, partial).
-pub fn partials_to_batch(rows: &[(i32, i64, &str, &StoredPartial)]) -> RecordBatch {
-    let ws = TimestampMillisecondArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())
-        .with_timezone("UTC");
-    let svc = StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
+/// Builds a `partials` batch from stored partials.
+pub fn partials_to_batch(rows: &[PartialRef<'_>]) -> RecordBatch {
+    let ws =
+        TimestampMillisecondArray::from(rows.iter().map(|r| r.window_start_ms).collect::<Vec<_>>())
+            .with_timezone("UTC");
+    let svc = StringArray::from(rows.iter().map(|r| r.service).collect::<Vec<_>>());
     let i64s = |f: fn(&StoredPartial) -> i64| {
-        Int64Array::from(rows.iter().map(|r| f(r.3)).collect::<Vec<_>>())
+        Int64Array::from(rows.iter().map(|r| f(r.partial)).collect::<Vec<_>>())
     };
     let mut hist = BinaryBuilder::new();
     let mut hll = BinaryBuilder::new();
     let mut lmax = Float64Builder::new();
     for r in rows {
-        hist.append_value(&r.3.hist);
-        hll.append_value(r.3.users.to_bytes());
-        lmax.append_option(r.3.latency_max_ms);
+        hist.append_value(&r.partial.hist);
+        hll.append_value(r.partial.users.to_bytes());
+        lmax.append_option(r.partial.latency_max_ms);
     }
     let cols: Vec<ArrayRef> = vec![
         Arc::new(ws),
@@ -491,14 +525,16 @@ pub fn partials_to_batch(rows: &[(i32, i64, &str, &StoredPartial)]) -> RecordBat
         Arc::new(i64s(|p| p.errors)),
         Arc::new(i64s(|p| p.client_errors)),
         Arc::new(Float64Array::from(
-            rows.iter().map(|r| r.3.latency_sum_ms).collect::<Vec<_>>(),
+            rows.iter()
+                .map(|r| r.partial.latency_sum_ms)
+                .collect::<Vec<_>>(),
         )),
         Arc::new(i64s(|p| p.latency_count)),
         Arc::new(lmax.finish()),
         Arc::new(hist.finish()),
         Arc::new(hll.finish()),
         Arc::new(Int32Array::from(
-            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            rows.iter().map(|r| r.partition).collect::<Vec<_>>(),
         )),
     ];
     RecordBatch::try_new(partials_schema(), cols).expect("partial columns match partials_schema")
@@ -749,11 +785,19 @@ mod tests {
         let b2 = batch(&rows[50..]);
         let mut parts = e.partials(b1).await.unwrap();
         parts.extend(e.partials(b2).await.unwrap());
-        let stored: Vec<StoredPartial> = parts.iter().map(|r| StoredPartial::of(&r.3)).collect();
-        let refs: Vec<(i32, i64, &str, &StoredPartial)> = parts
+        let stored: Vec<StoredPartial> = parts
+            .iter()
+            .map(|r| StoredPartial::of(&r.partial))
+            .collect();
+        let refs: Vec<PartialRef> = parts
             .iter()
             .zip(&stored)
-            .map(|((q, w, s, _), p)| (*q, *w, s.as_str(), p))
+            .map(|(r, p)| PartialRef {
+                partition: r.partition,
+                window_start_ms: r.window_start_ms,
+                service: &r.service,
+                partial: p,
+            })
             .collect();
         let stats = e.minute_stats(partials_to_batch(&refs)).await.unwrap();
         let printed = pretty_format_batches(&[stats]).unwrap().to_string();
@@ -767,7 +811,7 @@ mod tests {
 +----------------------+---------+----------+--------+---------------+------------+-----------------+----------------+----------------+----------------+----------------+--------------+---------------+";
         assert_eq!(printed, expected, "\n{printed}");
         let items = e.item_counts(batch(&rows)).await.unwrap();
-        let total: i64 = items.iter().map(|r| r.3).sum();
+        let total: i64 = items.iter().map(|r| r.requests).sum();
         assert_eq!(total, 101);
     }
 
@@ -784,9 +828,18 @@ mod tests {
             again,
             SqlEngine::new().item_counts(y.clone()).await.unwrap()
         );
-        assert_eq!(again, vec![(0, 60_000, 0, 1)]);
+        let count = |item| ItemCount {
+            partition: 0,
+            window_start_ms: 60_000,
+            item,
+            requests: 1,
+        };
+        assert_eq!(again, vec![count(0)]);
         let p = e.partials(y.clone()).await.unwrap();
-        assert_eq!((p.len(), p[0].3.requests, p[0].3.client_errors), (1, 1, 1));
+        assert_eq!(
+            (p.len(), p[0].partial.requests, p[0].partial.client_errors),
+            (1, 1, 1)
+        );
         // item_id as Int64: another schema, planned anew (the SQL casts it).
         let mut cols = y.columns().to_vec();
         cols[5] = Arc::new(datafusion::arrow::array::Int64Array::from(vec![9]));
@@ -798,7 +851,7 @@ mod tests {
             .collect();
         fields[5] = Field::new("item_id", DataType::Int64, true);
         let z = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
-        assert_eq!(e.item_counts(z).await.unwrap(), vec![(0, 60_000, 9, 1)]);
+        assert_eq!(e.item_counts(z).await.unwrap(), vec![count(9)]);
         assert_eq!(e.item_counts(x).await.unwrap(), first);
     }
 }
