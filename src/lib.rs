@@ -1,15 +1,16 @@
 //! pulse: a streaming event pipeline.
 //!
 //! ```text
-//!                                                      ┌─▶ window + SQL (sql/*.sql) ─▶ merged minute rows ─▶ detect: anomalies, incidents
-//!  Kafka topic ─┐                                      │         │ partials, rows, top items, incidents          │ alerts
-//!  JSONL files ─┼─▶ source ─RawChunk─▶ decode ─events─┤         ▼                                                ▼
-//!  generator  ──┘                        │             │   store: Redis | memory ◀─────────────────────── notifier: webhook, Kafka
-//!                                        │             ├─▶ factors: trainer ─Delta─▶ publisher ─▶ Redis (reco:*) ─▶ serve: /recommend
-//!                                        │             └─▶ Parquet: events; final minute_stats, top_items; anomalies
-//!                                        └─dead letters──▶ Parquet: dead_letters
-//!  checkpoints (Kafka): per partition, windows + pending rows + positions; the model snapshot beside them
-//!  serve: dashboard, JSON API, /metrics over the store        query, eval: tools over the tables and the models
+//!  Kafka topic ─┐
+//!  JSONL files ─┼─▶ source ──RawChunk──▶ decode ──events, dead letters──▶ aggregate (the core stage)
+//!  generator  ──┘  (thread)              (thread)                         │ window + SQL (sql/*.sql): partials per partition
+//!                                                                         │ store: Redis | memory ─▶ rows merged over partitions
+//!                                                                         │ detect: anomalies, incidents ─▶ notifier (webhook, Kafka)
+//!                                                                         │ checkpoints (Kafka): windows, pending rows, positions
+//!                                                                         ├─▶ parquet (thread): events, dead_letters, minute_stats,
+//!                                                                         │   top_items, anomalies
+//!                                                                         └─▶ factors (thread): trainer ─Delta─▶ publisher ─▶ Redis
+//!  serve: dashboard, JSON API, /recommend, /metrics over Redis       query, eval: tools over the tables and the models
 //! ```
 //!
 //! Modules, in data-flow order:
