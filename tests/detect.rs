@@ -72,3 +72,50 @@ async fn planted_incidents_are_flagged_quickly_and_quiet_services_stay_quiet() {
     assert!(n >= 2);
     assert_eq!(mem.snapshot().anomalies.len() as u64, s.anomalies);
 }
+
+/// A file run's last minute holds only part of its traffic (the input ends,
+/// not the minute): it is written to `minute_stats` but not scored, so the
+/// apparent drop of every service opens no incident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partial_minute_at_the_end_of_the_input_is_written_but_not_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::load_with_env(None, &[]).unwrap();
+    cfg.parquet.data_dir = dir.path().to_path_buf();
+    // 60 full minutes of 1,200 events, then 10% of a minute.
+    let p = GenParams {
+        events: 60 * 1_200 + 120,
+        seed: 5,
+        rate_per_sec: 20.0,
+        incidents: false,
+        ..GenParams::default()
+    };
+    let last_window = p.start_ms + 60 * 60_000;
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let s = app::run(
+        &cfg,
+        &Secrets::default(),
+        SourceSpec::Generator(p),
+        Store::Memory(MemoryStore::default()),
+        rx,
+    )
+    .await
+    .unwrap();
+    let late_starts: Vec<_> = s
+        .alerts
+        .iter()
+        .filter(|a| a.kind == "start" && a.window_start_ms >= last_window)
+        .collect();
+    assert!(
+        late_starts.is_empty(),
+        "incidents opened by the end of the input: {late_starts:?}"
+    );
+    // ... while the partial minute is still in minute_stats
+    let last: Vec<_> = s
+        .final_rows
+        .iter()
+        .filter(|r| r.window_start_ms == last_window)
+        .collect();
+    assert!(!last.is_empty(), "the last minute was not written");
+    let requests: i64 = last.iter().map(|r| r.requests).sum();
+    assert!(requests > 0 && requests < 1_200, "{requests} requests");
+}

@@ -132,8 +132,6 @@ pub struct Core {
     scored_upto: i64,
     /// Version of file-source emissions (Kafka uses offsets).
     seq: i64,
-    /// The input ended (files, generator): every window is complete.
-    ended: bool,
     live_every: Option<Duration>,
     last_live: Instant,
     /// Event times of events not yet visible in the store (until the next live tick).
@@ -179,7 +177,6 @@ impl Core {
             latest: BTreeMap::new(),
             scored_upto: i64::MIN,
             seq: 0,
-            ended: false,
             live_every: (cfg.window.live_emit_ms > 0)
                 .then(|| Duration::from_millis(cfg.window.live_emit_ms)),
             last_live: Instant::now(),
@@ -837,11 +834,10 @@ impl Core {
         // Score complete windows once, in order, from the merged rows.
         let (mut anomalies, mut alerts) = (Vec::new(), Vec::new());
         if self.detects() {
-            let wm = if self.ended {
-                i64::MAX
-            } else {
-                self.instance.watermark()
-            };
+            // Only windows the watermark closed: at the end of a file run
+            // the rest are written but not scored (the input ended, not
+            // their minute; a partial last minute looks like a traffic drop).
+            let wm = self.instance.watermark();
             let size = self.params.size_ms;
             let ready: Vec<i64> = self
                 .latest
@@ -911,7 +907,8 @@ impl Core {
     }
 
     /// End of the run. Files and the generator ended: every window is
-    /// finalised and written. Kafka only stopped: open windows stay open in
+    /// finalised and written (those the watermark has not closed are not
+    /// scored). Kafka only stopped: open windows stay open in
     /// the checkpoints (finalising them now would count their later events
     /// twice), open files are committed so the restart replays nothing.
     pub async fn finish(&mut self, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
@@ -945,8 +942,6 @@ impl Core {
             let wm = t.pw.windower.watermark();
             emits.extend(t.pw.table.advance(wm, true).into_iter().map(|e| (k, e)));
         }
-        // Score what is left, as if the watermark had passed everything.
-        self.ended = true;
         self.emit(emits, pq).await?;
         for k in keys {
             let t = self.tasks.get_mut(&k).expect("listed");
