@@ -236,3 +236,51 @@ async fn kafka_source_to_parquet_and_redis() {
     let (ev, _, dl) = pyarrow_counts(&data);
     assert_eq!((ev as usize, dl as usize), (exp.valid.len(), exp.invalid));
 }
+
+/// pulse subscribed before the topic existed (a deployment that starts the
+/// consumers first): once the topic is created and filled, its records are
+/// consumed within 10 s, all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_after_the_subscription_is_consumed() {
+    let brokers = service("PULSE_TEST_BROKERS");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("data"));
+    cfg.kafka.brokers = brokers;
+    cfg.kafka.topic = unique("late");
+    cfg.kafka.group = unique("g");
+    // Long enough to outlast the wait for the topic; ends the run after it.
+    cfg.pipeline.idle_exit_ms = 25_000;
+    cfg.reco.enabled = false;
+    let lines = input_lines_at(2_000, 9, 10.0);
+    let exp = expected(&lines);
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let run_cfg = cfg.clone();
+    let run = tokio::spawn(async move {
+        app::run(
+            &run_cfg,
+            &Secrets::default(),
+            SourceSpec::Kafka,
+            Store::Memory(MemoryStore::default()),
+            rx,
+        )
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let created = std::time::Instant::now();
+    let records: Vec<(u64, Vec<u8>)> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64 % 7, l.clone()))
+        .collect();
+    common::produce(&cfg, 2, records).await;
+    let s = run.await.unwrap().unwrap();
+    assert_eq!(s.events as usize, exp.valid.len(), "every valid event");
+    assert_eq!(s.records as usize, lines.len(), "every record");
+    let first = s.first_batch_at.expect("a batch arrived");
+    let waited = first.saturating_duration_since(created);
+    eprintln!("first batch {waited:?} after the topic was created");
+    assert!(
+        waited <= std::time::Duration::from_secs(10),
+        "first batch {waited:?} after the topic was created"
+    );
+}

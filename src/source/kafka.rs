@@ -266,6 +266,12 @@ pub fn run_consumer(
         "cooperative-sticky",
     );
     set_default(&mut c, "session.timeout.ms", "10000");
+    // A subscribed topic that does not exist yet is looked for again at
+    // this interval (librdkafka's default, 5 min, left a topic created just
+    // after the subscription unconsumed that long): a metadata request every
+    // 2 s finds it, and the group rebalances onto it (first batch ~6 s after
+    // the topic's creation on tansu).
+    set_default(&mut c, "topic.metadata.refresh.interval.ms", "2000");
     set_default(&mut c, "fetch.wait.max.ms", "100");
     set_default(&mut c, "statistics.interval.ms", "5000");
     // Prefetch at most 16 MiB (librdkafka's default is 64 MiB): the pipeline
