@@ -16,6 +16,73 @@ use datafusion::arrow::datatypes::{
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 
+/// Longest service name, in bytes.
+pub const MAX_SERVICE_LEN: usize = 64;
+/// Longest endpoint, in bytes.
+pub const MAX_ENDPOINT_LEN: usize = 512;
+
+/// Bytes allowed in a service name: ASCII letters, digits, `_`, `-`, `.`.
+const SERVICE_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.';
+        c += 1;
+    }
+    t
+};
+
+/// Whether `s` is a service name pulse accepts, at ingest (otherwise the
+/// record is a dead letter, reason `name`) and in the API: 1 to
+/// [`MAX_SERVICE_LEN`] ASCII letters, digits, `_`, `-` or `.`. Names become
+/// Redis keys, URL parameters and dashboard text.
+#[inline]
+pub fn valid_service(s: &str) -> bool {
+    // No early exit: a branch per byte cost more than the lookups.
+    !s.is_empty()
+        && s.len() <= MAX_SERVICE_LEN
+        && s.bytes().fold(true, |ok, b| ok & SERVICE_BYTES[b as usize])
+}
+
+/// Whether `s` is an endpoint pulse accepts at ingest: 1 to
+/// [`MAX_ENDPOINT_LEN`] bytes (UTF-8 allowed) with no control character and
+/// none of `<>"'`, backquote or backslash. Eight bytes at a time.
+#[inline]
+pub fn valid_endpoint(s: &str) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    // A high bit set in each byte of `x` that is zero (exact for the
+    // "any" question it answers).
+    let zero = |x: u64| x.wrapping_sub(LO) & !x & HI;
+    let has = |x: u64, b: u8| zero(x ^ (LO * u64::from(b)));
+    let bad = |w: u64| {
+        // bytes below 0x20 (UTF-8 bytes ≥ 0x80 have the high bit: `!w` clears them)
+        (w.wrapping_sub(LO * 0x20) & !w & HI)
+            | has(w, 0x7f)
+            | has(w, b'<')
+            | has(w, b'>')
+            | has(w, b'"')
+            | has(w, b'\'')
+            | has(w, b'`')
+            | has(w, b'\\')
+    };
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > MAX_ENDPOINT_LEN {
+        return false;
+    }
+    let mut acc = 0u64;
+    let mut words = b.chunks_exact(8);
+    for c in &mut words {
+        acc |= bad(u64::from_le_bytes(c.try_into().expect("chunks of 8")));
+    }
+    // The tail, padded with an allowed byte.
+    let mut last = [b'a'; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    acc |= bad(u64::from_le_bytes(last));
+    acc == 0
+}
+
 /// Timestamps are UTC milliseconds.
 pub fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
@@ -414,6 +481,46 @@ impl RawChunk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_follow_one_rule() {
+        for good in ["cart", "checkout-v2", "api.search_1", &"a".repeat(64)] {
+            assert!(valid_service(good), "{good}");
+        }
+        for bad in [
+            "",
+            "<img src=x onerror=alert(1)>",
+            "a b",
+            "caf\u{e9}",
+            "x/y",
+            &"a".repeat(65),
+        ] {
+            assert!(!valid_service(bad), "{bad}");
+        }
+        for good in [
+            "/items/981",
+            "/search?q=a&b=c",
+            "/caf\u{e9}",
+            "/a",
+            "/abcdefgh",
+            &"/".repeat(512),
+        ] {
+            assert!(valid_endpoint(good), "{good}");
+        }
+        let bad_bytes = [
+            "<", ">", "\"", "'", "`", "\\", "\n", "\u{0}", "\u{1f}", "\u{7f}",
+        ];
+        for b in bad_bytes {
+            // the bad byte at every position of a 17-byte endpoint (words and the tail)
+            for at in 0..17 {
+                let mut e = "/".repeat(16);
+                e.insert_str(at, b);
+                assert!(!valid_endpoint(&e), "{e:?}");
+            }
+        }
+        assert!(!valid_endpoint(""));
+        assert!(!valid_endpoint(&"/".repeat(513)));
+    }
 
     fn filled(source: &str, n: usize) -> RawChunk {
         let mut c = RawChunk::new(source.into());

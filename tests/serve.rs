@@ -164,6 +164,21 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["checks"]["redis"], "ok");
 
+    // Names that ingest now refuses, as an older writer could have stored
+    // them: the page draws the good services, shows these as text, runs none.
+    let hostile = [
+        "<img src=x onerror=\"document.title='pwned'\">",
+        "\"><script>document.body.dataset.pwned=1</script>",
+    ];
+    let mut conn = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::AsyncCommands::sadd(&mut conn, format!("{prefix}:services"), &hostile[..])
+        .await
+        .unwrap();
+
     // the dashboard in a real browser
     let chromium = ["chromium", "chromium-browser"]
         .into_iter()
@@ -220,6 +235,14 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
         })
         .sum();
     assert!(points >= 5 * 3 * 100, "charts have data points: {points}");
+    assert!(
+        !dom.contains("pwned=\"1\"") && !dom.contains("<title>pwned"),
+        "a service name ran as script"
+    );
+    assert!(
+        dom.contains("&lt;img src=x onerror="),
+        "the hostile name is shown as text"
+    );
     for inc in &incidents {
         assert!(
             dom.contains(&format!(

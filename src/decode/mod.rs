@@ -21,7 +21,10 @@ use datafusion::arrow::array::{
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::config::ValidationConfig;
-use crate::model::{RawChunk, dead_letters_schema, decoded_schema};
+use crate::model::{
+    MAX_ENDPOINT_LEN, MAX_SERVICE_LEN, RawChunk, dead_letters_schema, decoded_schema,
+    valid_endpoint, valid_service,
+};
 use event::RawEvent;
 pub use event::parse_ts;
 
@@ -35,6 +38,41 @@ pub struct Rejection {
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+/// The rejection of a service name outside the rule (rare: out of line).
+#[cold]
+#[inline(never)]
+fn bad_service(s: &str) -> Rejection {
+    reject(
+        "name",
+        format!(
+            "service {:?} is not 1-{MAX_SERVICE_LEN} of A-Z a-z 0-9 _ - .",
+            shown(s)
+        ),
+    )
+}
+
+/// The rejection of an endpoint outside the rule (rare: out of line).
+#[cold]
+#[inline(never)]
+fn bad_endpoint(e: &str) -> Rejection {
+    reject(
+        "name",
+        format!(
+            "endpoint {:?} is empty, longer than {MAX_ENDPOINT_LEN} bytes or holds a control character or one of <>\"'`\\",
+            shown(e)
+        ),
+    )
+}
+
+/// At most the first 80 characters of a rejected value, for its message
+/// (the whole record is in the dead letter's `raw`).
+fn shown(s: &str) -> &str {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => &s[..i],
+        None => s,
     }
 }
 
@@ -268,7 +306,13 @@ impl Decoder {
         match ev.service.as_deref() {
             None => return missing("service"),
             Some("") => return Err(reject("range", "service is empty")),
+            Some(s) if !valid_service(s) => return Err(bad_service(s)),
             Some(_) => {}
+        }
+        if let Some(e) = ev.endpoint.as_deref()
+            && !valid_endpoint(e)
+        {
+            return Err(bad_endpoint(e));
         }
         let checks = [
             (q.user_id && ev.user_id.is_none(), "user_id"),
@@ -544,7 +588,7 @@ mod tests {
 
     #[test]
     fn epoch_ms_and_escaped_strings() {
-        let line = r#"{"event_id":1,"ts":1763774625123,"user_id":1,"item_id":2,"event_type":"rating","rating":4,"service":"ca\"t","status":404,"latency_ms":1}"#;
+        let line = r#"{"event_id":1,"ts":1763774625123,"user_id":1,"item_id":2,"event_type":"rating","rating":4,"service":"c\u0061rt","endpoint":"\/a\/b","status":404,"latency_ms":1}"#;
         let mut d = Decoder::new(ValidationConfig::default());
         let out = d.decode(&chunk(&[line]), 0);
         assert_eq!(out.events.num_rows(), 1, "{:?}", out.dead_letters);
@@ -553,7 +597,8 @@ mod tests {
             .column(1)
             .as_primitive::<TimestampMillisecondType>();
         assert_eq!(ts.value(0), 1_763_774_625_123);
-        assert_eq!(out.events.column(8).as_string::<i32>().value(0), "ca\"t");
+        assert_eq!(out.events.column(8).as_string::<i32>().value(0), "cart");
+        assert_eq!(out.events.column(9).as_string::<i32>().value(0), "/a/b");
     }
 
     #[test]
@@ -593,6 +638,14 @@ mod tests {
                 "unknown event_type",
             ),
             ("", "json"),
+            (
+                r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"<img src=x onerror=alert(1)>","status":200,"latency_ms":1}"#,
+                "name: service \"<img src=x onerror=alert(1)>\" is not",
+            ),
+            (
+                r#"{"event_id":1,"ts":"2026-11-22T00:00:00Z","user_id":1,"item_id":1,"event_type":"view","service":"a","endpoint":"/x\u0000<b>","status":200,"latency_ms":1}"#,
+                "name: endpoint",
+            ),
         ];
         let lines: Vec<&str> = bad.iter().map(|(l, _)| *l).chain([GOOD]).collect();
         let mut d = Decoder::new(ValidationConfig::default());

@@ -17,12 +17,9 @@ use super::state::{ApiError, ServeState, bad, conn};
 pub const MAX_MINUTES: i64 = 7 * 24 * 60;
 pub const MAX_LIMIT: usize = 1000;
 
+/// The ingest rule ([`crate::model::valid_service`]), as an API answer.
 fn valid_service(s: &str) -> Result<(), ApiError> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"_-.".contains(&c));
-    if ok {
+    if crate::model::valid_service(s) {
         Ok(())
     } else {
         Err(bad(format!("invalid service name {s:?}")))

@@ -99,6 +99,14 @@ fn check(l: &[u8]) -> Option<(u64, (i64, String, u16, f64))> {
         return None;
     }
     let svc = o.get("service")?.as_str()?.to_string();
+    let name_ok = |s: &str| {
+        (1..=64).contains(&s.len())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    };
+    if !name_ok(&svc) {
+        return None;
+    }
     let status = o.get("status")?.as_u64()?;
     if !(100..=599).contains(&status) {
         return None;
