@@ -143,6 +143,7 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
     }
 
     // metrics and health
+    assert_eq!(get(addr, "/recommend/1?k=5").await.0, 200);
     let (code, body) = get(addr, "/metrics").await;
     assert_eq!(code, 200);
     for m in [
@@ -156,6 +157,11 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
         "pulse_watermark_lag_seconds",
         "pulse_dead_letters_total{reason=",
         "pulse_rows_written_total{table=\"events\",partition=\"0\"}",
+        // the server's own: requests by route and status, their latency
+        "pulse_http_requests_total{route=\"/api/stats\",status=\"200\"}",
+        "pulse_http_requests_total{route=\"/api/stats\",status=\"400\"}",
+        "pulse_http_requests_total{route=\"/recommend/{user_id}\",status=\"200\"}",
+        "pulse_http_request_duration_seconds_bucket{route=\"/api/services\"",
     ] {
         assert!(body.contains(m), "/metrics lacks {m}");
     }

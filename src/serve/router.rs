@@ -1,12 +1,16 @@
 //! The routes, and serving them: on one listener ([`serve`]) or one
 //! listener, thread and runtime per core ([`serve_sharded`]), each keeping
-//! the catalogue cache fresh.
+//! the catalogue cache fresh. Every request is counted by route and status
+//! (`pulse_http_requests_total`) and timed (`pulse_http_request_duration_seconds`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
-use axum::response::Html;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::{Html, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use serde_json::json;
@@ -17,6 +21,41 @@ use super::recommend::recommend;
 use super::state::{ITEM_REFRESH, ServeState};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The route's label for metrics: the matched pattern, from a fixed set
+/// (no label per user id or per unknown path).
+fn route_label(req: &Request) -> &'static str {
+    let Some(p) = req.extensions().get::<MatchedPath>() else {
+        return "other";
+    };
+    match p.as_str() {
+        "/" => "/",
+        "/api/services" => "/api/services",
+        "/api/stats" => "/api/stats",
+        "/api/anomalies" => "/api/anomalies",
+        "/api/alerts" => "/api/alerts",
+        "/api/top" => "/api/top",
+        "/api/status" => "/api/status",
+        "/recommend/{user_id}" => "/recommend/{user_id}",
+        "/metrics" => "/metrics",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        _ => "other",
+    }
+}
+
+/// Counts each request by route and status and records its latency.
+async fn record(req: Request, next: Next) -> Response {
+    let route = route_label(&req);
+    let started = Instant::now();
+    let res = next.run(req).await;
+    let status = res.status().as_str().to_owned();
+    metrics::counter!("pulse_http_requests_total", "route" => route, "status" => status)
+        .increment(1);
+    metrics::histogram!("pulse_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    res
+}
 
 /// The router over `state`.
 pub fn router(state: ServeState) -> Router {
@@ -35,6 +74,7 @@ pub fn router(state: ServeState) -> Router {
             get(|| async { Json(json!({ "status": "alive" })) }),
         )
         .route("/readyz", get(readyz))
+        .route_layer(axum::middleware::from_fn(record))
         // one Arc per request instead of a deep clone of the state
         .with_state(Arc::new(state))
 }
@@ -58,8 +98,10 @@ fn spawn_refresh(state: &ServeState) {
         tokio::spawn(async move {
             loop {
                 if let Err(e) = st.refresh_items().await {
+                    metrics::counter!("pulse_serve_redis_errors_total").increment(1);
                     tracing::warn!(error = %e, "item factor refresh failed");
                 }
+                st.export_model_gauges();
                 tokio::time::sleep(ITEM_REFRESH).await;
             }
         });

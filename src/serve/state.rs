@@ -78,6 +78,22 @@ impl ServeState {
         }
     }
 
+    /// Exports the cached model's version and its age (from the writer's
+    /// `updated_ms`) as gauges.
+    pub fn export_model_gauges(&self) {
+        let cat = self.catalogue();
+        if let Some(v) = cat.version {
+            metrics::gauge!("pulse_serve_model_version").set(v as f64);
+        }
+        if let Some(t) = cat.updated_ms {
+            let age_ms = chrono::Utc::now()
+                .timestamp_millis()
+                .saturating_sub(t)
+                .max(0);
+            metrics::gauge!("pulse_serve_model_age_seconds").set(age_ms as f64 / 1000.0);
+        }
+    }
+
     /// The current catalogue snapshot.
     pub fn catalogue(&self) -> Arc<Catalogue> {
         self.items.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -144,6 +160,7 @@ pub(super) fn bad(m: impl Into<String>) -> ApiError {
 
 impl From<redis::RedisError> for ApiError {
     fn from(e: redis::RedisError) -> Self {
+        metrics::counter!("pulse_serve_redis_errors_total").increment(1);
         ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}"))
     }
 }
