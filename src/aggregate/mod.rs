@@ -101,8 +101,6 @@ struct Classified {
     keys: Vec<i32>,
     counted: Vec<bool>,
     fresh: Vec<bool>,
-    /// Event times of the fresh events.
-    fresh_ts: Vec<i64>,
 }
 
 /// The core stage's state: windows, SQL, detection and the store over
@@ -366,7 +364,6 @@ impl Core {
     ) -> Result<(), PipelineError> {
         let t0 = Instant::now();
         self.summary.first_batch_at.get_or_insert(t0);
-        let mut fresh_ts: Vec<i64> = Vec::new();
         let now = chrono::Utc::now().timestamp_millis();
         self.instance.tick(now);
         let keyed = d.partitioned_time;
@@ -405,9 +402,7 @@ impl Core {
                 keys,
                 counted,
                 fresh,
-                fresh_ts: ts_fresh,
             } = self.classify(&ev, &eparts, &eoffs, keyed)?;
-            fresh_ts = ts_fresh;
 
             // The SQL input: counted events' grouping columns, bins and partition key.
             let ws_arr =
@@ -507,9 +502,9 @@ impl Core {
             emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
         }
         self.emit(emits, pq).await?;
-        // Freshness: from event time to the store showing the event (the
-        // next live tick, or this batch when live values are off).
-        self.unseen_ts.extend(fresh_ts);
+        // Freshness (of the fresh events `classify` noted): from event time
+        // to the store showing the event (the next live tick, or this batch
+        // when live values are off).
         if live || self.live_every.is_none() {
             self.record_freshness();
         }
@@ -576,18 +571,16 @@ impl Core {
         let owned = |p: &i32| self.tasks.contains_key(&key(*p));
         let unowned = dparts.iter().filter(|p| !owned(p)).count()
             + eparts.iter().filter(|p| !owned(p)).count();
-        let (dead, ev) = if unowned > 0 {
+        let (dead, ev, eparts, eoffs) = if unowned > 0 {
             metrics::counter!("pulse_records_unowned_total").increment(unowned as u64);
             let dm = BooleanArray::from(dparts.iter().map(owned).collect::<Vec<_>>());
             let em = BooleanArray::from(eparts.iter().map(owned).collect::<Vec<_>>());
-            (
-                filter_record_batch(&dead_letters, &dm)?,
-                filter_record_batch(&events, &em)?,
-            )
+            let ev = filter_record_batch(&events, &em)?;
+            let (eparts, eoffs) = part_col(&ev)?;
+            (filter_record_batch(&dead_letters, &dm)?, ev, eparts, eoffs)
         } else {
-            (dead_letters, events)
+            (dead_letters, events, eparts, eoffs)
         };
-        let (eparts, eoffs) = part_col(&ev)?;
         span.retain(|k, _| self.tasks.contains_key(k));
         Ok(OwnedRows {
             dead,
@@ -616,8 +609,9 @@ impl Core {
     }
 
     /// Classifies each event against its partition's watermark (a replayed
-    /// one as it was classified the first time), assigns its window, and
-    /// counts late ones; returns the events with their lateness column.
+    /// one as it was classified the first time), assigns its window, counts
+    /// late ones and notes fresh ones' event times for freshness; returns
+    /// the events with their lateness column.
     fn classify(
         &mut self,
         ev: &RecordBatch,
@@ -627,7 +621,6 @@ impl Core {
     ) -> Result<Classified, PipelineError> {
         let key = |p: i32| if keyed { p } else { 0 };
         let n = ev.num_rows();
-        let mut fresh_ts = Vec::new();
         let ts = ev.column(1).as_primitive::<TimestampMillisecondType>();
         let mut ws = Vec::with_capacity(n);
         let mut counted = Vec::with_capacity(n);
@@ -652,7 +645,8 @@ impl Core {
                 }
             };
             if !replayed {
-                fresh_ts.push(t);
+                // shown once the store has it (see `record_freshness`)
+                self.unseen_ts.push(t);
             }
             ws.push(w);
             keys.push(k);
@@ -676,7 +670,6 @@ impl Core {
             keys,
             counted,
             fresh,
-            fresh_ts,
         })
     }
 
