@@ -30,12 +30,15 @@ use crate::factors::stage::{Snapshots, TrainMsg};
 use crate::factors::store::Delta;
 use crate::model::{ChunkPool, Progress};
 use crate::sink::parquet::stage::ParquetMsg;
-use crate::sink::store::{Store, StoreError};
+use crate::sink::store::Store;
 use crate::source::SourceMsg;
 pub use crate::source::SourceSpec;
 
 /// Nice steps the stages around the factor trainer give up, see [`spawn_stage`].
 const BELOW_TRAINER: i32 = 5;
+
+/// How long a stopping run waits for Redis to take its last writes.
+const REDIS_DRAIN: Duration = Duration::from_secs(10);
 
 /// Runs a blocking stage on a thread of its own named `pulse-<name>`; the
 /// receiver gets its result (closed without one: the stage panicked).
@@ -154,20 +157,25 @@ pub async fn run(
         let snap = kafka.then(|| Snapshots::of(cfg));
         let trainer = crate::factors::stage::prepare(cfg, snap.as_ref(), &trained)
             .map_err(PipelineError::Stage)?;
-        let (delta_tx, publisher) = match &store {
+        let (delta_tx, publisher, health) = match &store {
             Store::Redis(r) => {
                 let (delta_tx, delta_rx) = mpsc::channel::<Delta>(2);
-                let conn = r.connection();
-                let prefix = cfg.redis.prefix.clone();
-                let p = tokio::spawn(crate::factors::store::publish(delta_rx, conn, prefix));
-                (Some(delta_tx), Some(p))
+                let p = tokio::spawn(crate::factors::store::publish(
+                    delta_rx,
+                    r.connection(),
+                    cfg.redis.prefix.clone(),
+                    Duration::from_millis(cfg.redis.timeout_ms.max(1)),
+                    cfg.redis.max_pending.saturating_mul(4).max(1),
+                    REDIS_DRAIN,
+                ));
+                (Some(delta_tx), Some(p), Some(r.health()))
             }
-            Store::Memory(_) => (None, None),
+            Store::Memory(_) => (None, None, None),
         };
         let flush = Duration::from_millis(cfg.reco.flush_ms);
         let trained_w = trained.clone();
         let handle = spawn_stage("factors", false, move || {
-            crate::factors::stage::run(trainer, rx, delta_tx, flush, snap, trained_w)
+            crate::factors::stage::run(trainer, rx, delta_tx, flush, snap, trained_w, health)
         })?;
         (Some(tx), Some(handle), publisher)
     } else {
@@ -180,6 +188,7 @@ pub async fn run(
     })?;
 
     let trained = (kafka && cfg.reco.enabled).then_some(trained);
+    let drain_store = store.clone();
     let mut core = Core::new(cfg, secrets, store, kafka, trainer_tx, progress, trained);
     let core_result = core.run(&mut dec_rx, &pq_tx, &mut shutdown).await;
     // The trainer ends first: its final snapshot lets the last checkpoints
@@ -194,10 +203,11 @@ pub async fn run(
         Err(e) => Err(e),
     };
     drop(pq_tx);
+    // Redis is a side output: what it has not taken by now waits a little
+    // longer, then is logged as not written.
+    drain_store.drain(REDIS_DRAIN).await;
     if let Some(p) = publisher {
-        p.await
-            .map_err(|e| PipelineError::Stage(e.to_string()))?
-            .map_err(StoreError::from)?;
+        p.await.map_err(|e| PipelineError::Stage(e.to_string()))?;
     }
     drop(dec_rx);
     let src = join_stage("source", src_handle).await?;

@@ -13,6 +13,7 @@ use crate::cli::{
 use pulse::app::{self, SourceSpec, Summary};
 use pulse::config::{Config, Secrets};
 use pulse::eval::bench::peak_rss_bytes;
+use pulse::sink::redis_sink::RedisOptions;
 use pulse::sink::store::{MemoryStore, RedisStore, Store};
 use pulse::source::generator::{GenParams, Generator};
 
@@ -299,9 +300,15 @@ async fn serve_state(
     secrets: &Secrets,
     kafka: Option<String>,
 ) -> Result<pulse::serve::ServeState> {
-    let redis = match redis_client(cfg, secrets)? {
-        Some(c) => Some(redis::aio::ConnectionManager::new(c).await?),
-        None => None,
+    // Lazy: the API answers 503 while Redis is down, and recovers with it.
+    let redis = if cfg.redis.url.is_empty() {
+        None
+    } else {
+        Some(pulse::sink::redis_sink::lazy_connection(
+            &cfg.redis.url,
+            secrets.redis_password.as_deref(),
+            std::time::Duration::from_millis(cfg.redis.timeout_ms.max(1)),
+        )?)
     };
     Ok(pulse::serve::ServeState::new(
         redis,
@@ -313,9 +320,11 @@ async fn serve_state(
 async fn run_pipeline(cfg: Config, source: SourceSpec, listen: Option<String>) -> Result<()> {
     let secrets = Secrets::from_env();
     let _ = pulse::serve::metrics_handle();
+    let mut sink_health = None;
     if let Some(addr) = listen {
         let kafka = matches!(source, SourceSpec::Kafka).then(|| cfg.kafka.brokers.clone());
         let state = serve_state(&cfg, &secrets, kafka).await?;
+        sink_health = Some(state.sink.clone());
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
@@ -330,16 +339,17 @@ async fn run_pipeline(cfg: Config, source: SourceSpec, listen: Option<String>) -
         Store::Memory(MemoryStore::default())
     } else {
         Store::Redis(
-            RedisStore::connect(
+            RedisStore::open(
                 &cfg.redis.url,
                 secrets.redis_password.as_deref(),
-                &cfg.redis.prefix,
-                cfg.redis.ttl_secs,
+                RedisOptions::from_config(&cfg.redis),
             )
-            .await
-            .context("connecting to Redis")?,
+            .context("setting up Redis")?,
         )
     };
+    if let (Some(h), Store::Redis(r)) = (&sink_health, &store) {
+        h.set(r.health()).ok();
+    }
     let s = app::run(&cfg, &secrets, source, store, shutdown_on_signals()).await?;
     print_summary(&s, &cfg.parquet.data_dir, 0);
     Ok(())

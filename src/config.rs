@@ -229,6 +229,11 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Retention of per-minute keys, seconds.
     pub ttl_secs: u64,
+    /// Writes held while Redis is unreachable or slow (one per key: later
+    /// writes to a key replace earlier ones); past this, consumption pauses.
+    pub max_pending: usize,
+    /// A Redis round trip taking longer than this marks Redis degraded (ms).
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -320,6 +325,8 @@ impl Default for RedisConfig {
             url: String::new(),
             prefix: "pulse".into(),
             ttl_secs: 604_800,
+            max_pending: 200_000,
+            timeout_ms: 2_000,
         }
     }
 }

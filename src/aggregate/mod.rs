@@ -43,7 +43,9 @@ use crate::model::{
 use crate::sink::notify::Notifier;
 use crate::sink::parquet::WrittenFile;
 use crate::sink::parquet::stage::ParquetMsg;
-use crate::sink::store::{Emission, MergeInput, PartialUpdate, Store, StoreError, TopUpdate};
+use crate::sink::store::{
+    Emission, MergeInput, PartialUpdate, ServiceStatus, Store, StoreError, TopUpdate,
+};
 use crate::window::sql::{PartialRef, SqlEngine, partials_to_batch};
 use crate::window::{Lateness, StoredPartial, WindowEmit, WindowParams, Windower};
 use task::{FinalRows, Task, flush_pending};
@@ -137,6 +139,13 @@ pub struct Core {
     /// Kafka with training: offsets the model snapshot covers, per partition
     /// (a checkpoint never replays from later than these).
     trained: Option<Progress>,
+    /// The store's lost-data generation last acted on.
+    lost_seen: u64,
+    /// The next emission carries every service's incident status.
+    republish_status: bool,
+    /// Merged rows have included partitions other instances own: while the
+    /// store is degraded, scoring waits for their partials.
+    remote_parts: bool,
 }
 
 impl Core {
@@ -153,6 +162,7 @@ impl Core {
         trained: Option<Progress>,
     ) -> Self {
         let params = WindowParams::from_config(&cfg.window);
+        let store_lost = store.lost_generation();
         Core {
             sql: SqlEngine::new(),
             params,
@@ -180,6 +190,9 @@ impl Core {
             last_live: Instant::now(),
             unseen_ts: Vec::new(),
             trained,
+            lost_seen: store_lost,
+            republish_status: false,
+            remote_parts: false,
         }
     }
 
@@ -493,13 +506,28 @@ impl Core {
         if live {
             self.last_live = Instant::now();
         }
+        // Redis came back empty: every open window again, with the status.
+        let lost = self.store.lost_generation();
+        let republish = lost != self.lost_seen;
+        self.lost_seen = lost;
         for (&k, t) in self.tasks.iter_mut() {
+            if republish {
+                emits.extend(t.pw.table.emit_open().into_iter().map(|e| (k, e)));
+            }
             if !live && !touched.contains(&k) {
                 continue;
             }
             t.pw.table.live = live;
             let wm = t.pw.windower.watermark();
             emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
+        }
+        if republish {
+            tracing::warn!(
+                windows = emits.len(),
+                services = self.tracker.statuses().len(),
+                "re-publishing open windows and incident status to an emptied store"
+            );
+            self.republish_status = true;
         }
         self.emit(emits, pq).await?;
         // Freshness (of the fresh events `classify` noted): from event time
@@ -788,7 +816,15 @@ impl Core {
             }
         }
         // Merged rows over every partition's stored partial.
-        let inputs = self.apply_partials_with_retry(&updates).await?;
+        let mut inputs = self.apply_partials_with_retry(&updates).await?;
+        let degraded = self.store.degraded();
+        if !degraded {
+            let owned = &self.tasks;
+            self.remote_parts |= inputs
+                .iter()
+                .any(|m| m.parts.iter().any(|(p, _)| !owned.contains_key(p)));
+        }
+        inputs.extend(self.store.take_late_merges());
         let mut latest_input: BTreeMap<(i64, String), MergeInput> = BTreeMap::new();
         for m in inputs {
             let key = (m.window_start_ms, m.service.clone());
@@ -826,7 +862,9 @@ impl Core {
         }
         // Score complete windows once, in order, from the merged rows.
         let (mut anomalies, mut alerts) = (Vec::new(), Vec::new());
-        if self.detects() {
+        // With other instances' partitions in the merge and Redis degraded,
+        // the merged rows lack their part: scoring waits for Redis.
+        if self.detects() && !(degraded && self.remote_parts) {
             // Only windows the watermark closed: at the end of a file run
             // the rest are written but not scored (the input ended, not
             // their minute; a partial last minute looks like a traffic drop).
@@ -861,7 +899,12 @@ impl Core {
         }
         self.summary.anomalies += anomalies.len() as u64;
         self.summary.alerts.extend(alerts.iter().cloned());
-        if rows.is_empty() && tops.is_empty() && anomalies.is_empty() && alerts.is_empty() {
+        let status: Vec<ServiceStatus> = if std::mem::take(&mut self.republish_status) {
+            self.tracker.statuses()
+        } else {
+            alerts.iter().map(ServiceStatus::of_alert).collect()
+        };
+        if rows.is_empty() && tops.is_empty() && anomalies.is_empty() && status.is_empty() {
             return Ok(());
         }
         let emission = Emission {
@@ -871,6 +914,7 @@ impl Core {
             watermark_ms: self.instance.watermark(),
             anomalies,
             alerts,
+            status,
         };
         self.apply_with_retry(&emission).await?;
         if !emission.anomalies.is_empty() {

@@ -41,6 +41,29 @@ pub struct Alert {
     pub score: f64,
 }
 
+/// A service's incident status as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub anomalous: bool,
+    /// Window that opened (or closed) the incident.
+    pub since_ms: i64,
+    pub metrics: Vec<&'static str>,
+    pub score: f64,
+}
+
+impl ServiceStatus {
+    pub fn of_alert(a: &Alert) -> Self {
+        ServiceStatus {
+            service: a.service.clone(),
+            anomalous: a.kind == "start",
+            since_ms: a.window_start_ms,
+            metrics: a.metrics.clone(),
+            score: a.score,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ServiceState {
     detectors: Vec<Detector>,
@@ -49,6 +72,7 @@ struct ServiceState {
 
 #[derive(Debug)]
 struct Incident {
+    since_ms: i64,
     metrics: Vec<&'static str>,
     score: f64,
     quiet: u32,
@@ -135,6 +159,7 @@ impl AnomalyTracker {
                         score: top,
                     });
                     st.incident = Some(Incident {
+                        since_ms: window_start_ms,
                         metrics: flagged,
                         score: top,
                         quiet: 0,
@@ -166,6 +191,31 @@ impl AnomalyTracker {
             }
         }
         (anomalies, alerts)
+    }
+
+    /// Every service's status; one without an incident is `ok` as of the
+    /// last window scored.
+    pub fn statuses(&self) -> Vec<ServiceStatus> {
+        let last = self.last_window.unwrap_or(0);
+        self.services
+            .iter()
+            .map(|(svc, st)| match &st.incident {
+                Some(i) => ServiceStatus {
+                    service: svc.clone(),
+                    anomalous: true,
+                    since_ms: i.since_ms,
+                    metrics: i.metrics.clone(),
+                    score: i.score,
+                },
+                None => ServiceStatus {
+                    service: svc.clone(),
+                    anomalous: false,
+                    since_ms: last,
+                    metrics: Vec::new(),
+                    score: 0.0,
+                },
+            })
+            .collect()
     }
 
     /// Services currently in an incident.

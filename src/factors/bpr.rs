@@ -188,6 +188,16 @@ impl Bpr {
         u
     }
 
+    /// Marks every user held as learned from: the next
+    /// [`Bpr::take_touched_users`] lists them all (a full re-publish).
+    pub fn touch_all_users(&mut self) {
+        let n = self.users.ids.len();
+        self.touched = vec![u64::MAX; n / 64];
+        if !n.is_multiple_of(64) {
+            self.touched.push((1u64 << (n % 64)) - 1);
+        }
+    }
+
     /// The users learned from since the last call (each once, as they hold
     /// their slots now: a user forgotten since is not among them).
     pub fn take_touched_users(&mut self) -> Vec<u64> {

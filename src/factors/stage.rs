@@ -8,6 +8,7 @@
 //! checkpoints how far the durable model reaches.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::record_batch::RecordBatch;
@@ -85,7 +86,9 @@ pub fn run(
     flush: Duration,
     snap: Option<Snapshots>,
     trained: Progress,
+    lost: Option<Arc<crate::sink::redis_sink::Health>>,
 ) -> (u64, Duration) {
+    let mut lost_seen = lost.as_ref().map_or(0, |h| h.lost_generation());
     let mut last = Instant::now();
     let mut last_snap = Instant::now();
     let mut busy = Duration::ZERO;
@@ -115,6 +118,18 @@ pub fn run(
             last_snap = Instant::now();
         }
         busy += t0.elapsed();
+        if let Some(h) = &lost
+            && h.lost_generation() != lost_seen
+        {
+            // Redis came back empty: the next delta carries the whole model.
+            lost_seen = h.lost_generation();
+            t.republish_all();
+            tracing::warn!(
+                users = t.model.implicit.n_users(),
+                items = t.model.implicit.n_items(),
+                "re-publishing the factor model to an emptied store"
+            );
+        }
         if let Some(tx) = &deltas
             && last.elapsed() >= flush
         {

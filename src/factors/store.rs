@@ -72,17 +72,199 @@ pub async fn write(
     pipe.exec_async(conn).await
 }
 
+/// Factor writes waiting for Redis, one per key: the newest record of each
+/// user and item, the newest history, trending list and meta.
+#[derive(Debug, Default)]
+pub struct PendingDelta {
+    users: std::collections::HashMap<u64, Vec<u8>>,
+    items: std::collections::HashMap<u64, Vec<u8>>,
+    history: std::collections::HashMap<u64, Vec<u8>>,
+    /// The newest delta's trending list and meta (version, updated, dim).
+    last: Option<Delta>,
+}
+
+impl PendingDelta {
+    /// Folds a delta in: later records replace earlier ones.
+    pub fn add(&mut self, d: Delta) {
+        let Delta {
+            users,
+            items,
+            history,
+            trending,
+            version,
+            updated_ms,
+            dim,
+        } = d;
+        self.users.extend(users);
+        self.items.extend(items);
+        self.history.extend(history);
+        let trending = if trending.is_empty() {
+            self.last.take().map(|l| l.trending).unwrap_or_default()
+        } else {
+            trending
+        };
+        self.last = Some(Delta {
+            trending,
+            version,
+            updated_ms,
+            dim,
+            ..Delta::default()
+        });
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.users.len() + self.items.len() + self.history.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last.is_none()
+    }
+
+    /// The pending writes as one delta.
+    pub fn to_delta(&self) -> Delta {
+        let mut d = self.last.clone().unwrap_or_default();
+        d.users = self.users.iter().map(|(k, v)| (*k, v.clone())).collect();
+        d.items = self.items.iter().map(|(k, v)| (*k, v.clone())).collect();
+        d.history = self.history.iter().map(|(k, v)| (*k, v.clone())).collect();
+        d
+    }
+
+    pub fn clear(&mut self) {
+        *self = PendingDelta::default();
+    }
+}
+
 /// The publisher's loop: writes each [`Delta`] to Redis as it comes, until
-/// the trainer closes the channel. Returns how many it wrote.
+/// the trainer closes the channel. While Redis fails or is slow (`timeout`),
+/// deltas coalesce in a [`PendingDelta`] retried with backoff; past
+/// `max_records` held, it stops taking deltas (the trainer, and so
+/// consumption, waits). At the end it tries for `drain` more, then logs
+/// what it could not write. Returns how many writes it applied.
 pub async fn publish(
     mut rx: tokio::sync::mpsc::Receiver<Delta>,
     mut conn: redis::aio::ConnectionManager,
     prefix: String,
-) -> redis::RedisResult<u64> {
+    timeout: std::time::Duration,
+    max_records: usize,
+    drain: std::time::Duration,
+) -> u64 {
+    use std::time::{Duration, Instant};
     let mut n = 0u64;
-    while let Some(d) = rx.recv().await {
-        write(&mut conn, &prefix, &d).await?;
-        n += 1;
+    let mut pending = PendingDelta::default();
+    let mut open = true;
+    let mut backoff = Duration::from_millis(100);
+    let mut closed_at: Option<Instant> = None;
+    loop {
+        // Take what the trainer sent (waiting only when nothing is pending).
+        if open && pending.len() < max_records {
+            if pending.is_empty() {
+                match rx.recv().await {
+                    Some(d) => pending.add(d),
+                    None => open = false,
+                }
+            }
+            while open && pending.len() < max_records {
+                match rx.try_recv() {
+                    Ok(d) => pending.add(d),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+        }
+        if pending.is_empty() {
+            if open {
+                continue;
+            }
+            return n;
+        }
+        if !open {
+            let t = *closed_at.get_or_insert_with(Instant::now);
+            if t.elapsed() >= drain {
+                metrics::counter!("pulse_redis_dropped_writes_total")
+                    .increment(pending.len() as u64 + 1);
+                tracing::error!(
+                    records = pending.len(),
+                    "stopping with factor records not written (Redis unreachable)"
+                );
+                return n;
+            }
+        }
+        let d = pending.to_delta();
+        match tokio::time::timeout(timeout, write(&mut conn, &prefix, &d)).await {
+            Ok(Ok(())) => {
+                pending.clear();
+                n += 1;
+                backoff = Duration::from_millis(100);
+                metrics::gauge!("pulse_redis_pending_factor_records").set(0.0);
+            }
+            res => {
+                let e = match res {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no reply within {} ms", timeout.as_millis()),
+                };
+                metrics::gauge!("pulse_redis_pending_factor_records").set(pending.len() as f64);
+                metrics::counter!("pulse_redis_reconnects_total").increment(1);
+                tracing::warn!(error = %e, records = pending.len(), "factor publish failed, retrying");
+                // Keep taking deltas while waiting, up to the bound.
+                let wait = tokio::time::sleep(backoff);
+                tokio::pin!(wait);
+                loop {
+                    if !open || pending.len() >= max_records {
+                        (&mut wait).await;
+                        break;
+                    }
+                    tokio::select! {
+                        _ = &mut wait => break,
+                        d = rx.recv() => match d {
+                            Some(d) => pending.add(d),
+                            None => open = false,
+                        },
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
     }
-    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_deltas_keep_the_newest_record_per_key() {
+        let mut p = PendingDelta::default();
+        p.add(Delta {
+            users: vec![(1, vec![1]), (2, vec![2])],
+            items: vec![(7, vec![7])],
+            history: vec![(1, vec![9])],
+            trending: vec![(7, 1.0)],
+            version: 10,
+            updated_ms: 100,
+            dim: 4,
+        });
+        p.add(Delta {
+            users: vec![(1, vec![11])],
+            items: vec![],
+            history: vec![],
+            trending: vec![],
+            version: 20,
+            updated_ms: 200,
+            dim: 4,
+        });
+        assert_eq!(p.len(), 4);
+        let mut d = p.to_delta();
+        d.users.sort();
+        assert_eq!(d.users, vec![(1, vec![11]), (2, vec![2])]);
+        assert_eq!(d.items, vec![(7, vec![7])]);
+        assert_eq!(
+            d.trending,
+            vec![(7, 1.0)],
+            "an empty list keeps the last one"
+        );
+        assert_eq!((d.version, d.updated_ms), (20, 200));
+        p.clear();
+        assert!(p.is_empty());
+    }
 }

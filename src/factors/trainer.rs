@@ -230,6 +230,13 @@ impl Trainer {
     }
 
     /// What changed since the last flush.
+    /// Makes the next [`Trainer::flush`] carry the whole model: every user's
+    /// record and history and every item's record (the store lost them).
+    pub fn republish_all(&mut self) {
+        self.model.implicit.touch_all_users();
+        self.published.clear();
+    }
+
     pub fn flush(&mut self, now_ms: i64) -> Delta {
         let mut d = Delta {
             version: self.model.events(),

@@ -40,7 +40,16 @@ async fn service_list(s: &ServeState) -> Result<(Vec<String>, Option<i64>), ApiE
 
 pub(super) async fn services(State(s): State<Arc<ServeState>>) -> Result<Json<Value>, ApiError> {
     let (svcs, wm) = service_list(&s).await?;
-    Ok(Json(json!({ "services": svcs, "watermark_ms": wm })))
+    let mut c = conn(&s)?;
+    // When the pipeline last moved the watermark (wall clock): the page
+    // tells a stalled pipeline from a quiet one.
+    let at: Option<i64> = redis::cmd("GET")
+        .arg(format!("{}:watermark_at", s.prefix))
+        .query_async(&mut c)
+        .await?;
+    Ok(Json(
+        json!({ "services": svcs, "watermark_ms": wm, "watermark_updated_ms": at }),
+    ))
 }
 
 #[derive(Deserialize)]

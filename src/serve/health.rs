@@ -1,6 +1,7 @@
 //! Operations endpoints: Prometheus metrics (`/metrics`, the process-wide
-//! recorder) and readiness (`/readyz`: Redis answers, and the brokers when
-//! configured).
+//! recorder) and readiness (`/readyz`: Redis answers, the pipeline's Redis
+//! writes are not queued behind an outage, and the brokers answer when
+//! configured; 503 with the reasons otherwise).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -48,6 +49,15 @@ pub(super) async fn metrics_text() -> Response {
 pub(super) async fn readyz(State(s): State<Arc<ServeState>>) -> Response {
     let mut checks = serde_json::Map::new();
     let mut ok = true;
+    if let Some(h) = s.sink.get() {
+        // The pipeline's own view: its writes queue while Redis lags.
+        let d = h.degraded();
+        ok &= d.is_none();
+        checks.insert(
+            "redis_writes".into(),
+            json!(d.unwrap_or_else(|| "ok".to_string())),
+        );
+    }
     if let Some(mut c) = s.redis.clone() {
         let r: Result<String, _> = tokio::time::timeout(
             Duration::from_secs(2),

@@ -4,7 +4,7 @@
 //! version); and the JSON error every handler answers with.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::Json;
@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::factors::index::ItemIndex;
 use crate::factors::mips::MipsIndex;
+use crate::sink::redis_sink::Health;
 
 /// What the router reads.
 #[derive(Clone)]
@@ -25,6 +26,9 @@ pub struct ServeState {
     /// The published model's items and trending list, cached in process and
     /// refreshed by [`serve`] on an interval.
     pub items: ItemCache,
+    /// In `pulse run`: the pipeline's Redis side output, whose degraded
+    /// state `/readyz` reports (set once the store exists).
+    pub sink: Arc<OnceLock<Arc<Health>>>,
 }
 
 /// One snapshot of the published recommendation model, as `/recommend` serves it.
@@ -75,6 +79,7 @@ impl ServeState {
             prefix: prefix.to_string(),
             kafka_brokers,
             items: Default::default(),
+            sink: Default::default(),
         }
     }
 

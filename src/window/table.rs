@@ -107,6 +107,15 @@ impl WindowTable {
         *w.items.entry(item).or_default() += n;
     }
 
+    /// The current value of every open window (nothing changes state): what
+    /// a store that lost its data needs again.
+    pub fn emit_open(&self) -> Vec<WindowEmit> {
+        self.open
+            .iter()
+            .map(|(&ws, w)| w.emit(ws, self.top_n, false, false))
+            .collect()
+    }
+
     /// Emissions due at `watermark`: updates for windows that closed or changed
     /// after closing, finals (and purge) for windows past allowed lateness;
     /// with `live`, also updates of changed windows still open.
