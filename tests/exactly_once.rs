@@ -26,6 +26,8 @@ struct Harness {
     static_id: Option<String>,
     /// Train the factor model too (and check it learned each event once).
     reco: bool,
+    /// `pulse run --listen` address (readiness and metrics).
+    listen: Option<String>,
 }
 
 impl Harness {
@@ -77,14 +79,19 @@ max_file_rows = 8000
             prefix,
             static_id: static_id.map(str::to_string),
             reco,
+            listen: None,
         }
     }
 
     /// Starts `pulse run` on the topic; its log goes to `logs/<name>.log`.
     fn spawn(&self, name: &str, idle_exit_ms: u64) -> Child {
         let log = std::fs::File::create(self.log_path(name)).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_pulse"))
-            .args(["run", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse"));
+        cmd.args(["run"]);
+        if let Some(l) = &self.listen {
+            cmd.args(["--listen", l]);
+        }
+        cmd.arg("--config")
             .arg(&self.config)
             .args(["--brokers", &self.cfg.kafka.brokers])
             .args(["--topic", &self.cfg.kafka.topic])
@@ -269,6 +276,13 @@ max_file_rows = 8000
 
     /// The whole guarantee, checked on what the instances left behind.
     async fn verify(&self, exp: &Expected) {
+        self.verify_archive(exp).await;
+        let merged = recompute(&self.data, None).await;
+        assert_stats_match(&redis_stats(&self.redis, &self.prefix).await, &merged);
+    }
+
+    /// The guarantee of the Parquet archive (and of the model's lineage).
+    async fn verify_archive(&self, exp: &Expected) {
         let ids = event_ids(&self.data).await;
         let unique: BTreeSet<u64> = ids.iter().copied().collect();
         assert_eq!(ids.len(), unique.len(), "duplicated events");
@@ -290,8 +304,6 @@ max_file_rows = 8000
         let want = recompute(&self.data, Some(true)).await;
         let closed = closed_hours(&self.data, &self.cfg).await;
         assert_closed_stats_match(&got, &want, &closed);
-        let merged = recompute(&self.data, None).await;
-        assert_stats_match(&redis_stats(&self.redis, &self.prefix).await, &merged);
 
         // Readers see only complete files: pyarrow reads every visible file,
         // and no in-progress file is left once the last owner stopped.
@@ -495,4 +507,300 @@ async fn graceful_stop_and_restart_mid_stream() {
     h.drain_tails("second");
     h.verify(&exp).await;
     eprintln!("graceful: stop took {stop:?}, restart processing again after {resumed:?}");
+}
+
+/// A redis-server of the test's own (append-only file, fsync always), to
+/// stop, freeze and restart under a running pipeline.
+struct OwnRedis {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl OwnRedis {
+    fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut r = OwnRedis {
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            child: None,
+        };
+        r.launch();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server on its port and directory and waits for its PONG.
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed by scripts/services.sh");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            use std::io::{Read, Write};
+            let pong = std::net::TcpStream::connect(("127.0.0.1", self.port))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                    s.write_all(b"PING\r\n")?;
+                    let mut b = [0u8; 7];
+                    s.read_exact(&mut b)?;
+                    Ok(&b == b"+PONG\r\n")
+                })
+                .unwrap_or(false);
+            if pong {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Shuts the server down (its append-only file keeps the data).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "TERM");
+            let st = wait_exit(&mut c, Duration::from_secs(20));
+            assert!(st.success(), "redis-server stop: {st}");
+        }
+    }
+
+    /// Deletes the data the server would load at its next start.
+    fn wipe(&self) {
+        std::fs::remove_dir_all(&self.dir).unwrap();
+        std::fs::create_dir_all(&self.dir).unwrap();
+    }
+
+    fn signal(&self, sig: &str) {
+        signal(self.child.as_ref().expect("running"), sig);
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outage {
+    /// Shut down, then started again with its data.
+    Restart,
+    /// SIGSTOP, then SIGCONT: connections hang rather than fail.
+    Freeze,
+    /// Shut down, then started again empty (its data lost).
+    RestartEmpty,
+}
+
+/// The readiness answer and one gauge of `/metrics`.
+async fn readiness(addr: std::net::SocketAddr) -> (u16, String) {
+    http_get(addr, "/readyz").await
+}
+
+async fn gauge(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Redis goes away for 35 s in the middle of a Kafka run: pulse keeps
+/// consuming and committing Parquet, says it is degraded, catches up when
+/// Redis returns, and stops cleanly; every event is exactly once in Parquet
+/// and Redis equals the recomputation (or, after losing its data, holds
+/// what pulse re-published).
+async fn redis_outage(kind: Outage) {
+    let mut h = Harness::new(None, true);
+    let mut r = OwnRedis::start(&h.dir.path().join("redis"));
+    h.redis = r.url();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    h.listen = Some(addr.to_string());
+    let lines = input_lines_at(60_000, 29, 8.0);
+    let exp = expected(&lines);
+    let third = lines.len() / 3;
+    let mut c = h.spawn("run", 120_000);
+    h.produce(&lines[..third], 0).await;
+    h.wait_checkpointed(third as i64, &mut c);
+    let committed_before = event_ids(&h.data).await.len();
+
+    let outage = Instant::now();
+    match kind {
+        Outage::Restart | Outage::RestartEmpty => r.stop(),
+        Outage::Freeze => r.signal("STOP"),
+    }
+    h.produce(&lines[third..2 * third], third).await;
+    h.wait_checkpointed(2 * third as i64, &mut c);
+    let committed_during = event_ids(&h.data).await.len();
+    assert!(
+        committed_during > committed_before,
+        "Parquet commits go on without Redis: {committed_before} -> {committed_during}"
+    );
+    let (code, body) = readiness(addr).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("redis degraded for"), "{body}");
+    let pending = gauge(addr, "pulse_redis_pending_writes")
+        .await
+        .unwrap_or(0.0);
+    assert!(pending > 0.0, "writes wait for Redis: {pending}");
+    while outage.elapsed() < Duration::from_secs(35) {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "pulse stayed up\n{}",
+            h.log("run")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    match kind {
+        Outage::Restart => r.launch(),
+        Outage::RestartEmpty => {
+            r.wipe();
+            r.launch();
+        }
+        Outage::Freeze => r.signal("CONT"),
+    }
+    let back = Instant::now();
+    // The last third flows while Redis catches up.
+    h.produce(&lines[2 * third..], 2 * third).await;
+    let caught_up = loop {
+        let (code, _) = readiness(addr).await;
+        if code == 200 {
+            break back.elapsed();
+        }
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "pulse stayed up\n{}",
+            h.log("run")
+        );
+        assert!(
+            back.elapsed() < Duration::from_secs(90),
+            "Redis never caught up\n{}",
+            h.log("run")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    h.wait_checkpointed(lines.len() as i64, &mut c);
+    let peak = gauge(addr, "pulse_redis_pending_writes_peak")
+        .await
+        .unwrap_or(0.0);
+    // Let the live values of the last batches reach Redis, then stop.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sigterm(&c);
+    let st = wait_exit(&mut c, Duration::from_secs(60));
+    assert!(st.success(), "SIGTERM exit: {st}\n{}", h.log("run"));
+    let log = h.log("run");
+    assert!(
+        !log.contains("writes not applied") && !log.contains("records not written"),
+        "every Redis write was applied\n{log}"
+    );
+    h.drain_tails("run");
+    eprintln!("redis {kind:?}: exact again {caught_up:?} after its return, pending peak {peak}");
+    if kind != Outage::RestartEmpty {
+        h.verify(&exp).await;
+        return;
+    }
+    h.verify_archive(&exp).await;
+    assert!(log.contains("re-publishing open windows"), "{log}");
+    assert!(log.contains("re-publishing the factor model"), "{log}");
+    // What Redis holds is exact, and it holds every minute from the
+    // restart on (the open windows re-published, the later ones written);
+    // minutes closed before the loss stay in Parquet only.
+    let merged = recompute(&h.data, None).await;
+    let in_redis = redis_stats(&h.redis, &h.prefix).await;
+    let mut ts: Vec<i64> = lines[2 * third..]
+        .iter()
+        .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok()?["ts"].as_i64())
+        .collect();
+    ts.sort_unstable();
+    let from = ts[ts.len() / 10].div_euclid(60_000) * 60_000 - 5 * 60_000;
+    let mut covered = 0;
+    for (k, w) in &merged {
+        match in_redis.get(k) {
+            Some(g) => {
+                assert_eq!((g.0, g.1, g.2), (w.0, w.1, w.2), "counts of {k:?}");
+            }
+            None => assert!(k.0 < from, "Redis lacks {k:?}, a minute after its restart"),
+        }
+        covered += usize::from(k.0 >= from);
+    }
+    assert!(covered > 20, "minutes after the restart: {covered}");
+    // The factor model is whole again: every user and item it holds.
+    let path = pulse::checkpoint::reco_dir(&h.data, &h.cfg.kafka.topic).join("model-default.cbor");
+    let t = pulse::factors::trainer::Trainer::restore(
+        h.cfg.reco.model_config(),
+        h.cfg.reco.seed,
+        &std::fs::read(&path).unwrap(),
+    )
+    .unwrap();
+    let client = redis::Client::open(h.redis.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let users: usize = redis::AsyncCommands::hlen(&mut con, format!("{}:reco:user", h.prefix))
+        .await
+        .unwrap();
+    let items: usize = redis::AsyncCommands::hlen(&mut con, format!("{}:reco:item", h.prefix))
+        .await
+        .unwrap();
+    assert_eq!(
+        users,
+        t.model.implicit.n_users(),
+        "user records re-published"
+    );
+    assert_eq!(
+        items,
+        t.model.implicit.n_items(),
+        "item records re-published"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_with_its_data_mid_stream() {
+    redis_outage(Outage::Restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_mid_stream() {
+    redis_outage(Outage::Freeze).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_mid_stream() {
+    redis_outage(Outage::RestartEmpty).await;
 }

@@ -141,6 +141,8 @@ pub struct Core {
     trained: Option<Progress>,
     /// The store's lost-data generation last acted on.
     lost_seen: u64,
+    /// Batches were processed since the last checkpoint.
+    since_checkpoint: bool,
     /// The next emission carries every service's incident status.
     republish_status: bool,
     /// Merged rows have included partitions other instances own: while the
@@ -191,6 +193,7 @@ impl Core {
             unseen_ts: Vec::new(),
             trained,
             lost_seen: store_lost,
+            since_checkpoint: false,
             republish_status: false,
             remote_parts: false,
         }
@@ -207,10 +210,20 @@ impl Core {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), PipelineError> {
         let mut watching = true;
+        // Between batches: checkpoints of what the last batches did, and
+        // merges Redis handed back after an outage.
+        let mut tick = tokio::time::interval(self.checkpoint_every.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let d = if watching {
                 tokio::select! {
                     d = rx.recv() => d,
+                    _ = tick.tick() => {
+                        let t0 = Instant::now();
+                        self.on_tick(pq).await?;
+                        self.busy += t0.elapsed();
+                        continue;
+                    }
                     r = shutdown.changed() => {
                         // A dropped sender can signal nothing more: stop watching it.
                         if r.is_err() || *shutdown.borrow() {
@@ -313,6 +326,59 @@ impl Core {
         let keys: Vec<i32> = self.tasks.keys().copied().collect();
         self.instance.set_partitions(&keys);
         Ok(())
+    }
+
+    /// Checkpoints every owned partition.
+    async fn checkpoint_all(&mut self, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
+        let keys: Vec<i32> = self.tasks.keys().copied().collect();
+        for k in keys {
+            self.checkpoint(k, pq).await?;
+        }
+        self.last_checkpoint = Instant::now();
+        self.since_checkpoint = false;
+        Ok(())
+    }
+
+    /// No batch for a while: checkpoint what the last ones did (a quiet
+    /// stream must not leave it to the next batch), and merge what Redis
+    /// handed back after an outage or needs again after losing its data.
+    async fn on_tick(&mut self, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
+        if self.kafka
+            && self.since_checkpoint
+            && self.last_checkpoint.elapsed() >= self.checkpoint_every
+        {
+            self.checkpoint_all(pq).await?;
+        }
+        let lost = self.store.lost_generation() != self.lost_seen;
+        if lost || self.store.has_late_merges() {
+            let mut emits = Vec::new();
+            if lost {
+                self.lost_seen = self.store.lost_generation();
+                emits = self.republish_emits();
+                // The trainer looks at the store between messages: wake it.
+                if let Some(tr) = &self.trainer {
+                    to_trainer(tr, None, Vec::new()).await?;
+                }
+            }
+            self.emit(emits, pq).await?;
+        }
+        Ok(())
+    }
+
+    /// Every open window of every owned partition, and the incident status
+    /// with the next emission: what a store that lost its data needs again.
+    fn republish_emits(&mut self) -> Vec<(i32, WindowEmit)> {
+        let mut emits = Vec::new();
+        for (&k, t) in self.tasks.iter() {
+            emits.extend(t.pw.table.emit_open().into_iter().map(|e| (k, e)));
+        }
+        tracing::warn!(
+            windows = emits.len(),
+            services = self.tracker.statuses().len(),
+            "re-publishing open windows and incident status to an emptied store"
+        );
+        self.republish_status = true;
+        emits
     }
 
     /// Writes partition `p`'s checkpoint (its effects so far are durable or in it).
@@ -508,26 +574,17 @@ impl Core {
         }
         // Redis came back empty: every open window again, with the status.
         let lost = self.store.lost_generation();
-        let republish = lost != self.lost_seen;
-        self.lost_seen = lost;
+        if lost != self.lost_seen {
+            self.lost_seen = lost;
+            emits = self.republish_emits();
+        }
         for (&k, t) in self.tasks.iter_mut() {
-            if republish {
-                emits.extend(t.pw.table.emit_open().into_iter().map(|e| (k, e)));
-            }
             if !live && !touched.contains(&k) {
                 continue;
             }
             t.pw.table.live = live;
             let wm = t.pw.windower.watermark();
             emits.extend(t.pw.table.advance(wm, false).into_iter().map(|e| (k, e)));
-        }
-        if republish {
-            tracing::warn!(
-                windows = emits.len(),
-                services = self.tracker.statuses().len(),
-                "re-publishing open windows and incident status to an emptied store"
-            );
-            self.republish_status = true;
         }
         self.emit(emits, pq).await?;
         // Freshness (of the fresh events `classify` noted): from event time
@@ -544,12 +601,9 @@ impl Core {
             let lag = now.saturating_sub(wm);
             metrics::gauge!("pulse_watermark_lag_seconds").set(lag as f64 / 1000.0);
         }
+        self.since_checkpoint = true;
         if self.kafka && self.last_checkpoint.elapsed() >= self.checkpoint_every {
-            let keys: Vec<i32> = self.tasks.keys().copied().collect();
-            for k in keys {
-                self.checkpoint(k, pq).await?;
-            }
-            self.last_checkpoint = Instant::now();
+            self.checkpoint_all(pq).await?;
         }
         metrics::histogram!("pulse_batch_seconds").record(t0.elapsed().as_secs_f64());
         self.summary.last_batch_done_at = Some(Instant::now());

@@ -76,6 +76,21 @@ pub fn prepare(
     Ok(t)
 }
 
+/// Redis came back empty: the next delta carries the whole model.
+fn check_lost(t: &mut Trainer, lost: Option<&crate::sink::redis_sink::Health>, seen: &mut u64) {
+    let Some(h) = lost else { return };
+    if h.lost_generation() == *seen {
+        return;
+    }
+    *seen = h.lost_generation();
+    t.republish_all();
+    tracing::warn!(
+        users = t.model.implicit.n_users(),
+        items = t.model.implicit.n_items(),
+        "re-publishing the factor model to an emptied store"
+    );
+}
+
 /// The stage's loop, until its input closes or the publisher stops. With
 /// `deltas`, a [`Delta`] goes out every `flush` (and a last one at the end).
 /// Returns the events the model has learned and the stage's busy time.
@@ -118,18 +133,7 @@ pub fn run(
             last_snap = Instant::now();
         }
         busy += t0.elapsed();
-        if let Some(h) = &lost
-            && h.lost_generation() != lost_seen
-        {
-            // Redis came back empty: the next delta carries the whole model.
-            lost_seen = h.lost_generation();
-            t.republish_all();
-            tracing::warn!(
-                users = t.model.implicit.n_users(),
-                items = t.model.implicit.n_items(),
-                "re-publishing the factor model to an emptied store"
-            );
-        }
+        check_lost(&mut t, lost.as_deref(), &mut lost_seen);
         if let Some(tx) = &deltas
             && last.elapsed() >= flush
         {
@@ -141,6 +145,7 @@ pub fn run(
         }
     }
     save(&t);
+    check_lost(&mut t, lost.as_deref(), &mut lost_seen);
     if let Some(tx) = &deltas {
         let _ = tx.blocking_send(t.flush(chrono::Utc::now().timestamp_millis()));
     }

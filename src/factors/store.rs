@@ -222,7 +222,7 @@ pub async fn publish(
                         },
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }

@@ -27,6 +27,9 @@ use super::pending::{Op, OpBody, OpKey, Pending};
 
 /// Writes per round trip of the background writer.
 const FLUSH_BATCH: usize = 2_000;
+/// Longest wait between two attempts while Redis is unreachable: Redis is
+/// caught up within about this long of its return.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How often the writer checks the marker key.
 const MARKER_EVERY: Duration = Duration::from_secs(2);
 /// Length the anomaly and alert streams are capped at (approximately).
@@ -439,6 +442,15 @@ impl RedisStore {
         sh.wake.notify_one();
     }
 
+    pub(super) fn has_late(&self) -> bool {
+        !self
+            .sh
+            .late
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
     /// Merge inputs the writer got back for queued partials (each
     /// (service, window) once, the latest read).
     pub(super) fn take_late(&self) -> Vec<MergeInput> {
@@ -735,5 +747,5 @@ async fn fail(sh: &Shared, e: &str, backoff: &mut Duration) {
         "redis retry"
     );
     tokio::time::sleep(*backoff).await;
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
 }

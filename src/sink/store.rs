@@ -244,6 +244,14 @@ impl Store {
         }
     }
 
+    /// Whether Redis handed back merge inputs not merged yet.
+    pub fn has_late_merges(&self) -> bool {
+        match self {
+            Store::Memory(_) => false,
+            Store::Redis(r) => r.has_late(),
+        }
+    }
+
     /// Whether merged rows come from this process's partials only right now.
     pub fn degraded(&self) -> bool {
         match self {
