@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::aggregate::Core;
 pub use crate::aggregate::Summary;
 use crate::config::{Config, Secrets};
+use crate::decode::admit::AdmittedServices;
 use crate::decode::stage::DecodeMsg;
 pub use crate::error::PipelineError;
 use crate::factors::stage::{Snapshots, TrainMsg};
@@ -183,13 +184,16 @@ pub async fn run(
     };
 
     let rules = cfg.validation.clone();
+    let admitted = AdmittedServices::default();
+    let dec_admitted = admitted.clone();
     let dec_handle = spawn_stage("decode", true, move || {
-        crate::decode::stage::run(chunk_rx, dec_tx, rules, pool)
+        crate::decode::stage::run(chunk_rx, dec_tx, rules, pool, dec_admitted)
     })?;
 
     let trained = (kafka && cfg.reco.enabled).then_some(trained);
     let drain_store = store.clone();
     let mut core = Core::new(cfg, secrets, store, kafka, trainer_tx, progress, trained);
+    core.set_admitted(admitted);
     let core_result = core.run(&mut dec_rx, &pq_tx, &mut shutdown).await;
     // The trainer ends first: its final snapshot lets the last checkpoints
     // start after everything it learned.

@@ -51,6 +51,17 @@ pub struct PartitionCheckpoint {
     /// `top_items` rows of hours not yet closed.
     pub pending_top: Vec<TopItemRow>,
     pub written_ms: i64,
+    /// Services the partition's records admitted under
+    /// `validation.max_services` (possibly a few records past `next_offset`:
+    /// the set only grows, so a replay still decides every record as before).
+    #[serde(default)]
+    pub services: Vec<String>,
+}
+
+impl crate::decode::stage::AdmittedIn for PartitionCheckpoint {
+    fn admitted_services(&self) -> &[String] {
+        &self.services
+    }
 }
 
 /// Writes `bytes` to `dir/name` atomically and durably (temporary file,
@@ -165,6 +176,7 @@ mod tests {
             pending_stats: vec![],
             pending_top: vec![(60_000, 1, 7, 3).into()],
             written_ms: 1,
+            services: vec!["checkout".into()],
         };
         st.save(&cp).unwrap();
         assert_eq!(st.load(3).unwrap().as_ref(), Some(&cp));

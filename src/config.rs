@@ -199,6 +199,10 @@ pub struct ValidationConfig {
     /// Accepted event-time range, epoch ms.
     pub ts_min_ms: i64,
     pub ts_max_ms: i64,
+    /// Distinct services each source partition admits (in order of first
+    /// appearance); events of further services are dead letters
+    /// (`cardinality`). 0 = no cap.
+    pub max_services: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -302,6 +306,7 @@ impl Default for ValidationConfig {
             max_payload_bytes: 65536,
             ts_min_ms: 946_684_800_000,
             ts_max_ms: 4_102_444_800_000,
+            max_services: 1_000,
         }
     }
 }

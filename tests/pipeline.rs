@@ -284,3 +284,68 @@ async fn a_topic_created_after_the_subscription_is_consumed() {
         "first batch {waited:?} after the topic was created"
     );
 }
+
+/// A hostile producer: script in service names, bad endpoints, overlong
+/// names, and a flood of distinct services. Every record lands once, in
+/// `events` or in `dead_letters` with its reason; past
+/// `validation.max_services` a service's events are `cardinality` dead
+/// letters, and only admitted services reach the minute rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_and_service_floods_become_dead_letters_by_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ev = |id: usize, svc: &str, endpoint: &str| {
+        let ts = 1_795_305_600_000i64 + id as i64 * 100;
+        serde_json::json!({
+            "event_id": id, "ts": ts, "user_id": 1 + id % 50, "item_id": 1 + id % 70,
+            "event_type": "view", "service": svc, "endpoint": endpoint,
+            "status": 200, "latency_ms": 5.0 + (id % 9) as f64,
+        })
+        .to_string()
+    };
+    let mut lines = Vec::new();
+    let normal = ["cart", "catalog", "checkout", "reco", "search"];
+    for i in 0..5_000 {
+        lines.push(ev(i, normal[i % 5], "/api/v1/items"));
+    }
+    for i in 0..2_000 {
+        lines.push(ev(10_000 + i, &format!("tenant-{i}"), "/x"));
+    }
+    for i in 0..40 {
+        lines.push(ev(20_000 + i, "<img src=x onerror=alert(1)>", "/x"));
+        lines.push(ev(20_100 + i, "cart", "/x\"><script>alert(1)</script>"));
+        lines.push(ev(20_200 + i, &"s".repeat(65 + i), "/x"));
+    }
+    let path = dir.path().join("hostile.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let mut cfg = config(&data);
+    cfg.validation.max_services = 100;
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let s = app::run(
+        &cfg,
+        &Secrets::default(),
+        SourceSpec::Files(vec![path]),
+        Store::Memory(MemoryStore::default()),
+        rx,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.records as usize, lines.len());
+    let mut by_reason = std::collections::BTreeMap::new();
+    for b in sql(&data, "SELECT reason FROM dead_letters").await {
+        let r = b.column(0).as_string::<i32>();
+        for i in 0..b.num_rows() {
+            let kind = r.value(i).split(':').next().unwrap().to_string();
+            *by_reason.entry(kind).or_insert(0usize) += 1;
+        }
+    }
+    eprintln!("dead letters by reason: {by_reason:?}");
+    // 5 normal services and the first 95 tenants are admitted.
+    let expected: std::collections::BTreeMap<String, usize> =
+        [("cardinality".to_string(), 1_905), ("name".to_string(), 120)].into();
+    assert_eq!(by_reason, expected);
+    assert_eq!(s.events as usize, 5_000 + 95);
+    let services: BTreeSet<String> = s.final_rows.iter().map(|r| r.service.clone()).collect();
+    assert_eq!(services.len(), 100, "only admitted services have minute rows");
+    assert!(services.contains("tenant-94") && !services.contains("tenant-95"));
+}

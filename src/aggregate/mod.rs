@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
 use crate::config::{Config, Secrets};
 use crate::decode::Decoded;
+use crate::decode::admit::AdmittedServices;
 use crate::decode::stage::DecodeMsg;
 use crate::detect::incidents::{AnomalyTracker, anomalies_batch};
 use crate::error::PipelineError;
@@ -143,6 +144,8 @@ pub struct Core {
     lost_seen: u64,
     /// Batches were processed since the last checkpoint.
     since_checkpoint: bool,
+    /// The services each partition admitted (decode stage), for checkpoints.
+    admitted: AdmittedServices,
     /// The next emission carries every service's incident status.
     republish_status: bool,
     /// Merged rows have included partitions other instances own: while the
@@ -194,6 +197,7 @@ impl Core {
             trained,
             lost_seen: store_lost,
             since_checkpoint: false,
+            admitted: AdmittedServices::default(),
             republish_status: false,
             remote_parts: false,
         }
@@ -251,6 +255,11 @@ impl Core {
             self.busy += t0.elapsed();
         }
         Ok(())
+    }
+
+    /// Where the decode stage publishes the services each partition admitted.
+    pub fn set_admitted(&mut self, a: AdmittedServices) {
+        self.admitted = a;
     }
 
     /// Stops sending events to the factor trainer (its input closes once
@@ -417,6 +426,13 @@ impl Core {
             pending_stats: t.pending_stats.clone(),
             pending_top: t.pending_top.clone(),
             written_ms: chrono::Utc::now().timestamp_millis(),
+            services: self
+                .admitted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&p)
+                .cloned()
+                .unwrap_or_default(),
         };
         let started = Instant::now();
         store.save(&cp)?;

@@ -7,6 +7,7 @@
 //! Records are parsed straight into typed, borrowed fields and appended to
 //! column builders: no per-event `serde_json::Value` tree is built.
 
+pub mod admit;
 mod event;
 mod flat;
 pub mod stage;
@@ -49,6 +50,19 @@ fn bad_service(s: &str) -> Rejection {
         "name",
         format!(
             "service {:?} is not 1-{MAX_SERVICE_LEN} of A-Z a-z 0-9 _ - .",
+            shown(s)
+        ),
+    )
+}
+
+/// The rejection of a service past the cardinality cap (out of line).
+#[cold]
+#[inline(never)]
+fn over_cap(s: &str, max: usize) -> Rejection {
+    reject(
+        "cardinality",
+        format!(
+            "service {:?} is past validation.max_services ({max} distinct services per source partition)",
             shown(s)
         ),
     )
@@ -121,6 +135,8 @@ pub struct Decoder {
     str_bytes_per_row: [f64; 4],
     /// The key order of the records decoded so far (the fast path's guess).
     key_order: flat::KeyOrder,
+    /// The service cardinality cap.
+    admission: admit::Admission,
 }
 
 /// One decoded chunk.
@@ -137,6 +153,11 @@ pub struct Decoded {
 
 impl Decoder {
     pub fn new(rules: ValidationConfig) -> Self {
+        Self::with_admitted(rules, Default::default())
+    }
+
+    /// A decoder publishing the services it admits per partition in `shared`.
+    pub fn with_admitted(rules: ValidationConfig, shared: admit::AdmittedServices) -> Self {
         let has = |f: &str| rules.required.iter().any(|r| r == f);
         let required = Required {
             user_id: has("user_id"),
@@ -150,7 +171,6 @@ impl Decoder {
         };
         let cap = 1024;
         Decoder {
-            rules,
             required,
             event_id: UInt64Builder::with_capacity(cap),
             ts: TimestampMillisecondBuilder::with_capacity(cap).with_timezone("UTC"),
@@ -169,7 +189,14 @@ impl Decoder {
             dead: DeadLetterBuilder::default(),
             str_bytes_per_row: [0.0; 4],
             key_order: flat::KeyOrder::default(),
+            admission: admit::Admission::new(rules.max_services, shared),
+            rules,
         }
+    }
+
+    /// Starts partition `p`'s service admission from a checkpoint's set.
+    pub fn seed_services(&mut self, p: i32, services: &[String]) {
+        self.admission.seed(p, services);
     }
 
     /// Sizes the (empty) column builders for `rows` records, so that
@@ -209,7 +236,7 @@ impl Decoder {
             let raw = chunk.record(i);
             let as_text = text.and_then(|t| t.get(chunk.span(i)));
             let pos = chunk.positions[i];
-            if let Err(r) = self.push(raw, as_text) {
+            if let Err(r) = self.push(raw, as_text, pos.partition) {
                 match rejected.iter_mut().find(|(k, _)| *k == r.kind) {
                     Some((_, n)) => *n += 1,
                     None => rejected.push((r.kind, 1)),
@@ -243,7 +270,7 @@ impl Decoder {
 
     /// Parses, validates and appends one record (`text`: the same bytes,
     /// known to be UTF-8); on error nothing is appended.
-    fn push(&mut self, raw: &[u8], text: Option<&str>) -> Result<(), Rejection> {
+    fn push(&mut self, raw: &[u8], text: Option<&str>, partition: i32) -> Result<(), Rejection> {
         if raw.len() > self.rules.max_payload_bytes {
             return Err(reject(
                 "too_large",
@@ -272,6 +299,11 @@ impl Decoder {
             reject(kind, e.to_string())
         })?;
         self.validate(&ev)?;
+        if let Some(svc) = ev.service.as_deref()
+            && !self.admission.admit(partition, svc)
+        {
+            return Err(over_cap(svc, self.rules.max_services));
+        }
         // Validated: append every column. `validate` guarantees presence of required ones.
         self.event_id.append_option(ev.event_id);
         self.ts.append_option(ev.ts.map(|t| t.0));

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::admit::AdmittedServices;
 use super::{Decoded, Decoder};
 use crate::config::ValidationConfig;
 use crate::model::{ChunkPool, SourceMsg};
@@ -20,15 +21,23 @@ pub enum DecodeMsg<C> {
     Revoked(Vec<i32>, std::sync::mpsc::SyncSender<()>),
 }
 
+/// What the stage reads from a partition's checkpoint: the services its
+/// records admitted so far ([`super::admit`]).
+pub trait AdmittedIn {
+    fn admitted_services(&self) -> &[String];
+}
+
 /// The stage's loop, until the source's channel closes or the next stage
-/// stops; returns its busy time.
-pub fn run<C>(
+/// stops; returns its busy time. `admitted` receives the services each
+/// partition admits.
+pub fn run<C: AdmittedIn>(
     mut rx: mpsc::Receiver<SourceMsg<C>>,
     tx: mpsc::Sender<DecodeMsg<C>>,
     rules: ValidationConfig,
     pool: ChunkPool,
+    admitted: AdmittedServices,
 ) -> Duration {
-    let mut d = Decoder::new(rules);
+    let mut d = Decoder::with_admitted(rules, admitted);
     let mut busy = Duration::ZERO;
     while let Some(m) = rx.blocking_recv() {
         let out = match m {
@@ -40,7 +49,12 @@ pub fn run<C>(
                 busy += t0.elapsed();
                 DecodeMsg::Batch(out)
             }
-            SourceMsg::Assigned(a) => DecodeMsg::Assigned(a),
+            SourceMsg::Assigned(a) => {
+                for (p, cp) in &a {
+                    d.seed_services(*p, cp.as_ref().map_or(&[], |c| c.admitted_services()));
+                }
+                DecodeMsg::Assigned(a)
+            }
             SourceMsg::Revoked(p, ack) => DecodeMsg::Revoked(p, ack),
         };
         if tx.blocking_send(out).is_err() {
