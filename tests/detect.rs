@@ -22,6 +22,17 @@ async fn planted_incidents_are_flagged_quickly_and_quiet_services_stay_quiet() {
     };
     let incidents = Generator::new(p.clone()).incidents;
     assert_eq!(incidents.len(), 2);
+    // The alert webhook is down until the run is well under way, then
+    // answers 503 once before taking alerts: every alert still arrives,
+    // in order.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cfg.detect.webhook_url = format!("http://127.0.0.1:{port}/alerts");
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let hook = tokio::spawn(webhook(port, received.clone()));
     let mem = MemoryStore::default();
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let s = app::run(
@@ -33,6 +44,25 @@ async fn planted_incidents_are_flagged_quickly_and_quiet_services_stay_quiet() {
     )
     .await
     .unwrap();
+    hook.abort();
+    let got: Vec<(String, String, i64)> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap().to_string(),
+                v["service"].as_str().unwrap().to_string(),
+                v["window_start_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, i64)> = s
+        .alerts
+        .iter()
+        .map(|a| (a.kind.to_string(), a.service.clone(), a.window_start_ms))
+        .collect();
+    assert_eq!(got, want, "every alert reached the webhook once, in order");
     let starts: Vec<_> = s.alerts.iter().filter(|a| a.kind == "start").collect();
     for inc in &incidents {
         let hit = starts.iter().find(|a| {
@@ -71,6 +101,60 @@ async fn planted_incidents_are_flagged_quickly_and_quiet_services_stay_quiet() {
     assert_eq!(n as u64, s.anomalies);
     assert!(n >= 2);
     assert_eq!(mem.snapshot().anomalies.len() as u64, s.anomalies);
+}
+
+/// A webhook that is down for its first 1.5 s, then answers 503 to its
+/// first request and 200 (recording the body) to the rest.
+async fn webhook(port: u16, received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut first = true;
+    loop {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Headers, then Content-Length bytes of body.
+        let body = loop {
+            let n = s.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap();
+                if body.len() >= len || n == 0 {
+                    break body.to_string();
+                }
+            }
+            assert!(n > 0, "request cut short");
+        };
+        let status = if first {
+            "503 Service Unavailable"
+        } else {
+            "200 OK"
+        };
+        if !first {
+            received
+                .lock()
+                .unwrap()
+                .push(serde_json::from_str(&body).unwrap());
+        }
+        first = false;
+        let _ = s
+            .write_all(
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+    }
 }
 
 /// A file run's last minute holds only part of its traffic (the input ends,

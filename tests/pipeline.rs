@@ -341,11 +341,18 @@ async fn hostile_names_and_service_floods_become_dead_letters_by_reason() {
     }
     eprintln!("dead letters by reason: {by_reason:?}");
     // 5 normal services and the first 95 tenants are admitted.
-    let expected: std::collections::BTreeMap<String, usize> =
-        [("cardinality".to_string(), 1_905), ("name".to_string(), 120)].into();
+    let expected: std::collections::BTreeMap<String, usize> = [
+        ("cardinality".to_string(), 1_905),
+        ("name".to_string(), 120),
+    ]
+    .into();
     assert_eq!(by_reason, expected);
     assert_eq!(s.events as usize, 5_000 + 95);
     let services: BTreeSet<String> = s.final_rows.iter().map(|r| r.service.clone()).collect();
-    assert_eq!(services.len(), 100, "only admitted services have minute rows");
+    assert_eq!(
+        services.len(),
+        100,
+        "only admitted services have minute rows"
+    );
     assert!(services.contains("tenant-94") && !services.contains("tenant-95"));
 }

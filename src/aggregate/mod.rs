@@ -78,6 +78,9 @@ pub struct Summary {
     pub freshness: Option<crate::sketch::LatencyHist>,
 }
 
+/// How long a stopping run waits for its alerts to be delivered.
+const ALERT_DRAIN: Duration = Duration::from_secs(10);
+
 /// Hours: final rows are written, and files closed, by the hour.
 const HOUR_MS: i64 = 3_600_000;
 
@@ -997,7 +1000,7 @@ impl Core {
         if !emission.alerts.is_empty()
             && let Some(n) = &self.notifier
         {
-            n.notify(&emission.alerts);
+            n.notify(&emission.alerts).await;
         }
         Ok(())
     }
@@ -1021,6 +1024,9 @@ impl Core {
     pub async fn finish(&mut self, pq: &mpsc::Sender<ParquetMsg>) -> Result<(), PipelineError> {
         let t0 = Instant::now();
         let r = self.finish_inner(pq).await;
+        if let Some(n) = &self.notifier {
+            n.drain(ALERT_DRAIN).await;
+        }
         self.busy += t0.elapsed();
         r
     }

@@ -122,8 +122,11 @@ impl AnomalyTracker {
         }
         let mut anomalies = Vec::new();
         let mut alerts = Vec::new();
+        // By name: a scan of the rows per service was quadratic in services.
+        let by_service: std::collections::HashMap<&str, &MinuteRow> =
+            rows.iter().map(|r| (r.service.as_str(), *r)).collect();
         for (svc, st) in self.services.iter_mut() {
-            let row = rows.iter().find(|r| &r.service == svc);
+            let row = by_service.get(svc.as_str());
             let values: [Option<f64>; 3] = match row {
                 Some(r) => [
                     Some(r.requests as f64),

@@ -461,8 +461,22 @@ pub struct EventProducer {
 
 impl EventProducer {
     pub fn new(cfg: &KafkaConfig, secrets: &Secrets, topic: &str) -> Result<Self, KafkaError> {
+        Self::with_properties(cfg, secrets, topic, &[])
+    }
+
+    /// A producer with extra librdkafka defaults (the configuration's
+    /// `kafka.properties` still win).
+    pub fn with_properties(
+        cfg: &KafkaConfig,
+        secrets: &Secrets,
+        topic: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Self, KafkaError> {
         let failed = Arc::new(AtomicU64::new(0));
         let mut c = base_config(cfg, secrets);
+        for (k, v) in extra {
+            set_default(&mut c, k, v);
+        }
         for (k, v) in [
             ("linger.ms", "20"),
             ("batch.num.messages", "10000"),
