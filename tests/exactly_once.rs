@@ -804,3 +804,88 @@ async fn redis_frozen_mid_stream() {
 async fn redis_restarted_empty_mid_stream() {
     redis_outage(Outage::RestartEmpty).await;
 }
+
+/// A tansu broker of the test's own (memory storage), to freeze.
+struct OwnBroker {
+    child: Child,
+    addr: String,
+}
+
+impl OwnBroker {
+    fn start() -> Self {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(service("PULSE_TEST_TANSU"))
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu is installed by scripts/services.sh");
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "tansu did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OwnBroker {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The broker frozen (SIGSTOP) for 60 s mid-stream: pulse rides it out
+/// without a restart, takes the rest once it thaws, stops cleanly, and every
+/// event is exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_frozen_for_a_minute_mid_stream() {
+    let mut h = Harness::new(None, false);
+    let broker = OwnBroker::start();
+    h.cfg.kafka.brokers = broker.addr.clone();
+    let lines = input_lines_at(40_000, 31, 10.0);
+    let exp = expected(&lines);
+    let half = lines.len() / 2;
+    let mut c = h.spawn("run", 120_000);
+    h.produce(&lines[..half], 0).await;
+    h.wait_checkpointed(half as i64, &mut c);
+    signal(&broker.child, "STOP");
+    let frozen = Instant::now();
+    while frozen.elapsed() < Duration::from_secs(60) {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "pulse stayed up\n{}",
+            h.log("run")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&broker.child, "CONT");
+    let thawed = Instant::now();
+    h.produce(&lines[half..], half).await;
+    h.wait_checkpointed(lines.len() as i64, &mut c);
+    let resumed = thawed.elapsed();
+    sigterm(&c);
+    let st = wait_exit(&mut c, Duration::from_secs(60));
+    assert!(st.success(), "SIGTERM exit: {st}\n{}", h.log("run"));
+    h.drain_tails("run");
+    h.verify(&exp).await;
+    eprintln!("broker frozen 60 s: every record checkpointed {resumed:?} after the thaw");
+}
