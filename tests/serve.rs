@@ -21,6 +21,18 @@ fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
+/// The stale banner of a dumped page: its opening tag and its text.
+fn stale_banner(dom: &str) -> (String, String) {
+    let at = dom
+        .find("id=\"stale\"")
+        .expect("the page has a stale banner");
+    let start = dom[..at].rfind('<').unwrap();
+    let rest = &dom[start..];
+    let end = rest.find('>').unwrap();
+    let text = rest[end + 1..].split("</div>").next().unwrap();
+    (rest[..=end].to_string(), text.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_metrics_health_and_dashboard_in_a_browser() {
     let redis_url = common::service("PULSE_TEST_REDIS");
@@ -199,7 +211,7 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let profile = tempfile::tempdir().unwrap();
     let url = format!("http://{addr}/");
-    let browser = |extra: Vec<String>| {
+    let browser_at = |url: &str, extra: Vec<String>| {
         let mut cmd = std::process::Command::new(chromium);
         cmd.args([
             "--headless",
@@ -215,16 +227,20 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(extra)
-        .arg(&url);
+        .arg(url);
         cmd
     };
-    let dom = tokio::task::spawn_blocking({
-        let mut cmd = browser(vec!["--dump-dom".into()]);
-        move || cmd.output().unwrap()
-    })
-    .await
-    .unwrap();
-    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    let browser = |extra: Vec<String>| browser_at(&url, extra);
+    let dump = |url: String| {
+        let mut cmd = browser_at(&url, vec!["--dump-dom".into()]);
+        async move {
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        }
+    };
+    let dom = dump(url.clone()).await;
     assert!(
         dom.contains("data-loaded"),
         "the page finished loading its data"
@@ -259,6 +275,68 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
             inc.service
         );
     }
+    // Charts carry a labelled time axis; fresh data shows no stale banner.
+    let ticks: Vec<usize> = dom
+        .match_indices("data-ticks=\"")
+        .map(|(i, m)| {
+            dom[i + m.len()..]
+                .split('"')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(ticks.len() >= 5 * 3, "every chart has an axis: {ticks:?}");
+    assert!(
+        ticks.iter().all(|&t| t >= 2),
+        "time labels per chart: {ticks:?}"
+    );
+    assert!(
+        dom.contains("data-stale=\"0\""),
+        "fresh data is not marked stale"
+    );
+
+    // A pipeline whose watermark stopped moving ten minutes ago: stale, said so.
+    let ago = chrono::Utc::now().timestamp_millis() - 600_000;
+    let _: () = redis::AsyncCommands::set(&mut conn, format!("{prefix}:watermark_at"), ago)
+        .await
+        .unwrap();
+    let stalled = dump(url.clone()).await;
+    let (tag, text) = stale_banner(&stalled);
+    assert!(
+        tag.contains("data-stale=\"1\"") && tag.contains("data-reason=\"watermark-stalled\""),
+        "a stalled watermark is shown as stale: {tag} {text}"
+    );
+    assert!(stalled.contains("data-loaded"), "its data is still shown");
+    let _: () = redis::AsyncCommands::set(
+        &mut conn,
+        format!("{prefix}:watermark_at"),
+        chrono::Utc::now().timestamp_millis(),
+    )
+    .await
+    .unwrap();
+
+    // Redis unreachable behind the API: the page says so instead of showing nothing.
+    let dead = pulse::sink::redis_sink::lazy_connection(
+        "redis://127.0.0.1:1/",
+        None,
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let down = ServeState::new(Some(dead), &prefix, None);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down_addr = l.local_addr().unwrap();
+    let down_server = tokio::spawn(pulse::serve::serve(l, down, std::future::pending()));
+    let unreachable = dump(format!("http://{down_addr}/")).await;
+    down_server.abort();
+    let (tag, text) = stale_banner(&unreachable);
+    assert!(
+        tag.contains("data-stale=\"1\"") && tag.contains("data-reason=\"refresh-failed\""),
+        "an unreachable Redis is shown as stale: {tag} {text}"
+    );
+    assert!(text.contains("redis"), "with the reason: {text}");
+
     let out = tokio::task::spawn_blocking({
         let mut cmd = browser(vec![format!("--screenshot={}", shot.display())]);
         move || cmd.output().unwrap()
