@@ -4,8 +4,10 @@
 //! interval (one call to [`Detector::update`] per sample; no look-ahead). Produces for each
 //! sample a [`Point`]: an anomaly score in `[0, 1]` and a `flagged` decision
 //! (`score >= threshold`, with repeated flags suppressed for a while after a detection).
-//! Memory per series is bounded by the configuration (a few sliding windows, plus
-//! `season_depth` values per time-of-day slot); std only, no I/O.
+//! Memory per series is bounded by the configuration (a few sliding windows, each with a
+//! sorted copy, plus `season_depth` values per time-of-day slot); std only, no I/O. The
+//! sorted copies make a step a few binary searches and at most one pass over a window
+//! (about 1 µs with the defaults) instead of selections over every window.
 //!
 //! Method, in three stages:
 //! 1. *Surprise.* Three robust predictors run side by side: level (the value against the
@@ -130,11 +132,8 @@ impl Ring {
 /// A [`Ring`] with a copy of its contents kept sorted in `f64::total_cmp` order, so that
 /// order statistics of the window cost a binary search instead of a selection.
 ///
-/// Its statistics are bit-identical to [`robust_stats`] and [`tail_probability`] over the
-/// ring. Order statistics are unique bit patterns, hence equal; but those functions also add
-/// up terms in the order `select_nth_unstable_by` happens to leave them, and such a sum is
-/// only known here when it is exact. Otherwise the result is bracketed ([`Estimate`]), and
-/// the caller reruns the original selection only when the bracket can change the output.
+/// Its statistics equal [`robust_stats`] and [`tail_probability`] over the ring up to the
+/// order in which sums are added (their order statistics are the same values): a few ulp.
 #[derive(Debug, Clone)]
 struct SortedRing {
     ring: Ring,
@@ -165,105 +164,52 @@ impl SortedRing {
         self.ring.len()
     }
 
-    /// Median of the window and its [`robust_stats`] scale, exact or bracketed. Median and MAD
-    /// come from the sorted copy. The mean absolute deviation only matters when it can exceed
-    /// the other terms, and then its bits depend on the order the original adds it in, unless
-    /// that sum is exact; otherwise the scale is bracketed ([`SortedRing::exact_scale`]).
-    /// `grain`: an `e` such that all values are multiples of `2^e`, if known.
-    fn robust_stats(
-        &self,
-        floor: f64,
-        grain: Option<i32>,
-        scratch: &mut Vec<f64>,
-    ) -> (f64, Estimate) {
+    /// Median of the window and its [`robust_stats`] scale: median and MAD from the sorted
+    /// copy; the mean absolute deviation (one pass) only when a cheap upper bound says it can
+    /// exceed the other terms.
+    fn robust_stats(&self, floor: f64, scratch: &mut Vec<f64>) -> (f64, f64) {
         let s = &self.sorted;
         let n = s.len();
         if !(s[0].is_finite() && s[n - 1].is_finite()) {
-            let (med, scale) = robust_stats(&self.ring.buf, floor, scratch);
-            return (med, Estimate::Exact(scale));
+            return robust_stats(&self.ring.buf, floor, scratch);
         }
         let med = s[n / 2];
         let mad = median_abs_deviation(s, med);
         let base = (1.4826 * mad).max(floor);
         let len = n as f64;
-        // The sum in any order is within (n - 1) ulp of the exact one (nonnegative terms); the
-        // margin also covers the rounding of the bounds.
-        let margin = 4.0 * len * f64::EPSILON;
-        let mean_hi_of = |sum: f64| 0.5 * 1.2533 * (sum * (1.0 + margin) / len);
-        if mean_hi_of(abs_deviation_bound(s, med)) <= base {
-            return (med, Estimate::Exact(base));
+        // The bound is within a few ulp of an upper bound: pad it.
+        let bound =
+            0.5 * 1.2533 * (abs_deviation_bound(s, med) * (1.0 + 4.0 * len * f64::EPSILON) / len);
+        if bound <= base {
+            return (med, base);
         }
-        let sum = abs_deviation_sum(s, med);
-        let mean_hi = mean_hi_of(sum);
-        if mean_hi <= base {
-            return (med, Estimate::Exact(base));
-        }
-        let largest = (s[0] - med).abs().max((s[n - 1] - med).abs());
-        // Deviations from the median of multiples of `2^e` are multiples of `2^e` too.
-        let exact = match grain {
-            Some(e) => largest == 0.0 || sum_fits(largest, n, e),
-            None => sums_exactly(s.iter().map(|&v| (v - med).abs()), n, largest),
-        };
-        if exact {
-            let mean_ad = sum / len;
-            let scale = (1.4826 * mad).max(0.5 * 1.2533 * mean_ad).max(floor);
-            return (med, Estimate::Exact(scale));
-        }
-        let mean_lo = 0.5 * 1.2533 * (sum * (1.0 - margin) / len);
-        (med, Estimate::Unknown(base.max(mean_lo), mean_hi))
+        let mean_ad = abs_deviation_sum(s, med) / len;
+        (med, base.max(0.5 * 1.2533 * mean_ad))
     }
 
-    /// The [`robust_stats`] scale of a finite window, bit for bit, when
-    /// [`SortedRing::robust_stats`] could only bracket it.
-    fn exact_scale(&self, floor: f64, scratch: &mut Vec<f64>) -> f64 {
-        let s = &self.sorted;
-        let mad = median_abs_deviation(s, s[s.len() / 2]);
-        let mean_ad = mean_abs_deviation_in_select_order(&self.ring.buf, scratch);
-        (1.4826 * mad).max(0.5 * 1.2533 * mean_ad).max(floor)
-    }
-
-    /// [`tail_probability`] of `x` against the window, exact or (when the exact value needs
-    /// the original summation order of the tail excesses) bracketed.
-    fn tail_estimate(&self, x: f64) -> Estimate {
+    /// [`tail_probability`] of `x` against the window, from the sorted copy: a binary search
+    /// for the count, the top `k` values for the fitted tail.
+    fn tail_probability(&self, x: f64, scratch: &mut Vec<f64>) -> f64 {
         let s = &self.sorted;
         let n = s.len();
         if !(s[0].is_finite() && s[n - 1].is_finite() && x.is_finite()) {
-            return Estimate::Unknown(0.0, f64::INFINITY);
+            return tail_probability(&self.ring.buf, x, scratch);
         }
         let k = ((n as f64 * TAIL_FRACTION).ceil() as usize).clamp(1, n);
         let above = n - s.partition_point(|&h| h < x);
         let empirical = (above as f64 + 1.0) / (n as f64 + 1.0);
         let u = s[n - k];
         if x <= u {
-            return Estimate::Exact(empirical);
+            return empirical;
         }
-        let upper = &s[n - k + 1..];
-        let sum = upper.iter().map(|&h| h - u).sum::<f64>();
-        let fitted_at =
-            |mean_excess: f64| (k as f64 / (n as f64 + 1.0)) * (-(x - u) / mean_excess).exp();
-        let floored = |fitted: f64| {
-            if above > 0 {
-                fitted.max(empirical)
-            } else {
-                fitted
-            }
-        };
-        let margin = 4.0 * k as f64 * f64::EPSILON;
-        let mean_hi = (sum * (1.0 + margin) / k as f64).max(MIN_TAIL_SCALE);
-        if mean_hi == MIN_TAIL_SCALE
-            || sums_exactly(upper.iter().map(|&h| h - u), upper.len(), s[n - 1] - u)
-        {
-            let mean_excess = (sum / k as f64).max(MIN_TAIL_SCALE);
-            return Estimate::Exact(floored(fitted_at(mean_excess)));
+        let sum = s[n - k + 1..].iter().map(|&h| h - u).sum::<f64>();
+        let mean_excess = (sum / k as f64).max(MIN_TAIL_SCALE);
+        let fitted = (k as f64 / (n as f64 + 1.0)) * (-(x - u) / mean_excess).exp();
+        if above > 0 {
+            fitted.max(empirical)
+        } else {
+            fitted
         }
-        let mean_lo = (sum * (1.0 - margin) / k as f64).max(MIN_TAIL_SCALE);
-        // `exp` is within an ulp of exact, hence monotone up to that padding.
-        let lo = fitted_at(mean_lo) * (1.0 - 1e-12);
-        let hi = fitted_at(mean_hi) * (1.0 + 1e-12);
-        if above > 0 && hi <= empirical {
-            return Estimate::Exact(empirical);
-        }
-        Estimate::Unknown(floored(lo), floored(hi))
     }
 }
 
@@ -373,157 +319,6 @@ fn abs_deviation_sum(vals: &[f64], med: f64) -> f64 {
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
-/// Mean absolute deviation from the median, added up in the order [`robust_stats`] adds it:
-/// that of a copy of `vals` after `select_nth_unstable_by` has put the median in place.
-fn mean_abs_deviation_in_select_order(vals: &[f64], scratch: &mut Vec<f64>) -> f64 {
-    scratch.clear();
-    scratch.extend_from_slice(vals);
-    let mid = scratch.len() / 2;
-    let (_, &mut med, _) = scratch.select_nth_unstable_by(mid, f64::total_cmp);
-    let mut mean_ad = 0.0;
-    for &v in scratch.iter() {
-        mean_ad += (v - med).abs();
-    }
-    mean_ad / vals.len() as f64
-}
-
-/// Whether the `count` nonnegative `terms`, none above `largest`, add up exactly in any order:
-/// with `2^e` the smallest power of two for which `count * largest < 2^(53 + e)`, whether all
-/// are multiples of `2^e` (then every partial sum is representable).
-fn sums_exactly(terms: impl Iterator<Item = f64>, count: usize, largest: f64) -> bool {
-    if !largest.is_finite() {
-        return false;
-    }
-    if largest == 0.0 {
-        return true;
-    }
-    let count_bits = count.next_power_of_two().trailing_zeros() as i32;
-    // Any larger `e` is also a valid (stricter) choice; keep `2^-e` a normal number.
-    let e = (highest_bit_exponent(largest) + 1 + count_bits - 53).max(-1022);
-    debug_assert!(sum_fits(largest, count, e));
-    if e > 1022 {
-        return false;
-    }
-    let scale = f64::from_bits(((1023 - e) as u64) << 52); // 2^-e
-    // `x` is an integer below 2^52 iff adding and removing 2^52 leaves it unchanged; `t * scale`
-    // is exact unless it underflows, which the nonzero check catches.
-    const TWO_52: f64 = 4_503_599_627_370_496.0;
-    terms.fold(true, |ok, t| {
-        let x = t * scale;
-        ok & ((x + TWO_52) - TWO_52 == x) & ((x != 0.0) | (t == 0.0))
-    })
-}
-
-/// Whether `count` times the finite, nonzero `largest` is below `2^(53 + e)`.
-fn sum_fits(largest: f64, count: usize, e: i32) -> bool {
-    let count_bits = count.next_power_of_two().trailing_zeros() as i32;
-    largest.is_finite() && highest_bit_exponent(largest) + 1 + count_bits <= 53 + e
-}
-
-/// Counts of a window's nonzero values by the power of two their lowest set bit is worth
-/// (clamped to `2^-64 ..= 2^63`), to tell in O(1) a grid `2^e` that all of them lie on.
-#[derive(Debug, Clone)]
-struct Grain {
-    counts: [u32; 128],
-    /// Bit `i` set iff `counts[i] > 0`.
-    occupied: u128,
-}
-
-impl Grain {
-    fn new() -> Self {
-        Self {
-            counts: [0; 128],
-            occupied: 0,
-        }
-    }
-
-    /// Bucket of `v`: `e + 64` for a lowest set bit worth `2^e`, 0 for `e <= -64` or a
-    /// non-finite value (unknown), none for zero (on every grid).
-    fn bucket(v: f64) -> Option<usize> {
-        if v == 0.0 {
-            return None;
-        }
-        if !v.is_finite() {
-            return Some(0);
-        }
-        let bits = v.to_bits();
-        let exp = ((bits >> 52) & 0x7ff) as i32;
-        let mant = bits & ((1 << 52) - 1);
-        let lowest = if exp == 0 {
-            -1074 + mant.trailing_zeros() as i32
-        } else {
-            exp - 1075 + (mant | 1 << 52).trailing_zeros() as i32
-        };
-        Some((lowest.clamp(-64, 63) + 64) as usize)
-    }
-
-    fn add(&mut self, v: f64) {
-        if let Some(b) = Self::bucket(v) {
-            self.counts[b] += 1;
-            self.occupied |= 1 << b;
-        }
-    }
-
-    fn remove(&mut self, v: f64) {
-        if let Some(b) = Self::bucket(v) {
-            self.counts[b] -= 1;
-            if self.counts[b] == 0 {
-                self.occupied &= !(1 << b);
-            }
-        }
-    }
-
-    /// An `e` such that every value is a multiple of `2^e` (None if unknown).
-    fn exponent(&self) -> Option<i32> {
-        match self.occupied.trailing_zeros() {
-            0 => None,
-            128 => Some(63),
-            b => Some(b as i32 - 64),
-        }
-    }
-}
-
-/// `e` such that the highest set bit of the finite, nonzero `x` is worth `2^e`.
-fn highest_bit_exponent(x: f64) -> i32 {
-    let bits = x.to_bits();
-    let exp = ((bits >> 52) & 0x7ff) as i32;
-    let mant = bits & ((1 << 52) - 1);
-    if exp == 0 {
-        -1074 + 63 - mant.leading_zeros() as i32
-    } else {
-        exp - 1023
-    }
-}
-
-/// A value that is either known exactly or only bracketed (`lo <= value <= hi`).
-#[derive(Debug, Clone, Copy)]
-enum Estimate {
-    Exact(f64),
-    Unknown(f64, f64),
-}
-
-impl Estimate {
-    fn lo(self) -> f64 {
-        match self {
-            Estimate::Exact(v) | Estimate::Unknown(v, _) => v,
-        }
-    }
-
-    fn hi(self) -> f64 {
-        match self {
-            Estimate::Exact(v) | Estimate::Unknown(_, v) => v,
-        }
-    }
-
-    /// The exact value, computed by `exact` when only bracketed.
-    fn resolve(self, exact: impl FnOnce() -> f64) -> f64 {
-        match self {
-            Estimate::Exact(v) => v,
-            Estimate::Unknown(..) => exact(),
-        }
-    }
-}
-
 /// Median and robust scale of `vals`: `1.4826 MAD`, floored by half the Gaussian-consistent
 /// mean absolute deviation (quantised data) and by `floor`. `scratch` avoids allocation.
 /// The reference for [`SortedRing::robust_stats`], used as is for non-finite windows.
@@ -546,45 +341,25 @@ fn robust_stats(vals: &[f64], floor: f64, scratch: &mut Vec<f64>) -> (f64, f64) 
 #[derive(Debug, Clone)]
 struct RobustZ {
     hist: SortedRing,
-    grain: Grain,
     min_len: usize,
-}
-
-/// A predictor's residual, less the median of its past residuals, and their robust scale.
-#[derive(Debug, Clone, Copy)]
-struct Candidate {
-    dev: f64,
-    scale: Estimate,
 }
 
 impl RobustZ {
     fn new(window: usize) -> Self {
         Self {
             hist: SortedRing::new(window),
-            grain: Grain::new(),
             min_len: (window / 4).clamp(8, 64),
         }
     }
 
-    /// `r` against past residuals (None while too few); `z = dev / scale`.
-    fn candidate(&self, r: f64, floor: f64, scratch: &mut Vec<f64>) -> Option<Candidate> {
-        (self.hist.len() >= self.min_len).then(|| {
-            let (med, scale) = self
-                .hist
-                .robust_stats(floor, self.grain.exponent(), scratch);
-            Candidate {
-                dev: r - med,
-                scale,
-            }
-        })
-    }
-
-    /// Records a residual (after its candidate has been used).
-    fn record(&mut self, r: f64) {
-        if let Some(old) = self.hist.push(r) {
-            self.grain.remove(old);
-        }
-        self.grain.add(r);
+    /// `(z, scale)` of `r` against past residuals (None while too few), then records `r`.
+    fn update(&mut self, r: f64, floor: f64, scratch: &mut Vec<f64>) -> Option<(f64, f64)> {
+        let z = (self.hist.len() >= self.min_len).then(|| {
+            let (med, scale) = self.hist.robust_stats(floor, scratch);
+            ((r - med) / scale, scale)
+        });
+        self.hist.push(r);
+        z
     }
 }
 
@@ -769,58 +544,28 @@ impl Detector {
             self.last_x.map(|prev| x - prev),
             self.season.update(ts, x),
         ];
-        let predictors = [&self.level, &self.change, &self.season_z];
-        let scratch = &mut self.scratch;
-        let candidates: [Option<Candidate>; 3] = std::array::from_fn(|i| {
-            residuals[i].and_then(|r| predictors[i].candidate(r, floor, scratch))
-        });
-        // The smallest scale wins (the first on ties), among candidates with a finite `z`. A
-        // bracketed scale is only made exact when it may be the smallest: not when it surely
-        // exceeds the scale of a candidate whose `z` is surely finite.
-        let bound = candidates
-            .iter()
-            .flatten()
-            .filter(|c| (c.dev / c.scale.lo()).is_finite())
-            .map(|c| c.scale.hi())
-            .fold(f64::INFINITY, f64::min);
-        let mut best: Option<(f64, f64)> = None;
-        for (c, predictor) in candidates.iter().zip(predictors) {
-            let Some(c) = c.filter(|c| c.scale.lo() <= bound) else {
-                continue;
-            };
-            let scale = c
-                .scale
-                .resolve(|| predictor.hist.exact_scale(floor, scratch));
-            let z = c.dev / scale;
-            if z.is_finite() && best.is_none_or(|(_, s)| scale.total_cmp(&s).is_lt()) {
-                best = Some((z, scale));
-            }
-        }
         let predictors = [&mut self.level, &mut self.change, &mut self.season_z];
+        let scratch = &mut self.scratch;
+        // The predictor with the smallest scale wins (the first on ties).
+        let mut best: Option<(f64, f64)> = None;
         for (r, predictor) in residuals.into_iter().zip(predictors) {
-            if let Some(r) = r {
-                predictor.record(r);
+            let Some(r) = r else { continue };
+            if let Some((z, scale)) = predictor.update(r, floor, scratch)
+                && z.is_finite()
+                && best.is_none_or(|(_, s)| scale < s)
+            {
+                best = Some((z, scale));
             }
         }
         best.map(|(z, _)| z.abs())
     }
 
     /// `2 min(q_point, q_avg)` capped at 1, where each `q` is the [`tail_probability`] of a
-    /// channel; a channel's exact value is only computed when it can be the smaller one.
+    /// channel (Bonferroni).
     fn tail_q(&mut self, raw: f64, avg: f64) -> f64 {
-        let point = self.history.tail_estimate(raw);
-        let sustained = self.history_avg.tail_estimate(avg);
-        let (hist, hist_avg) = (&self.history.ring.buf, &self.history_avg.ring.buf);
-        let scratch = &mut self.scratch;
-        let q = if point.hi() <= sustained.lo() {
-            point.resolve(|| tail_probability(hist, raw, scratch))
-        } else if sustained.hi() <= point.lo() {
-            sustained.resolve(|| tail_probability(hist_avg, avg, scratch))
-        } else {
-            let q_point = point.resolve(|| tail_probability(hist, raw, scratch));
-            q_point.min(sustained.resolve(|| tail_probability(hist_avg, avg, scratch)))
-        };
-        (2.0 * q).min(1.0)
+        let q_point = self.history.tail_probability(raw, &mut self.scratch);
+        let q_avg = self.history_avg.tail_probability(avg, &mut self.scratch);
+        (2.0 * q_point.min(q_avg)).min(1.0)
     }
 
     /// Processes one sample (timestamps must not decrease) and returns its score.
@@ -1004,6 +749,11 @@ mod tests {
         }
     }
 
+    /// Equal up to a few ulp of the sums' order (the order statistics exactly).
+    fn close(a: f64, b: f64) -> bool {
+        a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
+    }
+
     #[test]
     fn sorted_stats_match_selection() {
         let mut s = Vec::new();
@@ -1018,67 +768,20 @@ mod tests {
             assert_eq!(mad.to_bits(), dev[w.len() / 2].to_bits());
             for floor in [1e-12, 0.3] {
                 let (m0, s0) = robust_stats(&w, floor, &mut s);
-                let mut grain = Grain::new();
-                w.iter().for_each(|&v| grain.add(v));
-                let (m1, e) = r.robust_stats(floor, grain.exponent(), &mut s);
-                let (_, e2) = r.robust_stats(floor, None, &mut s);
-                assert_eq!(format!("{e:?}"), format!("{e2:?}"));
+                let (m1, s1) = r.robust_stats(floor, &mut s);
                 assert_eq!(m0.to_bits(), m1.to_bits());
-                assert!(e.lo() <= s0 && s0 <= e.hi(), "{e:?} {s0}");
-                let s1 = e.resolve(|| r.exact_scale(floor, &mut s.clone()));
-                assert_eq!(s0.to_bits(), s1.to_bits());
-                assert_eq!(s0.to_bits(), r.exact_scale(floor, &mut s).to_bits());
+                assert!(close(s0, s1), "{s0} {s1}");
             }
             for x in [-1.0, 0.0, 0.3, 0.49, 0.5, 1.0, 3.0, 1e6, 2e6] {
-                let exact = tail_probability(&w, x, &mut s);
-                match r.tail_estimate(x) {
-                    Estimate::Exact(v) => assert_eq!(v.to_bits(), exact.to_bits(), "{x}"),
-                    Estimate::Unknown(lo, hi) => assert!(lo <= exact && exact <= hi, "{x}"),
-                }
+                let want = tail_probability(&w, x, &mut s);
+                let got = r.tail_probability(x, &mut s);
+                assert!(close(want, got), "{x}: {want} {got}");
             }
         }
     }
 
     #[test]
-    fn grain_tracks_the_coarsest_grid() {
-        let mut g = Grain::new();
-        assert_eq!(g.exponent(), Some(63));
-        g.add(0.0);
-        g.add(6.0);
-        assert_eq!(g.exponent(), Some(1));
-        g.add(0.5);
-        assert_eq!(g.exponent(), Some(-1));
-        g.add(1e-30);
-        assert_eq!(g.exponent(), None);
-        g.remove(1e-30);
-        g.remove(0.5);
-        assert_eq!(g.exponent(), Some(1));
-        g.add(f64::INFINITY);
-        assert_eq!(g.exponent(), None);
-        g.remove(f64::INFINITY);
-        g.add(2f64.powi(100));
-        g.remove(6.0);
-        assert_eq!(g.exponent(), Some(63));
-    }
-
-    #[test]
-    fn exact_sums_are_recognised() {
-        let exact = |t: &[f64]| {
-            let largest = t.iter().cloned().fold(0.0, f64::max);
-            sums_exactly(t.iter().cloned(), t.len(), largest)
-        };
-        assert!(exact(&[1.0, 2.0, 3.0]));
-        assert!(exact(&[0.25, 0.5, 1e3]));
-        assert!(exact(&[0.0, 0.0]));
-        assert!(exact(&[2f64.powi(-1000), 3.0 * 2f64.powi(-1000)]));
-        assert!(!exact(&[0.1, 0.2, 0.3]));
-        assert!(!exact(&[1.0, 2f64.powi(53)]));
-        assert!(!exact(&[1.0, f64::INFINITY]));
-        assert!(!exact(&[1e-300, 1e300]));
-        assert!(exact(&[2f64.powi(40); 4096]));
-        assert!(exact(&[2f64.powi(40), 2f64.powi(40) + 1.0, 1.0, 1.0]));
-        assert_eq!(highest_bit_exponent(6.0), 2);
-        assert_eq!(highest_bit_exponent(f64::from_bits(3)), -1073);
+    fn the_deviation_bound_bounds_the_sum() {
         let w: Vec<f64> = (0..401).map(|i| (noise(i) * 100.0).round() * 0.5).collect();
         let r = sorted_copy(&w);
         let med = r.sorted[200];
