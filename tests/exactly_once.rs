@@ -146,6 +146,17 @@ max_file_rows = 8000
         }
     }
 
+    /// Checks for `d` that the instance `name` keeps running.
+    fn stays_up(&self, child: &mut Child, name: &str, d: Duration) {
+        let t0 = Instant::now();
+        while t0.elapsed() < d {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("{name} exited: {st}\n{}", self.log(name));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Waits until some partition checkpoint is newer than `since`: the
     /// instance has joined, restored and processed data.
     fn wait_checkpoint_after(&self, since: SystemTime, child: &mut Child) -> Duration {
@@ -680,14 +691,11 @@ async fn redis_outage(kind: Outage) {
         .await
         .unwrap_or(0.0);
     assert!(pending > 0.0, "writes wait for Redis: {pending}");
-    while outage.elapsed() < Duration::from_secs(35) {
-        assert!(
-            c.try_wait().unwrap().is_none(),
-            "pulse stayed up\n{}",
-            h.log("run")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    h.stays_up(
+        &mut c,
+        "run",
+        Duration::from_secs(35).saturating_sub(outage.elapsed()),
+    );
 
     match kind {
         Outage::Restart => r.launch(),
@@ -868,15 +876,7 @@ async fn broker_frozen_for_a_minute_mid_stream() {
     h.produce(&lines[..half], 0).await;
     h.wait_checkpointed(half as i64, &mut c);
     signal(&broker.child, "STOP");
-    let frozen = Instant::now();
-    while frozen.elapsed() < Duration::from_secs(60) {
-        assert!(
-            c.try_wait().unwrap().is_none(),
-            "pulse stayed up\n{}",
-            h.log("run")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    h.stays_up(&mut c, "run", Duration::from_secs(60));
     signal(&broker.child, "CONT");
     let thawed = Instant::now();
     h.produce(&lines[half..], half).await;
