@@ -135,8 +135,18 @@ impl MemoryStore {
     /// partition is ignored) and returns, per update, every partition's
     /// partial held here. A window is dropped once every partition's is final.
     pub fn put_partials_local(&self, ups: &[PartialUpdate]) -> Vec<MergeInput> {
+        self.put(ups, true)
+    }
+
+    /// [`MemoryStore::put_partials_local`] without building the merge
+    /// inputs: keeps the mirror current while Redis answers.
+    pub fn record_partials(&self, ups: &[PartialUpdate]) {
+        self.put(ups, false);
+    }
+
+    fn put(&self, ups: &[PartialUpdate], merge: bool) -> Vec<MergeInput> {
         let mut g = self.snapshot();
-        let mut out = Vec::with_capacity(ups.len());
+        let mut out = Vec::with_capacity(if merge { ups.len() } else { 0 });
         for u in ups {
             let e = g
                 .parts
@@ -146,16 +156,18 @@ impl MemoryStore {
                 e.insert(u.partition, (u.version, u.is_final, u.partial.clone()));
             }
             let all_final = e.values().all(|v| v.1);
-            out.push(MergeInput {
-                window_start_ms: u.window_start_ms,
-                service: u.service.clone(),
-                all_final,
-                version_sum: e.values().map(|v| v.0).sum(),
-                parts: e
-                    .iter()
-                    .map(|(p, v)| (*p, crate::window::StoredPartial::of(&v.2)))
-                    .collect(),
-            });
+            if merge {
+                out.push(MergeInput {
+                    window_start_ms: u.window_start_ms,
+                    service: u.service.clone(),
+                    all_final,
+                    version_sum: e.values().map(|v| v.0).sum(),
+                    parts: e
+                        .iter()
+                        .map(|(p, v)| (*p, crate::window::StoredPartial::of(&v.2)))
+                        .collect(),
+                });
+            }
             if all_final {
                 // No partition changes a final window again: keep memory flat.
                 g.parts.remove(&(u.service.clone(), u.window_start_ms));

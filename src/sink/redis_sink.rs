@@ -340,7 +340,6 @@ impl RedisStore {
         &self,
         ups: &[PartialUpdate],
     ) -> Result<Vec<MergeInput>, StoreError> {
-        let local = self.sh.mirror.put_partials_local(ups);
         let ops: Vec<(OpKey, Op)> = ups
             .iter()
             .map(|u| {
@@ -360,7 +359,11 @@ impl RedisStore {
                 )
             })
             .collect();
-        match self.direct(&ops).await {
+        let direct = self.direct(&ops).await;
+        if direct.is_some() {
+            self.sh.mirror.record_partials(ups);
+        }
+        match direct {
             Some(res) => res
                 .into_iter()
                 .filter_map(|(k, v)| match (k, v) {
@@ -374,6 +377,7 @@ impl RedisStore {
                 })
                 .collect(),
             None => {
+                let local = self.sh.mirror.put_partials_local(ups);
                 self.enqueue(ops).await;
                 Ok(local)
             }
