@@ -18,14 +18,16 @@
 //! - [`model`]: table schemas, row structs and the messages stages exchange (a leaf).
 //! - [`timefmt`]: calendar days, timestamps, hex, the process id (a leaf).
 //! - [`source`]: the source stage: Kafka consumer group, JSONL files (plain or gzip), the generator.
-//! - [`decode`]: JSON → Arrow with validation; invalid records become dead letters (pure), and the decode stage.
+//! - [`decode`]: JSON → Arrow with validation and the per-partition service cap; invalid records
+//!   become dead letters (pure), and the decode stage.
 //! - [`window`]: event-time tumbling windows, watermarks, allowed lateness (pure), and
 //!   [`window::sql`], the per-window DataFusion SQL and its sketch functions.
 //! - [`sketch`]: mergeable HDR histograms and HyperLogLog (pure, a leaf).
 //! - [`detect`]: the online anomaly detector (pure) and [`detect::incidents`], per-service scoring and incidents.
 //! - [`aggregate`]: the core stage: per-partition windows + SQL, detection, store writes, checkpoints.
 //! - [`factors`]: online factor models (pure maths and kernels), the trainer stage, the Redis publisher.
-//! - [`sink`]: Parquet tables and their stage, the aggregate store (Redis | memory), the alert notifier.
+//! - [`sink`]: Parquet tables and their stage, the aggregate store (Redis | memory; Redis writes
+//!   queue, coalesced per key, while Redis is down or slow), the alert notifier.
 //! - [`checkpoint`]: per-partition checkpoints (window state, pending rows, positions).
 //! - [`error`]: the error of a pipeline run.
 //! - [`app`]: wires the stages with bounded channels and owns the shutdown order.
@@ -36,7 +38,9 @@
 //! Delivery: every record read lands in `events` or `dead_letters`; file runs
 //! are complete or fail; Kafka runs are exactly-once per source partition
 //! (pulse's own checkpoints, replay with skip of what is durable, guarded
-//! Redis writes; see the README's "Exactly once" section).
+//! Redis writes; see the README's "Exactly once" section). Redis, the
+//! webhook and the alerts topic are side outputs: their faults degrade
+//! pulse, visibly, and it catches up; they never stop the archive.
 //!
 //! No module imports another in a circle, and the pure ones import no I/O
 //! module: `scripts/check_cycles.py` checks both.
