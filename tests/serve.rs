@@ -164,7 +164,7 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
         "pulse_redis_write_seconds_bucket",
         "pulse_files_written_total",
         "pulse_bytes_written_total",
-        "pulse_checkpoint_seconds_bucket",
+        "pulse_parquet_commit_seconds_bucket",
         "pulse_late_events_total{class=\"late\"}",
         "pulse_watermark_lag_seconds",
         "pulse_dead_letters_total{reason=",

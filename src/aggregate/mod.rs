@@ -615,7 +615,7 @@ impl Core {
         self.close_hours(&span.keys().copied().collect::<Vec<_>>(), pq)
             .await?;
         let wm = self.instance.watermark();
-        metrics::gauge!("pulse_watermark_ms").set(wm as f64);
+        metrics::gauge!("pulse_watermark_timestamp_seconds").set(wm as f64 / 1000.0);
         if wm > i64::MIN {
             let lag = now.saturating_sub(wm);
             metrics::gauge!("pulse_watermark_lag_seconds").set(lag as f64 / 1000.0);

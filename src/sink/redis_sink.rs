@@ -188,13 +188,25 @@ impl Health {
         }
     }
 
+    /// Time degraded so far, the current outage included, as a counter.
+    fn export_degraded_seconds(&self) {
+        let since = self.since_ms.load(Ordering::Relaxed);
+        let current = if since > 0 {
+            (chrono::Utc::now().timestamp_millis() - since).max(0) as u64
+        } else {
+            0
+        };
+        let total = self.degraded_ms.load(Ordering::Relaxed) + current;
+        metrics::counter!("pulse_redis_degraded_seconds_total").absolute(total / 1000);
+    }
+
     fn recover(&self) {
         if self.degraded.swap(false, Ordering::AcqRel) {
             let since = self.since_ms.swap(0, Ordering::Relaxed);
             let ms = (chrono::Utc::now().timestamp_millis() - since).max(0) as u64;
             self.degraded_ms.fetch_add(ms, Ordering::Relaxed);
             metrics::gauge!("pulse_redis_degraded").set(0.0);
-            metrics::counter!("pulse_redis_degraded_seconds_total").increment(ms.div_ceil(1000));
+            self.export_degraded_seconds();
             tracing::info!(
                 outage_ms = ms,
                 peak_pending = self.peak_pending(),
@@ -433,8 +445,8 @@ impl RedisStore {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if let Some(t) = waited {
-            metrics::counter!("pulse_redis_backpressure_seconds_total")
-                .increment(t.elapsed().as_secs());
+            metrics::histogram!("pulse_redis_backpressure_wait_seconds")
+                .record(t.elapsed().as_secs_f64());
         }
         {
             let mut p = sh.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -743,6 +755,7 @@ async fn writer(sh: Arc<Shared>) {
 
 async fn fail(sh: &Shared, e: &str, backoff: &mut Duration) {
     sh.health.degrade(e);
+    sh.health.export_degraded_seconds();
     sh.health.reconnects.fetch_add(1, Ordering::Relaxed);
     metrics::counter!("pulse_redis_reconnects_total").increment(1);
     tracing::debug!(

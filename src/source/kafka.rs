@@ -211,7 +211,7 @@ impl ClientContext for LagContext {
         for (topic, t) in &s.topics {
             for (p, part) in &t.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
-                    metrics::gauge!("pulse_consumer_lag", "topic" => topic.clone(), "partition" => p.to_string())
+                    metrics::gauge!("pulse_consumer_lag_records", "topic" => topic.clone(), "partition" => p.to_string())
                         .set(part.consumer_lag as f64);
                 }
             }

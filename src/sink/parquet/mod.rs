@@ -463,7 +463,7 @@ impl TableWriter {
             }
         }
         tracing::debug!(table = self.spec.name, file = %target.display(), rows = f.rows, "parquet file committed");
-        metrics::histogram!("pulse_checkpoint_seconds", "table" => self.spec.name)
+        metrics::histogram!("pulse_parquet_commit_seconds", "table" => self.spec.name)
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("pulse_files_written_total", "table" => self.spec.name).increment(1);
         metrics::counter!("pulse_bytes_written_total", "table" => self.spec.name).increment(bytes);
