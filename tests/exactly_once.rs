@@ -528,14 +528,6 @@ struct OwnRedis {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl OwnRedis {
     fn start(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();

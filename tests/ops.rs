@@ -330,14 +330,6 @@ fn promtool_checks_the_config_and_passes_the_rules_unit_tests() {
     assert!(out.contains("SUCCESS"), "{out}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Children stopped (SIGTERM, then SIGKILL) when the test ends, pass or fail.
 struct Procs(Vec<(String, Child)>);
 
@@ -429,7 +421,11 @@ async fn prometheus_scrapes_pulse_run_and_serve_and_loads_the_rules() {
         .unwrap();
     assert!(st.success(), "pulse gen failed");
 
-    let (run_port, serve_port, prom_port) = (free_port(), free_port(), free_port());
+    let (run_port, serve_port, prom_port) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
     let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
     let mut procs = Procs(Vec::new());
     let run = Command::new(pulse)
