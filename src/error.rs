@@ -1,6 +1,6 @@
 //! The error of a pipeline run: any stage's failure, as the wiring in
 //! [`crate::app`] reports it. Which failures are retried is decided where
-//! they happen (store writes back off and retry; see [`crate::aggregate`]).
+//! they happen (Redis writes queue and retry in [`crate::sink::redis_sink`]).
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

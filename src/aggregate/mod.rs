@@ -44,9 +44,7 @@ use crate::model::{
 use crate::sink::notify::Notifier;
 use crate::sink::parquet::WrittenFile;
 use crate::sink::parquet::stage::ParquetMsg;
-use crate::sink::store::{
-    Emission, MergeInput, PartialUpdate, ServiceStatus, Store, StoreError, TopUpdate,
-};
+use crate::sink::store::{Emission, MergeInput, PartialUpdate, ServiceStatus, Store, TopUpdate};
 use crate::window::sql::{PartialRef, SqlEngine, partials_to_batch};
 use crate::window::{Lateness, StoredPartial, WindowEmit, WindowParams, Windower};
 use task::{FinalRows, Task, flush_pending};
@@ -361,25 +359,28 @@ impl Core {
         {
             self.checkpoint_all(pq).await?;
         }
-        let lost = self.store.lost_generation() != self.lost_seen;
-        if lost || self.store.has_late_merges() {
-            let mut emits = Vec::new();
-            if lost {
-                self.lost_seen = self.store.lost_generation();
-                emits = self.republish_emits();
-                // The trainer looks at the store between messages: wake it.
-                if let Some(tr) = &self.trainer {
-                    to_trainer(tr, None, Vec::new()).await?;
-                }
+        let republish = self.republish_if_lost();
+        if republish.is_some() {
+            // The trainer looks at the store between messages: wake it.
+            if let Some(tr) = &self.trainer {
+                to_trainer(tr, None, Vec::new()).await?;
             }
-            self.emit(emits, pq).await?;
+        }
+        if republish.is_some() || self.store.has_late_merges() {
+            self.emit(republish.unwrap_or_default(), pq).await?;
         }
         Ok(())
     }
 
-    /// Every open window of every owned partition, and the incident status
-    /// with the next emission: what a store that lost its data needs again.
-    fn republish_emits(&mut self) -> Vec<(i32, WindowEmit)> {
+    /// When the store lost its data since the last call: every open window
+    /// of every owned partition, and the incident status with the next
+    /// emission, which is what such a store needs again.
+    fn republish_if_lost(&mut self) -> Option<Vec<(i32, WindowEmit)>> {
+        let lost = self.store.lost_generation();
+        if lost == self.lost_seen {
+            return None;
+        }
+        self.lost_seen = lost;
         let mut emits = Vec::new();
         for (&k, t) in self.tasks.iter() {
             emits.extend(t.pw.table.emit_open().into_iter().map(|e| (k, e)));
@@ -390,7 +391,7 @@ impl Core {
             "re-publishing open windows and incident status to an emptied store"
         );
         self.republish_status = true;
-        emits
+        Some(emits)
     }
 
     /// Writes partition `p`'s checkpoint (its effects so far are durable or in it).
@@ -592,10 +593,8 @@ impl Core {
             self.last_live = Instant::now();
         }
         // Redis came back empty: every open window again, with the status.
-        let lost = self.store.lost_generation();
-        if lost != self.lost_seen {
-            self.lost_seen = lost;
-            emits = self.republish_emits();
+        if let Some(again) = self.republish_if_lost() {
+            emits = again;
         }
         for (&k, t) in self.tasks.iter_mut() {
             if !live && !touched.contains(&k) {
@@ -889,7 +888,7 @@ impl Core {
             }
         }
         // Merged rows over every partition's stored partial.
-        let mut inputs = self.apply_partials_with_retry(&updates).await?;
+        let mut inputs = self.store.put_partials(&updates).await?;
         let degraded = self.store.degraded();
         if !degraded {
             let owned = &self.tasks;
@@ -989,7 +988,7 @@ impl Core {
             alerts,
             status,
         };
-        self.apply_with_retry(&emission).await?;
+        self.store.apply(&emission).await?;
         if !emission.anomalies.is_empty() {
             send(
                 pq,
@@ -1003,17 +1002,6 @@ impl Core {
             n.notify(&emission.alerts).await;
         }
         Ok(())
-    }
-
-    async fn apply_partials_with_retry(
-        &self,
-        ups: &[PartialUpdate],
-    ) -> Result<Vec<MergeInput>, PipelineError> {
-        with_retry(|| self.store.put_partials(ups)).await
-    }
-
-    async fn apply_with_retry(&self, e: &Emission) -> Result<(), PipelineError> {
-        with_retry(|| self.store.apply(e)).await
     }
 
     /// End of the run. Files and the generator ended: every window is
@@ -1062,29 +1050,6 @@ impl Core {
             write_rows(flush, pq, &mut self.summary).await?;
         }
         Ok(())
-    }
-}
-
-/// Runs a store write, retrying connection-level failures with backoff.
-async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, PipelineError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 1;
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(err) if err.is_retryable() && attempt < 8 => {
-                tracing::warn!(error = %err, attempt, "store write failed, retrying");
-                metrics::counter!("pulse_store_retries_total").increment(1);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                attempt += 1;
-            }
-            Err(err) => return Err(err.into()),
-        }
     }
 }
 

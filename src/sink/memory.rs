@@ -17,16 +17,6 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-impl StoreError {
-    /// Connection-level failures are worth retrying; others are not.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            StoreError::Redis(e) => e.is_io_error() || e.is_connection_dropped() || e.is_timeout(),
-            StoreError::Corrupt(_) => false,
-        }
-    }
-}
-
 /// (version, top items) of one partition.
 pub type VersionedTop = (i64, Vec<(u64, i64)>);
 /// (version, final, partial) of one partition.

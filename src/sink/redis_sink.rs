@@ -371,23 +371,11 @@ impl RedisStore {
                 )
             })
             .collect();
-        let direct = self.direct(&ops).await;
-        if direct.is_some() {
-            self.sh.mirror.record_partials(ups);
-        }
-        match direct {
-            Some(res) => res
-                .into_iter()
-                .filter_map(|(k, v)| match (k, v) {
-                    (
-                        OpKey::Partial {
-                            service, minute, ..
-                        },
-                        Some(flat),
-                    ) => Some(parse_parts(minute * 1000, &service, flat)),
-                    _ => None,
-                })
-                .collect(),
+        match self.direct(&ops).await {
+            Some(merges) => {
+                self.sh.mirror.record_partials(ups);
+                merges.into_iter().collect()
+            }
             None => {
                 let local = self.sh.mirror.put_partials_local(ups);
                 self.enqueue(ops).await;
@@ -407,9 +395,9 @@ impl RedisStore {
     }
 
     /// One round trip with the ops when Redis is healthy and nothing is
-    /// queued before them; `None` (and Redis marked degraded on failure) otherwise.
-    #[allow(clippy::type_complexity)]
-    async fn direct(&self, ops: &[(OpKey, Op)]) -> Option<Vec<(OpKey, Option<Vec<Vec<u8>>>)>> {
+    /// queued before them, returning [`exec`]'s merge inputs; `None` (and
+    /// Redis marked degraded on failure) otherwise.
+    async fn direct(&self, ops: &[(OpKey, Op)]) -> Option<Vec<Result<MergeInput, StoreError>>> {
         let sh = &self.sh;
         if sh.health.is_degraded() || sh.queued() > 0 {
             return None;
@@ -434,12 +422,12 @@ impl RedisStore {
         let sh = &self.sh;
         let mut waited = None;
         while sh.queued() >= sh.max_pending {
-            let t = *waited.get_or_insert_with(Instant::now);
-            if t.elapsed() < Duration::from_millis(60) {
+            if waited.is_none() {
                 tracing::warn!(
                     max_pending = sh.max_pending,
                     "redis pending writes at their bound: consumption paused"
                 );
+                waited = Some(Instant::now());
             }
             sh.wake.notify_one();
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -611,30 +599,30 @@ fn pipeline(sh: &Shared, ops: &[(OpKey, Op)]) -> redis::Pipeline {
     pipe
 }
 
-/// Applies ops in one round trip bounded by the timeout; returns each
-/// partial write's hash (other ops `None`).
-#[allow(clippy::type_complexity)]
+/// Applies ops in one round trip bounded by the timeout; returns, per
+/// partial write in order, the merge input Redis answered with (every
+/// partition's partial of that service and minute).
 async fn exec(
     sh: &Shared,
     ops: &[(OpKey, Op)],
-) -> Result<Vec<(OpKey, Option<Vec<Vec<u8>>>)>, String> {
+) -> Result<Vec<Result<MergeInput, StoreError>>, String> {
     let pipe = pipeline(sh, ops);
     let mut conn = sh.conn.clone();
-    let res: Vec<Vec<Vec<u8>>> =
+    let hashes: Vec<Vec<Vec<u8>>> =
         match tokio::time::timeout(sh.timeout, pipe.query_async(&mut conn)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err(format!("no reply within {} ms", sh.timeout.as_millis())),
         };
-    let mut res = res.into_iter();
-    Ok(ops
-        .iter()
-        .map(|(k, _)| {
-            let v = matches!(k, OpKey::Partial { .. })
-                .then(|| res.next())
-                .flatten();
-            (k.clone(), v)
-        })
+    let partials = ops.iter().filter_map(|(k, _)| match k {
+        OpKey::Partial {
+            service, minute, ..
+        } => Some((service, *minute)),
+        _ => None,
+    });
+    Ok(partials
+        .zip(hashes)
+        .map(|((service, minute), flat)| parse_parts(minute * 1000, service, flat))
         .collect())
 }
 
@@ -710,22 +698,13 @@ async fn writer(sh: Arc<Shared>) {
             continue;
         }
         match exec(&sh, &batch).await {
-            Ok(res) => {
+            Ok(merges) => {
                 sh.inflight.store(0, Ordering::Release);
                 let mut late = sh.late.lock().unwrap_or_else(|e| e.into_inner());
-                for (k, v) in res {
-                    let (
-                        OpKey::Partial {
-                            service, minute, ..
-                        },
-                        Some(flat),
-                    ) = (k, v)
-                    else {
-                        continue;
-                    };
-                    match parse_parts(minute * 1000, &service, flat) {
+                for m in merges {
+                    match m {
                         Ok(m) => {
-                            let key = (service, minute * 1000);
+                            let key = (m.service.clone(), m.window_start_ms);
                             if late
                                 .get(&key)
                                 .is_none_or(|c| c.version_sum <= m.version_sum)
