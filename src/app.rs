@@ -17,6 +17,7 @@
 //! checkpoints start after everything it learned), then the core finishes
 //! (checkpoints, or with files the last windows), then the Parquet writer.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -113,9 +114,18 @@ pub async fn run(
     let pool = ChunkPool::new(2);
     let progress: Progress = Default::default();
 
+    // Kafka: the partitions' ownership epochs, claimed by the source and
+    // checked by every stage that writes for a partition.
+    let fence = kafka.then(|| {
+        Arc::new(crate::fence::Fence::new(
+            &cfg.parquet.data_dir,
+            &cfg.kafka.topic,
+        ))
+    });
     let pq_cfg = cfg.clone();
+    let pq_fence = fence.clone();
     let pq_handle = spawn_stage("parquet", true, move || {
-        crate::sink::parquet::stage::run(&pq_cfg, kafka, pq_rx)
+        crate::sink::parquet::stage::run(&pq_cfg, pq_fence, pq_rx)
     })?;
 
     let batch = cfg.pipeline.batch_size;
@@ -142,6 +152,7 @@ pub async fn run(
                 tx: chunk_tx,
                 progress: progress.clone(),
                 pool: src_pool,
+                fence: fence.clone().expect("a Kafka run has a fence"),
             };
             spawn_stage("kafka", false, move || {
                 crate::source::kafka::run_consumer(&kcfg, &secrets, run)?;
@@ -194,6 +205,7 @@ pub async fn run(
     let drain_store = store.clone();
     let mut core = Core::new(cfg, secrets, store, kafka, trainer_tx, progress, trained);
     core.set_admitted(admitted);
+    core.set_fence(fence);
     let core_result = core.run(&mut dec_rx, &pq_tx, &mut shutdown).await;
     // The trainer ends first: its final snapshot lets the last checkpoints
     // start after everything it learned.

@@ -56,6 +56,21 @@ pub struct PartitionCheckpoint {
     /// the set only grows, so a replay still decides every record as before).
     #[serde(default)]
     pub services: Vec<String>,
+    /// Partition 0 only (its owner scores): where scoring stands.
+    #[serde(default)]
+    pub scorer: Option<ScorerCheckpoint>,
+}
+
+/// Where anomaly scoring stands, saved with partition 0's checkpoint. The
+/// detectors themselves are in [`CheckpointStore::save_detectors`]' file,
+/// written with it whenever they scored something new.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScorerCheckpoint {
+    /// The last window scored.
+    pub scored_upto: i64,
+    /// Merged rows of windows not scored yet (complete windows wait for
+    /// the watermark; a partition may have closed them already).
+    pub unscored: Vec<MinuteRow>,
 }
 
 impl crate::decode::stage::AdmittedIn for PartitionCheckpoint {
@@ -99,24 +114,29 @@ fn safe_name(topic: &str) -> String {
         .collect()
 }
 
+/// `<data_dir>/_pulse/<kind>/<topic>`: where pulse keeps a topic's state of one kind.
+pub fn pulse_dir(data_dir: &Path, kind: &str, topic: &str) -> PathBuf {
+    data_dir.join("_pulse").join(kind).join(safe_name(topic))
+}
+
 /// Where the factor model snapshots of a topic live.
 pub fn reco_dir(data_dir: &Path, topic: &str) -> PathBuf {
-    data_dir.join("_pulse").join("reco").join(safe_name(topic))
+    pulse_dir(data_dir, "reco", topic)
 }
 
 /// Checkpoint files of one topic.
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
     dir: PathBuf,
+    /// `<data_dir>/_pulse/detect/<topic>`: the detectors' state.
+    detect: PathBuf,
 }
 
 impl CheckpointStore {
     pub fn new(data_dir: &Path, topic: &str) -> Self {
         CheckpointStore {
-            dir: data_dir
-                .join("_pulse")
-                .join("checkpoints")
-                .join(safe_name(topic)),
+            dir: pulse_dir(data_dir, "checkpoints", topic),
+            detect: pulse_dir(data_dir, "detect", topic),
         }
     }
 
@@ -135,6 +155,26 @@ impl CheckpointStore {
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|source| CheckpointError::Corrupt { path, source })
+    }
+
+    /// The detectors' state file (see [`ScorerCheckpoint`]).
+    fn detectors_name() -> &'static str {
+        "detectors.cbor"
+    }
+
+    /// Replaces the detectors' state (already encoded) atomically and durably.
+    pub fn save_detectors(&self, bytes: &[u8]) -> Result<(), CheckpointError> {
+        write_atomic(&self.detect, Self::detectors_name(), bytes)
+    }
+
+    /// The detectors' state last saved, `None` if never.
+    pub fn load_detectors(&self) -> Result<Option<Vec<u8>>, CheckpointError> {
+        let path = self.detect.join(Self::detectors_name());
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(CheckpointError::Io { path, source }),
+        }
     }
 
     /// Replaces the partition's checkpoint atomically and durably.
@@ -177,12 +217,19 @@ mod tests {
             pending_top: vec![(60_000, 1, 7, 3).into()],
             written_ms: 1,
             services: vec!["checkout".into()],
+            scorer: Some(ScorerCheckpoint {
+                scored_upto: 120_000,
+                unscored: vec![],
+            }),
         };
         st.save(&cp).unwrap();
         assert_eq!(st.load(3).unwrap().as_ref(), Some(&cp));
         cp.next_offset = 200;
         st.save(&cp).unwrap();
         assert_eq!(st.load(3).unwrap().unwrap().next_offset, 200);
+        assert_eq!(st.load_detectors().unwrap(), None);
+        st.save_detectors(b"state").unwrap();
+        assert_eq!(st.load_detectors().unwrap().as_deref(), Some(&b"state"[..]));
         // no temporary file is left behind
         let names: Vec<_> = std::fs::read_dir(dir.path().join("_pulse/checkpoints/ev_ents"))
             .unwrap()

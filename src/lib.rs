@@ -29,6 +29,8 @@
 //! - [`sink`]: Parquet tables and their stage, the aggregate store (Redis | memory; Redis writes
 //!   queue, coalesced per key, while Redis is down or slow), the alert notifier.
 //! - [`checkpoint`]: per-partition checkpoints (window state, pending rows, positions).
+//! - [`fence`]: ownership epochs of source partitions; an instance that lost a partition
+//!   has its writes for it refused.
 //! - [`error`]: the error of a pipeline run.
 //! - [`app`]: wires the stages with bounded channels and owns the shutdown order.
 //! - [`serve`]: the dashboard, JSON API, recommendations, /metrics and health over Redis.
@@ -54,6 +56,7 @@ pub mod detect;
 pub mod error;
 pub mod eval;
 pub mod factors;
+pub mod fence;
 pub mod model;
 pub mod query;
 pub mod serve;

@@ -481,6 +481,229 @@ async fn rebalance_two_instances_one_killed() {
     h.verify(&exp).await;
 }
 
+/// A zombie: instance A is frozen (SIGSTOP) mid-stream past the group's
+/// session timeout, B takes its partitions over and moves on, then A is
+/// resumed with its stale state. A's writes for the lost partitions must be
+/// refused (ownership epochs), A must rejoin the group, and the archive and
+/// Redis must still be exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_frozen_past_its_session_is_fenced() {
+    let h = Harness::new(None, false);
+    let lines = input_lines_at(60_000, 24, 12.0);
+    let exp = expected(&lines);
+    let q = lines.len() / 4;
+    let owned = |name: &str| h.log(name).matches("partition owned").count();
+    let wait_log = |what: &str, cond: &dyn Fn() -> bool, limit: Duration| {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < limit,
+                "{what} not within {limit:?}\n--- a ---\n{}\n--- b ---\n{}",
+                h.log("a"),
+                h.log("b")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        t0.elapsed()
+    };
+    let mut a = h.spawn("a", 0);
+    h.produce(&lines[..q], 0).await;
+    h.wait_checkpoint_after(SystemTime::UNIX_EPOCH, &mut a);
+    let mut b = h.spawn("b", 0);
+    wait_log(
+        "b's first partitions",
+        &|| owned("b") > 0,
+        Duration::from_secs(60),
+    );
+    h.produce(&lines[q..2 * q], q).await;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&a, "STOP");
+    let a_owned = owned("a");
+    // B takes A's partitions once A's session (6 s) has run out.
+    let takeover = wait_log(
+        "b owning every partition",
+        &|| owned("b") >= 4,
+        Duration::from_secs(60),
+    );
+    h.produce(&lines[2 * q..3 * q], 2 * q).await;
+    h.wait_checkpointed((3 * q) as i64, &mut b);
+    signal(&a, "CONT");
+    // A finds out at its first write for a lost partition, drops it
+    // unwritten, and rejoins the group.
+    wait_log(
+        "a's writes refused",
+        &|| h.log("a").contains("partition lost to another instance"),
+        Duration::from_secs(60),
+    );
+    wait_log(
+        "a rejoining",
+        &|| owned("a") > a_owned,
+        Duration::from_secs(90),
+    );
+    h.produce(&lines[3 * q..], 3 * q).await;
+    h.wait_checkpointed(lines.len() as i64, &mut b);
+    for (name, c) in [("a", &mut a), ("b", &mut b)] {
+        sigterm(c);
+        let st = wait_exit(c, Duration::from_secs(60));
+        assert!(st.success(), "{name}: {st}\n{}", h.log(name));
+    }
+    h.drain_tails("b");
+    let log_a = h.log("a");
+    let refused = log_a.matches("write refused").count();
+    let refused_redis = log_a.matches("redis refused a partial").count();
+    assert!(refused >= 1, "no write of a was refused:\n{log_a}");
+    h.verify(&exp).await;
+    eprintln!(
+        "zombie: b took over {takeover:?} after the freeze; a's refused writes: {refused} \
+         (checkpoints and files), {refused_redis} Redis partials; 0 duplicates"
+    );
+}
+
+/// The process id holding partition `p` (its newest ownership epoch marker).
+fn holder(h: &Harness, p: i32) -> Option<u32> {
+    let dir = h
+        .data
+        .join("_pulse/epochs")
+        .join(&h.cfg.kafka.topic)
+        .join(format!("partition-{p:05}"));
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .max()?;
+    std::fs::read_to_string(newest)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Where scoring stands in partition 0's checkpoint (its owner scores).
+fn scored_upto(h: &Harness) -> Option<i64> {
+    let cp = pulse::checkpoint::CheckpointStore::new(&h.data, &h.cfg.kafka.topic)
+        .load(0)
+        .ok()??;
+    cp.scorer.map(|s| s.scored_upto)
+}
+
+/// Scoring fails over warm: two instances share the stream; the one that
+/// scores (partition 0's owner) is SIGKILLed two minutes before a planted
+/// error surge. The other one takes partition 0 over with the detectors'
+/// stored state and flags both planted incidents within their first two
+/// minutes (a cold detector would still be warming up for 30 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scorer_killed_before_an_incident_fails_over_warm() {
+    use pulse::source::generator::{GenParams, Generator};
+    let h = Harness::new(None, false);
+    let p = GenParams {
+        events: 72_000,
+        seed: 5,
+        rate_per_sec: 72_000.0 / 7_200.0,
+        ..GenParams::default()
+    };
+    let mut g = Generator::new(p.clone());
+    let incidents = g.incidents.clone();
+    let mut lines = Vec::new();
+    loop {
+        let mut l = Vec::new();
+        if g.next_into(&mut l).is_none() {
+            break;
+        }
+        lines.push(l);
+    }
+    // The base rate is constant before the first incident: the event two
+    // minutes before it is at this index.
+    let cut_ms = incidents[0].start_ms - 120_000;
+    let cut = ((cut_ms - p.start_ms) as f64 / 1000.0 * p.rate_per_sec) as usize;
+    let exp = expected(&lines);
+    let mut a = h.spawn("a", 0);
+    let mut b = h.spawn("b", 0);
+    h.produce(&lines[..cut], 0).await;
+    h.wait_checkpointed(cut as i64, &mut a);
+    // Scoring has caught up with the data so far (the watermark trails it).
+    h.wait_until(&mut b, |_| match scored_upto(&h) {
+        Some(s) if s >= cut_ms - 5 * 60_000 => Ok(()),
+        s => Err(format!(
+            "scoring stands at {s:?}, wants {}",
+            cut_ms - 5 * 60_000
+        )),
+    });
+    let scorer = holder(&h, 0).expect("partition 0 has an owner");
+    let (mut victim, victim_name, mut survivor, survivor_name) = if scorer == a.id() {
+        (a, "a", b, "b")
+    } else {
+        assert_eq!(scorer, b.id(), "partition 0 held by neither instance");
+        (b, "b", a, "a")
+    };
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    h.produce(&lines[cut..], cut).await;
+    h.wait_checkpointed(lines.len() as i64, &mut survivor);
+    // The survivor owns partition 0 and scored past the second incident.
+    let end = incidents[1].start_ms + 10 * 60_000;
+    h.wait_until(&mut survivor, |_| match scored_upto(&h) {
+        Some(s) if s >= end => Ok(()),
+        s => Err(format!("scoring stands at {s:?}, wants {end}")),
+    });
+    sigterm(&survivor);
+    let st = wait_exit(&mut survivor, Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "{survivor_name}: {st}\n{}",
+        h.log(survivor_name)
+    );
+    // Alerts, from Redis's alerts stream.
+    let client = redis::Client::open(h.redis.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{}:alerts", h.prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let starts: Vec<(String, i64)> = entries
+        .ids
+        .iter()
+        .filter_map(|e| {
+            let json: String = e.get("json")?;
+            let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+            (v["kind"] == "start").then(|| {
+                (
+                    v["service"].as_str().unwrap_or_default().to_string(),
+                    v["window_start_ms"].as_i64().unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    for inc in &incidents {
+        let hit = starts.iter().find(|(svc, w)| {
+            svc == inc.service && *w >= inc.start_ms && *w <= inc.start_ms + 120_000
+        });
+        let delay = hit.map(|(_, w)| (w - inc.start_ms) / 60_000);
+        assert!(
+            hit.is_some(),
+            "{} on {} not flagged within 2 minutes after the scorer ({victim_name}) was killed: {starts:?}",
+            inc.kind,
+            inc.service
+        );
+        eprintln!(
+            "scorer failover: {} on {} flagged {} minute(s) after its start",
+            inc.kind,
+            inc.service,
+            delay.unwrap_or_default()
+        );
+    }
+    let log = h.log(survivor_name);
+    assert!(
+        log.contains("scoring resumed from the stored detector state"),
+        "{survivor_name} did not restore the detectors:\n{log}"
+    );
+    h.drain_tails(survivor_name);
+    h.verify(&exp).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_and_restart_mid_stream() {
     let h = Harness::new(None, true);

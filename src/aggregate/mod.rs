@@ -14,7 +14,11 @@
 //! the still-open Parquet files from ([`crate::checkpoint`]); on assignment
 //! the partition resumes from there, the Parquet writer skips rows already
 //! committed, and the store's writes are version-guarded. Revocation and
-//! shutdown checkpoint first; shutdown never finalises open windows.
+//! shutdown checkpoint first; shutdown never finalises open windows. Every
+//! write for a partition is fenced by its ownership epoch ([`crate::fence`]):
+//! a partition another instance took over is dropped unwritten. Scoring runs
+//! on partition 0's owner and its state (detectors, last window scored,
+//! unscored rows) is checkpointed with partition 0, so it moves warm.
 
 mod task;
 
@@ -30,7 +34,7 @@ use datafusion::arrow::datatypes::{Int32Type, Int64Type, TimestampMillisecondTyp
 use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, ScorerCheckpoint};
 use crate::config::{Config, Secrets};
 use crate::decode::Decoded;
 use crate::decode::admit::AdmittedServices;
@@ -38,6 +42,7 @@ use crate::decode::stage::DecodeMsg;
 use crate::detect::incidents::{AnomalyTracker, anomalies_batch};
 use crate::error::PipelineError;
 use crate::factors::stage::TrainMsg;
+use crate::fence::Fence;
 use crate::model::{
     MinuteRow, Progress, TopItemRow, events_schema, minute_rows, minute_rows_batch, top_items_batch,
 };
@@ -152,6 +157,13 @@ pub struct Core {
     /// Merged rows have included partitions other instances own: while the
     /// store is degraded, scoring waits for their partials.
     remote_parts: bool,
+    /// Kafka: the partitions' ownership epochs (a partition another
+    /// instance took over is dropped at the first write that finds it out).
+    fence: Option<Arc<Fence>>,
+    /// The detectors' settings (a stored state is restored only if it has them).
+    detector_cfg: (crate::detect::DetectorConfig, u32),
+    /// The tracker's last scored window when its state was last saved.
+    detectors_saved: Option<i64>,
 }
 
 impl Core {
@@ -179,6 +191,8 @@ impl Core {
             lateness_ms: params.allowed_lateness_ms,
             summary: Summary::default(),
             tracker: AnomalyTracker::new(cfg.detect.detector(), cfg.detect.recover_windows),
+            detector_cfg: (cfg.detect.detector(), cfg.detect.recover_windows),
+            detectors_saved: None,
             busy: Duration::ZERO,
             trainer,
             notifier: Notifier::from_config(&cfg.detect, &cfg.kafka, secrets),
@@ -201,7 +215,101 @@ impl Core {
             admitted: AdmittedServices::default(),
             republish_status: false,
             remote_parts: false,
+            fence: None,
         }
+    }
+
+    /// Scoring moves away (partition 0 revoked or lost): forget its state;
+    /// the next owner resumes from the checkpoint.
+    fn stop_scoring(&mut self) {
+        let (cfg, recover) = self.detector_cfg.clone();
+        self.tracker = AnomalyTracker::new(cfg, recover);
+        self.latest.clear();
+        self.scored_upto = i64::MIN;
+        self.detectors_saved = None;
+    }
+
+    /// Scoring moves here (partition 0 assigned with a checkpoint): the
+    /// detectors, the last window scored and the rows still unscored, as the
+    /// previous owner left them. No warm-up, no window scored twice.
+    fn resume_scoring(&mut self, sc: &ScorerCheckpoint) {
+        let Some(store) = &self.checkpoints else {
+            return;
+        };
+        let (cfg, recover) = &self.detector_cfg;
+        let restored = match store.load_detectors() {
+            Ok(Some(bytes)) => match ciborium::from_reader::<AnomalyTracker, _>(bytes.as_slice()) {
+                Ok(t) if t.is_compatible(cfg, *recover) => Some(t),
+                Ok(_) => {
+                    tracing::warn!(
+                        "stored detector state has other settings: detectors start cold"
+                    );
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored detector state unreadable: detectors start cold");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the detector state: detectors start cold");
+                None
+            }
+        };
+        if let Some(t) = restored {
+            tracing::info!(
+                services = t.services(),
+                last_window = ?t.last_window().map(crate::timefmt::fmt_ts),
+                scored_upto = %crate::timefmt::fmt_ts(sc.scored_upto),
+                unscored_rows = sc.unscored.len(),
+                "scoring resumed from the stored detector state"
+            );
+            self.detectors_saved = t.last_window();
+            self.tracker = t;
+        }
+        self.scored_upto = sc.scored_upto;
+        for r in &sc.unscored {
+            self.latest
+                .entry(r.window_start_ms)
+                .or_default()
+                .insert(r.service.clone(), r.clone());
+        }
+    }
+
+    /// Where the source claims the partitions' ownership epochs.
+    pub fn set_fence(&mut self, fence: Option<Arc<Fence>>) {
+        self.fence = fence;
+    }
+
+    /// The epoch this instance's writes for partition `p` carry (0 without Kafka).
+    fn epoch(&self, p: i32) -> u64 {
+        self.fence.as_ref().map_or(0, |f| f.epoch(p))
+    }
+
+    /// Partition `p` was taken over by another instance while this one was
+    /// away (frozen, cut off): its state here is stale. Forget it without
+    /// writing anything; the group gives it back if it ever must.
+    async fn fenced_out(
+        &mut self,
+        p: i32,
+        pq: &mpsc::Sender<ParquetMsg>,
+    ) -> Result<(), PipelineError> {
+        ask(pq, |tx| ParquetMsg::DropPartition(p, tx)).await?;
+        self.tasks.remove(&p);
+        if p == 0 {
+            self.stop_scoring();
+        }
+        if let Some(pr) = &self.progress {
+            pr.lock().unwrap_or_else(|e| e.into_inner()).remove(&p);
+        }
+        let keys: Vec<i32> = self.tasks.keys().copied().collect();
+        self.instance.set_partitions(&keys);
+        tracing::error!(
+            partition = p,
+            "partition lost to another instance: its state here was dropped unwritten"
+        );
+        Ok(())
     }
 
     /// The stage's loop over the decode stage's messages, until that
@@ -304,6 +412,11 @@ impl Core {
                 })?,
                 None => Task::fresh(self.params, self.top_n, p),
             };
+            if p == 0
+                && let Some(sc) = cp.as_ref().and_then(|c| c.scorer.as_ref())
+            {
+                self.resume_scoring(sc);
+            }
             tracing::info!(
                 partition = p,
                 resume = task.next_offset,
@@ -331,6 +444,9 @@ impl Core {
             self.checkpoint(p, pq).await?;
             ask(pq, |tx| ParquetMsg::DropPartition(p, tx)).await?;
             self.tasks.remove(&p);
+            if p == 0 {
+                self.stop_scoring();
+            }
             tracing::info!(partition = p, "partition released after checkpoint");
         }
         let keys: Vec<i32> = self.tasks.keys().copied().collect();
@@ -400,6 +516,14 @@ impl Core {
         p: i32,
         pq: &mpsc::Sender<ParquetMsg>,
     ) -> Result<(), PipelineError> {
+        if self.checkpoints.is_none() || !self.tasks.contains_key(&p) {
+            return Ok(());
+        }
+        if let Some(f) = &self.fence
+            && !f.holds(p, "checkpoint")
+        {
+            return self.fenced_out(p, pq).await;
+        }
         let Some(store) = &self.checkpoints else {
             return Ok(());
         };
@@ -437,8 +561,27 @@ impl Core {
                 .get(&p)
                 .cloned()
                 .unwrap_or_default(),
+            scorer: (p == 0).then(|| ScorerCheckpoint {
+                scored_upto: self.scored_upto,
+                unscored: self
+                    .latest
+                    .values()
+                    .flat_map(|m| m.values().cloned())
+                    .collect(),
+            }),
         };
         let started = Instant::now();
+        if p == 0 && self.tracker.last_window() != self.detectors_saved {
+            // The detectors scored something new: store them first, so the
+            // checkpoint never points past the state they are in.
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&self.tracker, &mut bytes).map_err(|e| {
+                PipelineError::Stage(format!("cannot encode the detector state: {e}"))
+            })?;
+            store.save_detectors(&bytes)?;
+            metrics::gauge!("pulse_detector_state_bytes").set(bytes.len() as f64);
+            self.detectors_saved = self.tracker.last_window();
+        }
         store.save(&cp)?;
         metrics::histogram!("pulse_checkpoint_write_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -843,6 +986,7 @@ impl Core {
                     service: svc.clone(),
                     partition: *k,
                     version,
+                    epoch: self.epoch(*k),
                     is_final: e.is_final,
                     partial: p.clone(),
                 });
@@ -854,6 +998,7 @@ impl Core {
                 window_start_ms: e.window_start,
                 partition: *k,
                 version,
+                epoch: self.epoch(*k),
                 items: e.top_items.clone(),
             });
         }
@@ -921,13 +1066,17 @@ impl Core {
                 })
                 .collect();
             let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;
+            // Only the scorer keeps rows until they are scored.
+            let scoring = self.detects();
             for mut r in minute_rows(&stats, false) {
                 if let Some(m) = latest_input.get(&(r.window_start_ms, r.service.clone())) {
                     r.is_final = m.all_final;
-                    self.latest
-                        .entry(r.window_start_ms)
-                        .or_default()
-                        .insert(r.service.clone(), r.clone());
+                    if scoring && r.window_start_ms > self.scored_upto {
+                        self.latest
+                            .entry(r.window_start_ms)
+                            .or_default()
+                            .insert(r.service.clone(), r.clone());
+                    }
                     rows.push((r, m.version_sum));
                 }
             }

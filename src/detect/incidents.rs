@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::detect::{Detector, DetectorConfig};
 use datafusion::arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
 use datafusion::arrow::error::ArrowError;
@@ -64,22 +66,44 @@ impl ServiceStatus {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct ServiceState {
     detectors: Vec<Detector>,
     incident: Option<Incident>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Incident {
     since_ms: i64,
+    #[serde(with = "metric_names")]
     metrics: Vec<&'static str>,
     score: f64,
     quiet: u32,
 }
 
-/// Detectors and incident state of every service seen.
-#[derive(Debug)]
+/// [`METRICS`] names stored as strings (unknown ones are dropped when read).
+mod metric_names {
+    use super::METRICS;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[&'static str], s: S) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<&'static str>, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        Ok(names
+            .iter()
+            .filter_map(|n| METRICS.iter().find(|m| **m == n.as_str()).copied())
+            .collect())
+    }
+}
+
+/// Detectors and incident state of every service seen. The whole state
+/// serializes, so scoring can move to another process without warming up
+/// again ([`AnomalyTracker::is_compatible`] tells whether a stored one
+/// scores as this configuration would).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct AnomalyTracker {
     cfg: DetectorConfig,
     recover_windows: u32,
@@ -95,6 +119,21 @@ impl AnomalyTracker {
             services: BTreeMap::new(),
             last_window: None,
         }
+    }
+
+    /// Whether this (restored) tracker was built with the given settings.
+    pub fn is_compatible(&self, cfg: &DetectorConfig, recover_windows: u32) -> bool {
+        self.cfg == *cfg && self.recover_windows == recover_windows.max(1)
+    }
+
+    /// The last window scored.
+    pub fn last_window(&self) -> Option<i64> {
+        self.last_window
+    }
+
+    /// Services tracked.
+    pub fn services(&self) -> usize {
+        self.services.len()
     }
 
     /// Scores one window's rows (all services of one window_start). Windows
@@ -279,6 +318,62 @@ mod tests {
             is_final: true,
             partition: -1,
         }
+    }
+
+    #[test]
+    fn a_restored_tracker_scores_on_exactly_as_the_original() {
+        let cfg = DetectorConfig {
+            threshold: 0.8,
+            warmup: 20,
+            window: 60,
+            suppress: 5,
+            ..DetectorConfig::default()
+        };
+        let window = |m: i64| {
+            let ws = m * 60_000;
+            let noise = (m * 7919 % 11) - 5;
+            let errors = if (70..74).contains(&m) {
+                400
+            } else {
+                5 + noise.abs() % 3
+            };
+            vec![
+                row(ws, "a", 1000 + noise, errors),
+                row(ws, "b", 500 - noise, 2),
+            ]
+        };
+        let mut t = AnomalyTracker::new(cfg.clone(), 8);
+        for m in 0..68 {
+            let rows = window(m);
+            t.observe_window(m * 60_000, &rows.iter().collect::<Vec<_>>());
+        }
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&t, &mut bytes).unwrap();
+        let mut r: AnomalyTracker = ciborium::from_reader(bytes.as_slice()).unwrap();
+        assert!(r.is_compatible(&cfg, 8));
+        assert!(!r.is_compatible(&DetectorConfig::default(), 8));
+        assert_eq!((r.last_window(), r.services()), (Some(67 * 60_000), 2));
+        let mut fresh = AnomalyTracker::new(cfg, 8);
+        let (mut got, mut want, mut cold) = (Vec::new(), Vec::new(), Vec::new());
+        for m in 68..100 {
+            let rows = window(m);
+            let refs: Vec<&MinuteRow> = rows.iter().collect();
+            want.push(t.observe_window(m * 60_000, &refs));
+            got.push(r.observe_window(m * 60_000, &refs));
+            cold.push(fresh.observe_window(m * 60_000, &refs));
+        }
+        assert_eq!(got, want, "restored state scores as the original");
+        let starts = |v: &[(Vec<Anomaly>, Vec<Alert>)]| {
+            v.iter()
+                .flat_map(|(_, al)| al.iter().filter(|a| a.kind == "start"))
+                .map(|a| a.window_start_ms / 60_000)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(starts(&got), vec![70], "the incident is flagged at once");
+        assert!(
+            starts(&cold).is_empty(),
+            "a cold tracker is still warming up"
+        );
     }
 
     #[test]

@@ -33,8 +33,10 @@ pub mod incidents;
 
 use std::hint::select_unpredictable;
 
+use serde::{Deserialize, Serialize};
+
 /// Detector parameters. Window lengths are in samples.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DetectorConfig {
     /// Score at or above which a sample is flagged.
     pub threshold: f64,
@@ -95,7 +97,7 @@ const SCORE_EXPONENT: f64 = 8.0;
 const SUPPRESSED_FACTOR: f64 = 0.25;
 
 /// Fixed-capacity ring buffer of `f64`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Ring {
     buf: Vec<f64>,
     cap: usize,
@@ -134,10 +136,28 @@ impl Ring {
 ///
 /// Its statistics equal [`robust_stats`] and [`tail_probability`] over the ring up to the
 /// order in which sums are added (their order statistics are the same values): a few ulp.
-#[derive(Debug, Clone)]
+///
+/// Serialized as its ring alone: the sorted copy is rebuilt when it is read back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "Ring", into = "Ring")]
 struct SortedRing {
     ring: Ring,
     sorted: Vec<f64>,
+}
+
+impl From<Ring> for SortedRing {
+    fn from(ring: Ring) -> Self {
+        let mut sorted = Vec::with_capacity(ring.cap);
+        sorted.extend_from_slice(&ring.buf);
+        sorted.sort_unstable_by(f64::total_cmp);
+        Self { ring, sorted }
+    }
+}
+
+impl From<SortedRing> for Ring {
+    fn from(s: SortedRing) -> Self {
+        s.ring
+    }
 }
 
 impl SortedRing {
@@ -338,7 +358,7 @@ fn robust_stats(vals: &[f64], floor: f64, scratch: &mut Vec<f64>) -> (f64, f64) 
 }
 
 /// Robust z-score of one predictor's residual against its recent residuals.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RobustZ {
     hist: SortedRing,
     min_len: usize,
@@ -364,7 +384,7 @@ impl RobustZ {
 }
 
 /// Same-time-of-period memory: the last `depth` values of each slot of the period.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Seasonal {
     period_ms: i64,
     depth: usize,
@@ -372,6 +392,7 @@ struct Seasonal {
     steps: Vec<i64>,
     slots: Vec<Ring>,
     /// Sorting buffer for a slot's values (avoids an allocation per sample).
+    #[serde(skip)]
     scratch: Vec<f64>,
 }
 
@@ -434,7 +455,7 @@ impl Seasonal {
 }
 
 /// Running mean over a fixed-length window.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunningMean {
     ring: Ring,
     sum: f64,
@@ -484,8 +505,9 @@ fn tail_probability(hist: &[f64], x: f64, scratch: &mut Vec<f64>) -> f64 {
     }
 }
 
-/// Streaming detector for one series.
-#[derive(Debug, Clone)]
+/// Streaming detector for one series. Its state serializes (Serde), so a
+/// detector can move between processes and go on as if it had not moved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Detector {
     cfg: DetectorConfig,
     seen: usize,
@@ -500,6 +522,7 @@ pub struct Detector {
     history: SortedRing,
     history_avg: SortedRing,
     quiet: usize,
+    #[serde(skip)]
     scratch: Vec<f64>,
 }
 

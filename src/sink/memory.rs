@@ -59,6 +59,8 @@ pub struct PartialUpdate {
     pub service: String,
     pub partition: i32,
     pub version: i64,
+    /// The writer's ownership epoch of the partition (0: unfenced).
+    pub epoch: u64,
     pub is_final: bool,
     pub partial: crate::window::Partial,
 }

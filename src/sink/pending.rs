@@ -36,9 +36,11 @@ pub enum OpKey {
 /// The value a pending write sets.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpBody {
+    /// `epoch`: the writer's ownership epoch of the partition (0: unfenced).
     Partial {
         is_final: bool,
         bytes: Vec<u8>,
+        epoch: u64,
     },
     /// Field/value pairs of the merged row (without `version`).
     Stats {
@@ -48,6 +50,7 @@ pub enum OpBody {
     Top {
         top_n: usize,
         items: Vec<(u64, i64)>,
+        epoch: u64,
     },
     Status {
         fields: Vec<(&'static str, String)>,
@@ -67,6 +70,19 @@ pub struct Op {
     pub body: OpBody,
 }
 
+impl Op {
+    /// What orders two writes to one key: a newer ownership epoch of the
+    /// partition first (its owner replays from a checkpoint, so its
+    /// versions may restart lower), then the version.
+    fn rank(&self) -> (u64, i64) {
+        let epoch = match &self.body {
+            OpBody::Partial { epoch, .. } | OpBody::Top { epoch, .. } => *epoch,
+            _ => 0,
+        };
+        (epoch, self.version)
+    }
+}
+
 /// The coalescing set of pending writes.
 #[derive(Debug, Default)]
 pub struct Pending {
@@ -81,8 +97,7 @@ impl Pending {
         let keep_old = match self.map.get(&key) {
             None => false,
             Some(old) => {
-                matches!(key, OpKey::Anomaly { .. } | OpKey::Alert { .. })
-                    || old.version > op.version
+                matches!(key, OpKey::Anomaly { .. } | OpKey::Alert { .. }) || old.rank() > op.rank()
             }
         };
         if !keep_old {
@@ -106,7 +121,7 @@ impl Pending {
     pub fn restore(&mut self, ops: Vec<(OpKey, Op)>) {
         for (k, op) in ops {
             match self.map.get(&k) {
-                Some(newer) if newer.version >= op.version => {}
+                Some(newer) if newer.rank() >= op.rank() => {}
                 _ => {
                     self.map.insert(k, op);
                 }
@@ -134,13 +149,34 @@ mod tests {
     use super::*;
 
     fn partial(v: i64, b: u8) -> Op {
+        partial_of(1, v, b)
+    }
+
+    fn partial_of(epoch: u64, v: i64, b: u8) -> Op {
         Op {
             version: v,
             body: OpBody::Partial {
                 is_final: false,
                 bytes: vec![b],
+                epoch,
             },
         }
+    }
+
+    #[test]
+    fn a_newer_owner_epoch_wins_over_a_higher_version() {
+        let mut p = Pending::default();
+        p.insert(key("a", 1), partial_of(1, 900, 1));
+        // The new owner replays from its checkpoint: lower offsets, newer epoch.
+        p.insert(key("a", 1), partial_of(2, 500, 2));
+        p.insert(key("a", 1), partial_of(1, 950, 3));
+        let out = p.take(10);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].1, partial_of(2, 500, 2));
+        // A failed write of the old epoch does not displace it when put back.
+        p.insert(key("a", 1), partial_of(2, 600, 4));
+        p.restore(vec![(key("a", 1), partial_of(1, 990, 5))]);
+        assert_eq!(p.take(10)[0].1, partial_of(2, 600, 4));
     }
 
     fn key(svc: &str, m: i64) -> OpKey {

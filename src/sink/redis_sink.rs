@@ -35,8 +35,22 @@ const MARKER_EVERY: Duration = Duration::from_secs(2);
 /// Length the anomaly and alert streams are capped at (approximately).
 pub const STREAM_MAXLEN: usize = 10_000;
 
-/// Stores a partition's partial unless a newer one is stored; returns all partitions' fields.
+/// Stores a partition's partial unless a newer one is stored; returns all
+/// partitions' fields. A write whose owner epoch (ARGV[6], 0: unfenced) is
+/// below the partition's newest in `{p}:epochs` is refused (and says so
+/// with a `fenced` field).
 const PUT_PARTIAL_LUA: &str = r#"
+local e = tonumber(ARGV[6])
+if e > 0 then
+  local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+  if e < held then
+    local r = redis.call('HGETALL', KEYS[1])
+    r[#r + 1] = 'fenced'
+    r[#r + 1] = '1'
+    return r
+  end
+  if e > held then redis.call('HSET', KEYS[2], ARGV[1], ARGV[6]) end
+end
 local cur = redis.call('HGET', KEYS[1], 'v:' .. ARGV[1])
 if (not cur) or tonumber(cur) < tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'v:' .. ARGV[1], ARGV[2], 'f:' .. ARGV[1], ARGV[3], 'b:' .. ARGV[1], ARGV[4])
@@ -57,17 +71,24 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// Replaces a partition's top items of a window (if newer) and rebuilds the
+/// Replaces a partition's top items of a window (if newer, and unless its
+/// owner epoch ARGV[5] is fenced as in [`PUT_PARTIAL_LUA`]) and rebuilds the
 /// window's union over partitions, trimmed to the top N.
 const PUT_TOP_LUA: &str = r#"
+local e = tonumber(ARGV[5])
+if e > 0 then
+  local held = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+  if e < held then return -1 end
+  if e > held then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
+end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local pk = KEYS[2] .. ':p' .. ARGV[1]
 redis.call('DEL', pk)
-if #ARGV > 4 then
-  redis.call('ZADD', pk, unpack(ARGV, 5))
+if #ARGV > 5 then
+  redis.call('ZADD', pk, unpack(ARGV, 6))
   redis.call('EXPIRE', pk, ARGV[3])
 end
 local keys = {}
@@ -366,6 +387,7 @@ impl RedisStore {
                         body: OpBody::Partial {
                             is_final: u.is_final,
                             bytes: u.partial.to_bytes(),
+                            epoch: u.epoch,
                         },
                     },
                 )
@@ -508,17 +530,23 @@ fn pipeline(sh: &Shared, ops: &[(OpKey, Op)]) -> redis::Pipeline {
                     minute,
                     partition,
                 },
-                OpBody::Partial { is_final, bytes },
+                OpBody::Partial {
+                    is_final,
+                    bytes,
+                    epoch,
+                },
             ) => {
                 pipe.cmd("EVAL")
                     .arg(PUT_PARTIAL_LUA)
-                    .arg(1)
+                    .arg(2)
                     .arg(format!("{p}:parts:{service}:{minute}"))
+                    .arg(format!("{p}:epochs"))
                     .arg(*partition)
                     .arg(op.version)
                     .arg(u8::from(*is_final))
                     .arg(bytes.as_slice())
-                    .arg(ttl);
+                    .arg(ttl)
+                    .arg(*epoch);
             }
             (OpKey::Stats { service, minute }, OpBody::Stats { fields }) => {
                 let cmd = pipe.cmd("EVAL");
@@ -536,16 +564,25 @@ fn pipeline(sh: &Shared, ops: &[(OpKey, Op)]) -> redis::Pipeline {
                 }
                 cmd.ignore();
             }
-            (OpKey::Top { minute, partition }, OpBody::Top { top_n, items }) => {
+            (
+                OpKey::Top { minute, partition },
+                OpBody::Top {
+                    top_n,
+                    items,
+                    epoch,
+                },
+            ) => {
                 let cmd = pipe.cmd("EVAL");
                 cmd.arg(PUT_TOP_LUA)
-                    .arg(2)
+                    .arg(3)
                     .arg(format!("{p}:topv:{minute}"))
                     .arg(format!("{p}:top:{minute}"))
+                    .arg(format!("{p}:epochs"))
                     .arg(*partition)
                     .arg(op.version)
                     .arg(ttl)
-                    .arg((*top_n).max(1));
+                    .arg((*top_n).max(1))
+                    .arg(*epoch);
                 for (i, n) in items {
                     cmd.arg(*n).arg(*i);
                 }
@@ -622,7 +659,17 @@ async fn exec(
     });
     Ok(partials
         .zip(hashes)
-        .map(|((service, minute), flat)| parse_parts(minute * 1000, service, flat))
+        .map(|((service, minute), flat)| {
+            if flat.len() % 2 == 0 && flat.chunks_exact(2).any(|kv| kv[0] == b"fenced") {
+                metrics::counter!("pulse_fenced_writes_total", "target" => "redis").increment(1);
+                tracing::warn!(
+                    service = %service,
+                    minute,
+                    "redis refused a partial: another instance took its partition over"
+                );
+            }
+            parse_parts(minute * 1000, service, flat)
+        })
         .collect())
 }
 

@@ -45,6 +45,8 @@ pub struct TopUpdate {
     pub window_start_ms: i64,
     pub partition: i32,
     pub version: i64,
+    /// The writer's ownership epoch of the partition (0: unfenced).
+    pub epoch: u64,
     /// (item, requests), best first.
     pub items: Vec<(u64, i64)>,
 }
@@ -143,6 +145,7 @@ fn emission_ops(e: &Emission) -> Vec<(OpKey, Op)> {
                 body: OpBody::Top {
                     top_n: e.top_n,
                     items: t.items.clone(),
+                    epoch: t.epoch,
                 },
             },
         ));

@@ -64,6 +64,8 @@ fn set_default(c: &mut ClientConfig, k: &str, v: &str) {
 pub struct PulseContext {
     topic: Arc<str>,
     checkpoints: CheckpointStore,
+    /// Epochs claimed on assignment, before the checkpoint is read.
+    fence: Arc<crate::fence::Fence>,
     start_at_end: bool,
     tx: mpsc::Sender<SourceMsg>,
     /// The chunk in the making, delivered before any assignment change.
@@ -144,6 +146,15 @@ impl ConsumerContext for PulseContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut resumes = Vec::new();
                 for &p in &parts {
+                    // Fences the previous owner before reading what it left.
+                    let epoch = match self.fence.claim(p) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            tracing::error!(partition = p, error = %e, "cannot claim the partition's epoch, stopping");
+                            self.closed.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    };
                     let cp = match self.checkpoints.load(p) {
                         Ok(cp) => cp,
                         Err(e) => {
@@ -159,7 +170,7 @@ impl ConsumerContext for PulseContext {
                         None if self.start_at_end => Offset::End,
                         None => Offset::Beginning,
                     };
-                    tracing::info!(partition = p, offset = ?offset, checkpoint = cp.is_some(), "partition assigned");
+                    tracing::info!(partition = p, epoch, offset = ?offset, checkpoint = cp.is_some(), "partition assigned");
                     if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
                         tracing::error!(partition = p, error = %e, "cannot set start offset");
                     }
@@ -180,11 +191,14 @@ impl ConsumerContext for PulseContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts, lost = consumer.assignment_lost(), "partitions revoked");
                 let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
-                if self.flush() && self.send(SourceMsg::Revoked(parts, ack_tx)) {
+                if self.flush() && self.send(SourceMsg::Revoked(parts.clone(), ack_tx)) {
                     // Released only once their work is checkpointed.
                     if ack_rx.recv_timeout(Duration::from_secs(60)).is_err() {
                         tracing::warn!("pipeline did not confirm the revocation in time");
                     }
+                }
+                for &p in &parts {
+                    self.fence.release(p);
                 }
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -236,6 +250,8 @@ pub struct ConsumerRun {
     pub progress: Progress,
     /// Decoded chunks handed back for refilling.
     pub pool: ChunkPool,
+    /// The partitions' ownership epochs (shared with the stages that write).
+    pub fence: Arc<crate::fence::Fence>,
 }
 
 /// Runs the consumer on the calling thread until `stop`, an idle period or
@@ -254,6 +270,7 @@ pub fn run_consumer(
         tx,
         progress,
         pool,
+        fence,
     } = run;
     let mut c = base_config(cfg, secrets);
     c.set("group.id", &cfg.group)
@@ -291,6 +308,7 @@ pub fn run_consumer(
     let ctx = PulseContext {
         topic: topic.clone(),
         checkpoints: CheckpointStore::new(&data_dir, &cfg.topic),
+        fence,
         start_at_end,
         tx,
         building: Mutex::new(new_chunk(&topic)),

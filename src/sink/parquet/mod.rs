@@ -99,6 +99,11 @@ pub struct TableWriter {
     committed: HashMap<(i64, i32), Option<i64>>,
     /// Rows skipped because a committed file already holds them.
     pub skipped: u64,
+    /// Kafka: partitions' ownership epochs; a commit for a partition another
+    /// instance took over is refused (the file is deleted unpublished).
+    fence: Option<Arc<crate::fence::Fence>>,
+    /// Files refused that way.
+    pub fenced: u64,
 }
 
 const HOUR_MS: i64 = 3_600_000;
@@ -144,7 +149,17 @@ impl TableWriter {
             seq: 0,
             committed: HashMap::new(),
             skipped: 0,
+            fence: None,
+            fenced: 0,
         })
+    }
+
+    /// Checks each commit against the partitions' ownership epochs (files
+    /// without a source partition, `anomalies`, belong to partition 0's
+    /// owner, the scorer).
+    pub fn with_fence(mut self, fence: Option<Arc<crate::fence::Fence>>) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// Bounds the bytes all open files buffer in unwritten row groups: past
@@ -254,8 +269,10 @@ impl TableWriter {
     /// Commits the open files whose (hour, partition) satisfies `pred`.
     fn commit_where(&mut self, pred: impl Fn(&(i64, i32)) -> bool) -> Result<(), ParquetError> {
         for k in self.open_keys(pred) {
-            let f = self.open.remove(&k).expect("key listed");
-            self.commit(k, f)?;
+            // A refused commit drops the partition's other files too.
+            if let Some(f) = self.open.remove(&k) {
+                self.commit(k, f)?;
+            }
         }
         Ok(())
     }
@@ -417,6 +434,18 @@ impl TableWriter {
 
     fn commit(&mut self, key: (i64, i32), mut f: OpenFile) -> Result<(), ParquetError> {
         let started = std::time::Instant::now();
+        let owner = if self.spec.positioned { key.1 } else { 0 };
+        if let Some(fence) = &self.fence
+            && !fence.holds(owner, "parquet")
+        {
+            // Another instance owns the partition now and writes these rows
+            // from its checkpoint: publishing them too would duplicate them.
+            drop(f.writer);
+            let _ = std::fs::remove_file(&f.tmp);
+            self.fenced += 1;
+            self.drop_partition(owner);
+            return Ok(());
+        }
         let name = if self.spec.positioned {
             format!("part-{:05}-{:020}-{:020}.parquet", key.1, f.first, f.last)
         } else {
@@ -757,6 +786,43 @@ mod tests {
         assert_eq!(parts, vec![0; 300]);
         let times = column("received_at");
         assert_eq!(times, (0..300).map(|i| 5 * i).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_commit_for_a_partition_taken_over_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = Arc::new(crate::fence::Fence::new(dir.path(), "t"));
+        let other = crate::fence::Fence::new(dir.path(), "t");
+        mine.claim(0).unwrap();
+        mine.claim(1).unwrap();
+        let mut w = TableWriter::new(dir.path(), dead_letters_spec(), 2, 1000, 3)
+            .unwrap()
+            .with_fence(Some(mine.clone()));
+        w.write(&dead(&[
+            (0, 0, 10),
+            (1, 0, 11),
+            (HOUR_MS + 2, 0, 12),
+            (3, 1, 7),
+        ]))
+        .unwrap();
+        // Partition 0 moves to another instance while this one holds its files.
+        other.claim(0).unwrap();
+        w.close_all().unwrap();
+        let files = list_files(dir.path(), "dead_letters");
+        assert_eq!(files.len(), 1, "only partition 1's file is published");
+        assert!(files[0].to_string_lossy().contains("part-00001-"));
+        assert_eq!(w.fenced, 1, "one refusal drops the partition's other file");
+        assert_eq!(w.open_files(), 0);
+        // Nothing is left behind unpublished either.
+        for hour in [0, HOUR_MS] {
+            let dir = dir.path().join("dead_letters").join(partition_dir(hour));
+            let leftovers = std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+                .count();
+            assert_eq!(leftovers, 0);
+        }
     }
 
     #[test]

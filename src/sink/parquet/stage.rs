@@ -5,6 +5,7 @@
 //! answers about a partition reflects every message sent before the question,
 //! and a file is visible only once committed (renamed into place).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::record_batch::RecordBatch;
@@ -15,6 +16,7 @@ use super::{
     minute_stats_spec, remove_in_progress, remove_in_progress_of, top_items_spec,
 };
 use crate::config::Config;
+use crate::fence::Fence;
 
 /// What the Parquet stage is asked to do.
 pub enum ParquetMsg {
@@ -41,9 +43,10 @@ pub enum ParquetMsg {
 /// it wrote and its busy time.
 pub fn run(
     cfg: &Config,
-    kafka: bool,
+    fence: Option<Arc<Fence>>,
     mut rx: mpsc::Receiver<ParquetMsg>,
 ) -> Result<(Vec<(String, WrittenFile)>, Duration), ParquetError> {
+    let kafka = fence.is_some();
     let mut busy = Duration::ZERO;
     let pc = &cfg.parquet;
     if !kafka {
@@ -61,7 +64,10 @@ pub fn run(
             pc.max_file_rows,
             pc.zstd_level,
         )
-        .map(|w| w.with_buffer_limit(pc.buffer_mb << 20))
+        .map(|w| {
+            w.with_buffer_limit(pc.buffer_mb << 20)
+                .with_fence(fence.clone())
+        })
     };
     let mut events = mk(events_spec())?;
     let mut dead = mk(dead_letters_spec())?;
@@ -140,6 +146,16 @@ pub fn run(
         ("anomalies", &anom),
     ] {
         out.extend(w.written().iter().map(|f| (name.to_string(), f.clone())));
+    }
+    let fenced: u64 = [&events, &dead, &stats, &top, &anom]
+        .iter()
+        .map(|w| w.fenced)
+        .sum();
+    if fenced > 0 {
+        tracing::warn!(
+            files = fenced,
+            "files of partitions another instance took over were not published"
+        );
     }
     let skipped = events.skipped + dead.skipped;
     if skipped > 0 {
