@@ -161,9 +161,40 @@ pub async fn run(
         }
     };
 
-    // Factor training and its Redis publisher.
+    // Kafka: the fleet's one model writer (this instance trains while it
+    // holds the lease, else stands by), reading the topic on its own.
+    let (fleet_stop, fleet_handle) = if kafka && cfg.reco.enabled {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let redis = match &store {
+            Store::Redis(r) => Some(r.connection()),
+            Store::Memory(_) => None,
+        };
+        let role = crate::factors::fleet::FleetTrainer {
+            cfg: cfg.clone(),
+            secrets: secrets.clone(),
+            lease: crate::factors::lease::Lease::new(
+                redis.clone(),
+                &cfg.redis.prefix,
+                Duration::from_millis(cfg.reco.lease_ms.max(100)),
+                Duration::from_millis(cfg.redis.timeout_ms.max(1)),
+            ),
+            redis,
+            health: match &store {
+                Store::Redis(r) => Some(r.health()),
+                Store::Memory(_) => None,
+            },
+            handle: tokio::runtime::Handle::current(),
+            stop: stop_rx,
+        };
+        let h = spawn_stage("factors", false, move || role.run())?;
+        (Some(stop_tx), Some(h))
+    } else {
+        (None, None)
+    };
+
+    // Factor training fed by the pipeline (files, generator) and its Redis publisher.
     let trained: Progress = Default::default();
-    let (trainer_tx, trainer_handle, publisher) = if cfg.reco.enabled {
+    let (trainer_tx, trainer_handle, publisher) = if cfg.reco.enabled && !kafka {
         let (tx, rx) = mpsc::channel::<TrainMsg>(cap);
         // Kafka: the model continues from its snapshot, learning each event once.
         let snap = kafka.then(|| Snapshots::of(cfg));
@@ -179,6 +210,7 @@ pub async fn run(
                     Duration::from_millis(cfg.redis.timeout_ms.max(1)),
                     cfg.redis.max_pending.saturating_mul(4).max(1),
                     REDIS_DRAIN,
+                    None,
                 ));
                 (Some(delta_tx), Some(p), Some(r.health()))
             }
@@ -201,19 +233,22 @@ pub async fn run(
         crate::decode::stage::run(chunk_rx, dec_tx, rules, pool, dec_admitted)
     })?;
 
-    let trained = (kafka && cfg.reco.enabled).then_some(trained);
     let drain_store = store.clone();
-    let mut core = Core::new(cfg, secrets, store, kafka, trainer_tx, progress, trained);
+    let mut core = Core::new(cfg, secrets, store, kafka, trainer_tx, progress);
     core.set_admitted(admitted);
     core.set_fence(fence);
     let core_result = core.run(&mut dec_rx, &pq_tx, &mut shutdown).await;
     // The trainer ends first: its final snapshot lets the last checkpoints
     // start after everything it learned.
     core.stop_training();
-    let (trained, train_busy) = match trainer_handle {
+    let (mut trained, train_busy) = match trainer_handle {
         Some(h) => join_stage("factors", h).await?,
         None => (0, Duration::ZERO),
     };
+    if let (Some(stop), Some(h)) = (fleet_stop, fleet_handle) {
+        let _ = stop.send(true);
+        trained = join_stage("factors", h).await?.learned;
+    }
     let core_result = match core_result {
         Ok(()) => core.finish(&pq_tx).await,
         Err(e) => Err(e),

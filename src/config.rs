@@ -62,6 +62,9 @@ pub struct RecoSection {
     pub trending_half_life_secs: u64,
     /// Kafka: how often the model and its offsets are snapshotted, ms.
     pub snapshot_ms: u64,
+    /// Kafka: how long the model writer's lease lasts unless renewed, ms
+    /// (a standby takes over this long after the writer died, at most).
+    pub lease_ms: u64,
     /// Most users each model holds (least recently seen forgotten first).
     pub max_users: usize,
     /// Most items each model holds (the same way).
@@ -100,6 +103,7 @@ impl Default for RecoSection {
             weight_purchase: 5.0,
             trending_half_life_secs: 3600,
             snapshot_ms: 10000,
+            lease_ms: 10000,
             max_users: 250_000,
             max_items: 200_000,
         }

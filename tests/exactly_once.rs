@@ -23,7 +23,6 @@ struct Harness {
     cfg: pulse::config::Config,
     redis: String,
     prefix: String,
-    static_id: Option<String>,
     /// Train the factor model too (and check it learned each event once).
     reco: bool,
     /// `pulse run --listen` address (readiness and metrics).
@@ -77,7 +76,6 @@ max_file_rows = 8000
             cfg,
             redis,
             prefix,
-            static_id: static_id.map(str::to_string),
             reco,
             listen: None,
         }
@@ -103,6 +101,7 @@ max_file_rows = 8000
             .env("PULSE_REDIS__PREFIX", &self.prefix)
             .env("PULSE_RECO__ENABLED", self.reco.to_string())
             .env("PULSE_RECO__SNAPSHOT_MS", "1500")
+            .env("PULSE_RECO__LEASE_MS", "3000")
             .env("PULSE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -328,12 +327,9 @@ max_file_rows = 8000
         assert_eq!(leftovers, 0, "in-progress files left behind");
 
         if self.reco {
-            // The model's lineage holds every valid event exactly once.
-            let name = format!(
-                "model-{}.cbor",
-                self.static_id.as_deref().unwrap_or("default")
-            );
-            let path = pulse::checkpoint::reco_dir(&self.data, &self.cfg.kafka.topic).join(name);
+            // The fleet's model holds every valid event exactly once.
+            let path =
+                pulse::checkpoint::reco_dir(&self.data, &self.cfg.kafka.topic).join("model.cbor");
             let bytes = std::fs::read(&path).unwrap();
             let t = pulse::factors::trainer::Trainer::restore(
                 self.cfg.reco.model_config(),
@@ -488,7 +484,7 @@ async fn rebalance_two_instances_one_killed() {
 /// Redis must still be exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zombie_frozen_past_its_session_is_fenced() {
-    let h = Harness::new(None, false);
+    let h = Harness::new(None, true);
     let lines = input_lines_at(60_000, 24, 12.0);
     let exp = expected(&lines);
     let q = lines.len() / 4;
@@ -517,6 +513,7 @@ async fn zombie_frozen_past_its_session_is_fenced() {
     );
     h.produce(&lines[q..2 * q], q).await;
     std::thread::sleep(Duration::from_millis(300));
+    let a_wrote_model = model_writer(&h).await == Some(a.id());
     signal(&a, "STOP");
     let a_owned = owned("a");
     // B takes A's partitions once A's session (6 s) has run out.
@@ -552,10 +549,156 @@ async fn zombie_frozen_past_its_session_is_fenced() {
     let refused = log_a.matches("write refused").count();
     let refused_redis = log_a.matches("redis refused a partial").count();
     assert!(refused >= 1, "no write of a was refused:\n{log_a}");
+    if a_wrote_model {
+        // A wrote the model when frozen: b took the lease, a stood down.
+        assert!(
+            log_a.contains("model writer lease lost"),
+            "a kept writing the model:\n{log_a}"
+        );
+    }
+    let refused_model = log_a.matches("model write refused").count();
     h.verify(&exp).await;
     eprintln!(
         "zombie: b took over {takeover:?} after the freeze; a's refused writes: {refused} \
-         (checkpoints and files), {refused_redis} Redis partials; 0 duplicates"
+         (checkpoints and files), {refused_redis} Redis partials, {refused_model} model writes \
+         (a wrote the model: {a_wrote_model}); 0 duplicates"
+    );
+}
+
+/// The process id holding the model writer lease.
+async fn model_writer(h: &Harness) -> Option<u32> {
+    let client = redis::Client::open(h.redis.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let v: Option<String> = redis::cmd("GET")
+        .arg(format!("{}:reco:lease", h.prefix))
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    v?.split_whitespace().next()?.parse().ok()
+}
+
+/// `{p}:reco:meta` `version`: the events the published model learned.
+async fn model_version(h: &Harness) -> Option<u64> {
+    let client = redis::Client::open(h.redis.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let v: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}:reco:meta", h.prefix))
+        .arg("version")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    v?.parse().ok()
+}
+
+/// One model for a fleet of three: the instance writing the factor model is
+/// SIGKILLed five times while events keep arriving; a standby takes the
+/// lease over each time from the shared snapshot. The published model
+/// version never goes back, and in the end it (and the snapshot) counts
+/// every valid event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_of_three_one_model_writer_killed_five_times() {
+    const KILLS: usize = 5;
+    let h = Harness::new(None, true);
+    let lines = input_lines_at(60_000, 25, 12.0);
+    let exp = expected(&lines);
+    let waves: Vec<&[Vec<u8>]> = lines.chunks(lines.len().div_ceil(KILLS + 1)).collect();
+    let mut fleet: Vec<(String, Child)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| (n.to_string(), h.spawn(n, 0)))
+        .collect();
+    // The published version, sampled all along: it must never go back.
+    let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (url, key) = (h.redis.clone(), format!("{}:reco:meta", h.prefix));
+        let (versions, sampling) = (versions.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            let mut conn = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                let v: Option<String> = redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("version")
+                    .query(&mut conn)
+                    .unwrap_or(None);
+                if let Some(v) = v.and_then(|v| v.parse().ok()) {
+                    versions.lock().unwrap().push(v);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut failovers = Vec::new();
+    let mut sent = 0;
+    for (i, wave) in waves.iter().enumerate() {
+        h.produce(wave, sent).await;
+        sent += wave.len();
+        if i == KILLS {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        // The writer: the lease holder, one of the fleet.
+        let t0 = Instant::now();
+        let writer = loop {
+            if let Some(pid) = model_writer(&h).await
+                && let Some(k) = fleet.iter().position(|(_, c)| c.id() == pid)
+            {
+                break k;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "no model writer");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let (name, mut child) = fleet.remove(writer);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let killed = Instant::now();
+        let resumed = |n: &str| h.log(n).matches("model writer resumed").count();
+        let before: Vec<usize> = fleet.iter().map(|(n, _)| resumed(n)).collect();
+        // A standby takes over: lease taken, snapshot loaded, reading.
+        loop {
+            if fleet.iter().zip(&before).any(|((n, _), b)| resumed(n) > *b) {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(60),
+                "no standby took the model over after {name} was killed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        failovers.push(killed.elapsed());
+        let next = format!("{name}{}", i + 1);
+        fleet.push((next.clone(), h.spawn(&next, 0)));
+    }
+    h.wait_checkpointed(lines.len() as i64, &mut fleet[0].1);
+    for (name, c) in fleet.iter_mut() {
+        sigterm(c);
+        let st = wait_exit(c, Duration::from_secs(90));
+        assert!(st.success(), "{name}: {st}\n{}", h.log(name));
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    h.drain_tails("fleet");
+    let versions = versions.lock().unwrap().clone();
+    assert!(
+        versions.windows(2).all(|w| w[0] <= w[1]),
+        "the published model version went back: {versions:?}"
+    );
+    assert_eq!(
+        model_version(&h).await,
+        Some(exp.valid.len() as u64),
+        "the published model learned every valid event once"
+    );
+    h.verify(&exp).await;
+    failovers.sort();
+    eprintln!(
+        "fleet: model writer failovers (kill to the standby reading from the snapshot): \
+         median {:?}, min {:?}, max {:?}; {} version samples, monotone",
+        failovers[failovers.len() / 2],
+        failovers[0],
+        failovers.last().unwrap(),
+        versions.len()
     );
 }
 
@@ -986,7 +1129,7 @@ async fn redis_outage(kind: Outage) {
     }
     assert!(covered > 20, "minutes after the restart: {covered}");
     // The factor model is whole again: every user and item it holds.
-    let path = pulse::checkpoint::reco_dir(&h.data, &h.cfg.kafka.topic).join("model-default.cbor");
+    let path = pulse::checkpoint::reco_dir(&h.data, &h.cfg.kafka.topic).join("model.cbor");
     let t = pulse::factors::trainer::Trainer::restore(
         h.cfg.reco.model_config(),
         h.cfg.reco.seed,

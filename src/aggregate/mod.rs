@@ -143,9 +143,6 @@ pub struct Core {
     last_live: Instant,
     /// Event times of events not yet visible in the store (until the next live tick).
     unseen_ts: Vec<i64>,
-    /// Kafka with training: offsets the model snapshot covers, per partition
-    /// (a checkpoint never replays from later than these).
-    trained: Option<Progress>,
     /// The store's lost-data generation last acted on.
     lost_seen: u64,
     /// Batches were processed since the last checkpoint.
@@ -167,9 +164,9 @@ pub struct Core {
 }
 
 impl Core {
-    /// `trainer`: where fresh events go to be learned; `progress`: where
-    /// checkpointed offsets are published; `trained` (Kafka with training):
-    /// the offsets the model snapshot covers.
+    /// `trainer`: where fresh events go to be learned (file and generator
+    /// runs; Kafka runs train the fleet's model apart); `progress`: where
+    /// checkpointed offsets are published.
     pub fn new(
         cfg: &Config,
         secrets: &Secrets,
@@ -177,7 +174,6 @@ impl Core {
         kafka: bool,
         trainer: Option<mpsc::Sender<TrainMsg>>,
         progress: Progress,
-        trained: Option<Progress>,
     ) -> Self {
         let params = WindowParams::from_config(&cfg.window);
         let store_lost = store.lost_generation();
@@ -209,7 +205,6 @@ impl Core {
                 .then(|| Duration::from_millis(cfg.window.live_emit_ms)),
             last_live: Instant::now(),
             unseen_ts: Vec::new(),
-            trained,
             lost_seen: store_lost,
             since_checkpoint: false,
             admitted: AdmittedServices::default(),
@@ -534,16 +529,7 @@ impl Core {
         if t.next_offset == i64::MIN {
             return Ok(()); // nothing consumed yet
         }
-        let trained_floor = match &self.trained {
-            Some(tr) => tr
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&p)
-                .copied()
-                .unwrap_or(i64::MIN),
-            None => i64::MAX,
-        };
-        let (replay_from, replay_max_ts) = t.replay_point(open_first, trained_floor);
+        let (replay_from, replay_max_ts) = t.replay_point(open_first);
         let cp = PartitionCheckpoint {
             topic: String::new(),
             partition: p,

@@ -63,16 +63,11 @@ impl Task {
 
     /// Where a checkpoint written now resumes reading, and the partition's
     /// max event time before that point. Replay must cover the oldest open
-    /// file (`open_first`), what the model snapshot lacks (`trained_floor`)
-    /// and, while a restored replay is under way, all of it: a checkpoint can
+    /// file (`open_first`) and, while a restored replay is under way, all of it: a checkpoint can
     /// come before the partition's first replayed batch (another partition's
     /// batch triggers it), when no file of this run holds the previous run's
     /// uncommitted rows yet. Forgets the history before the point.
-    pub(super) fn replay_point(
-        &mut self,
-        open_first: Option<i64>,
-        trained_floor: i64,
-    ) -> (i64, Option<i64>) {
+    pub(super) fn replay_point(&mut self, open_first: Option<i64>) -> (i64, Option<i64>) {
         let replay_floor = if self.replay.is_some() {
             self.replay_floor
         } else {
@@ -80,7 +75,6 @@ impl Task {
         };
         let wanted = open_first
             .map_or(self.next_offset, |f| f.min(self.next_offset))
-            .min(trained_floor)
             .min(replay_floor);
         if wanted >= self.next_offset {
             self.history.clear();

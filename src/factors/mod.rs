@@ -12,13 +12,18 @@
 //!
 //! Stage and I/O: [`trainer`] feeds the model from event batches and
 //! collects what changed; [`stage`] runs it on its own thread with
-//! snapshots; [`store`] publishes the changes to Redis and reads them back.
+//! snapshots (file and generator runs, fed by the pipeline); [`fleet`] is
+//! the Kafka runs' trainer, one writer of one model for every instance of a
+//! group, under the [`lease`]; [`store`] publishes the changes to Redis
+//! (fenced by the lease's token) and reads them back.
 
 pub mod bpr;
 pub mod config;
+pub mod fleet;
 pub mod ids;
 pub mod index;
 pub mod kernels;
+pub mod lease;
 pub mod mf;
 pub mod mips;
 pub mod model;

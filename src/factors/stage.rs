@@ -35,17 +35,12 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// The snapshot of this instance's model (named after
-    /// `group.instance.id`), for a Kafka run.
+    /// The snapshot of the fleet's model (one per topic: whichever instance
+    /// writes the model writes it), for a Kafka run.
     pub fn of(cfg: &Config) -> Self {
-        let id = cfg
-            .kafka
-            .properties
-            .get("group.instance.id")
-            .map_or("default".to_string(), |s| s.replace(['/', '.'], "_"));
         Snapshots {
             dir: crate::checkpoint::reco_dir(&cfg.parquet.data_dir, &cfg.kafka.topic),
-            name: format!("model-{id}.cbor"),
+            name: "model.cbor".to_string(),
             every: Duration::from_millis(cfg.reco.snapshot_ms.max(1)),
         }
     }

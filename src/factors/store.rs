@@ -32,7 +32,115 @@ impl Delta {
     }
 }
 
+/// Writes a delta's records to `KEYS[1..4]` (user, item, history hashes,
+/// trending set) and the meta hash `KEYS[5]`, unless `{p}:reco:token`
+/// (`KEYS[6]`) is newer than the writer's token `ARGV[1]`: 0 then, else 1.
+/// `ARGV[2..5]`: how many user, item and history pairs and trending
+/// entries follow (field, value / score, member); then version,
+/// updated_ms and dim when `ARGV[6]` is 1 (the delta's last part).
+const FENCED_WRITE_LUA: &str = r#"
+if tonumber(redis.call('GET', KEYS[6]) or '0') > tonumber(ARGV[1]) then return 0 end
+local i = 7
+for k = 1, 3 do
+  local key = KEYS[k]
+  for _ = 1, tonumber(ARGV[k + 1]) do
+    redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+end
+local nt = tonumber(ARGV[5])
+if nt > 0 then
+  redis.call('DEL', KEYS[4])
+  for _ = 1, nt do
+    redis.call('ZADD', KEYS[4], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+end
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[5], 'version', ARGV[i], 'updated_ms', ARGV[i + 1], 'dim', ARGV[i + 2])
+end
+return 1
+"#;
+
+/// Records per fenced script call (a call blocks Redis while it runs).
+const FENCED_CHUNK: usize = 2048;
+
+/// Writes a delta. With the writer lease's `token`, through
+/// [`FENCED_WRITE_LUA`] in parts of [`FENCED_CHUNK`] records: `Ok(false)`
+/// when Redis refused it (a newer writer holds the lease).
 pub async fn write(
+    conn: &mut redis::aio::ConnectionManager,
+    prefix: &str,
+    d: &Delta,
+    token: Option<u64>,
+) -> redis::RedisResult<bool> {
+    if let Some(token) = token {
+        return write_fenced(conn, prefix, d, token).await;
+    }
+    write_plain(conn, prefix, d).await.map(|()| true)
+}
+
+async fn write_fenced(
+    conn: &mut redis::aio::ConnectionManager,
+    prefix: &str,
+    d: &Delta,
+    token: u64,
+) -> redis::RedisResult<bool> {
+    let p = prefix;
+    // The records in order (users, items, histories), cut into parts; the
+    // trending list and the meta go with the last part.
+    // (which of the three hashes, the record)
+    type Rec<'a> = (usize, &'a (u64, Vec<u8>));
+    let all: Vec<Rec> = [&d.users, &d.items, &d.history]
+        .iter()
+        .enumerate()
+        .flat_map(|(k, v)| v.iter().map(move |r| (k, r)))
+        .collect();
+    let parts: Vec<&[Rec]> = if all.is_empty() {
+        vec![&[]]
+    } else {
+        all.chunks(FENCED_CHUNK).collect()
+    };
+    let n = parts.len();
+    for (i, part) in parts.into_iter().enumerate() {
+        let last = i + 1 == n;
+        let mut counts = [0usize; 3];
+        for (k, _) in part {
+            counts[*k] += 1;
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(FENCED_WRITE_LUA)
+            .arg(6)
+            .arg(format!("{p}:reco:user"))
+            .arg(format!("{p}:reco:item"))
+            .arg(format!("{p}:reco:hist"))
+            .arg(format!("{p}:reco:trending"))
+            .arg(format!("{p}:reco:meta"))
+            .arg(format!("{p}:reco:token"))
+            .arg(token)
+            .arg(counts[0])
+            .arg(counts[1])
+            .arg(counts[2])
+            .arg(if last { d.trending.len() } else { 0 })
+            .arg(u8::from(last));
+        for (_, (id, bytes)) in part {
+            cmd.arg(*id).arg(bytes.as_slice());
+        }
+        if last {
+            for (item, score) in &d.trending {
+                cmd.arg(*score).arg(*item);
+            }
+            cmd.arg(d.version).arg(d.updated_ms).arg(d.dim);
+        }
+        let ok: i64 = cmd.query_async(conn).await?;
+        if ok != 1 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+async fn write_plain(
     conn: &mut redis::aio::ConnectionManager,
     prefix: &str,
     d: &Delta,
@@ -148,6 +256,7 @@ pub async fn publish(
     timeout: std::time::Duration,
     max_records: usize,
     drain: std::time::Duration,
+    token: Option<u64>,
 ) -> u64 {
     use std::time::{Duration, Instant};
     let mut n = 0u64;
@@ -191,8 +300,19 @@ pub async fn publish(
             }
         }
         let d = pending.to_delta();
-        match tokio::time::timeout(timeout, write(&mut conn, &prefix, &d)).await {
-            Ok(Ok(())) => {
+        match tokio::time::timeout(timeout, write(&mut conn, &prefix, &d, token)).await {
+            Ok(Ok(false)) => {
+                // A newer writer holds the lease: this one's model is stale.
+                metrics::counter!("pulse_fenced_writes_total", "target" => "model").increment(1);
+                tracing::error!(
+                    token,
+                    records = pending.len(),
+                    "model write refused: another instance holds the model writer lease"
+                );
+                pending.clear();
+                return n;
+            }
+            Ok(Ok(true)) => {
                 pending.clear();
                 n += 1;
                 backoff = Duration::from_millis(100);

@@ -53,6 +53,10 @@ pub struct Trainer {
     pub positioned: bool,
     /// Rows skipped because the model already learned them.
     pub skipped: u64,
+    /// The services each partition admitted up to `offsets` (the fleet's
+    /// trainer decodes the topic itself and must decide every record as the
+    /// pipeline did).
+    pub admitted: BTreeMap<i32, Vec<String>>,
 }
 
 /// The durable state of a trainer, as read (written as [`SnapshotRef`]).
@@ -60,6 +64,8 @@ pub struct Trainer {
 struct Snapshot {
     model: RecoModel,
     offsets: BTreeMap<i32, i64>,
+    #[serde(default)]
+    admitted: BTreeMap<i32, Vec<String>>,
 }
 
 /// [`Snapshot`] written from borrowed parts (the same encoding): no copy of
@@ -68,6 +74,7 @@ struct Snapshot {
 struct SnapshotRef<'a> {
     model: &'a RecoModel,
     offsets: &'a BTreeMap<i32, i64>,
+    admitted: &'a BTreeMap<i32, Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +95,7 @@ impl Trainer {
             offsets: BTreeMap::new(),
             positioned: false,
             skipped: 0,
+            admitted: BTreeMap::new(),
         }
     }
 
@@ -111,6 +119,7 @@ impl Trainer {
         let s = SnapshotRef {
             model: &self.model,
             offsets: &self.offsets,
+            admitted: &self.admitted,
         };
         let mut out = Vec::new();
         ciborium::into_writer(&s, &mut out).map_err(|e| SnapshotError::Encode(e.to_string()))?;
@@ -133,6 +142,7 @@ impl Trainer {
         t.model.reseed(seed);
         t.model.implicit.repair();
         t.offsets = s.offsets;
+        t.admitted = s.admitted;
         t.positioned = true;
         Ok(t)
     }
@@ -324,6 +334,7 @@ mod tests {
             &Snapshot {
                 model: t.model.clone(),
                 offsets: t.offsets().clone(),
+                admitted: BTreeMap::new(),
             },
             &mut owned,
         )

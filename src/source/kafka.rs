@@ -391,6 +391,137 @@ pub fn run_consumer(
     Ok(())
 }
 
+/// Every partition of the topic, read outside the consumer group from
+/// positions the caller keeps (the fleet's factor trainer: one reader of
+/// the whole topic, whatever instance it runs on). Partitions created later
+/// are picked up from their beginning.
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    topic: Arc<str>,
+    /// Next offset to read, per partition assigned.
+    next: BTreeMap<i32, i64>,
+    last_refresh: Instant,
+}
+
+impl TopicReader {
+    /// Reads `cfg.topic` from `from` (next offset per partition; others
+    /// from their beginning).
+    pub fn open(
+        cfg: &KafkaConfig,
+        secrets: &Secrets,
+        from: &BTreeMap<i32, i64>,
+    ) -> Result<Self, KafkaError> {
+        let mut c = base_config(cfg, secrets);
+        // Never joins the group (assign, not subscribe): the id only names it.
+        c.set("group.id", format!("{}.trainer", cfg.group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        set_default(&mut c, "auto.offset.reset", "earliest");
+        set_default(&mut c, "fetch.wait.max.ms", "100");
+        set_default(&mut c, "queued.max.messages.kbytes", "16384");
+        for k in [
+            "group.instance.id",
+            "partition.assignment.strategy",
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+        ] {
+            // Group settings of the pipeline's consumer do not apply here.
+            let _ = c.remove(k);
+        }
+        let mut r = TopicReader {
+            consumer: c.create()?,
+            topic: cfg.topic.as_str().into(),
+            next: from.iter().map(|(p, o)| (*p, (*o).max(0))).collect(),
+            last_refresh: Instant::now(),
+        };
+        r.refresh()?;
+        Ok(r)
+    }
+
+    /// Assigns partitions the topic gained since the last look.
+    fn refresh(&mut self) -> Result<(), KafkaError> {
+        self.last_refresh = Instant::now();
+        let md = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(5))?;
+        let parts: Vec<i32> = md
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let assigned = self.consumer.assignment()?.count();
+        if assigned == parts.len() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in parts {
+            let off = self.next.entry(p).or_insert(0);
+            tpl.add_partition_offset(&self.topic, p, Offset::Offset(*off))?;
+        }
+        self.consumer.assign(&tpl)?;
+        Ok(())
+    }
+
+    /// Up to `max` records into `chunk` (cleared first), waiting at most
+    /// `linger` for the first; an empty chunk means nothing was waiting.
+    pub fn read(
+        &mut self,
+        chunk: &mut RawChunk,
+        max: usize,
+        linger: Duration,
+    ) -> Result<(), KafkaError> {
+        chunk.data.clear();
+        chunk.ends.clear();
+        chunk.positions.clear();
+        chunk.timestamps.clear();
+        chunk.partitioned_time = true;
+        if self.last_refresh.elapsed() >= Duration::from_secs(10) {
+            self.refresh()?;
+        }
+        let started = Instant::now();
+        while chunk.len() < max {
+            let wait = if chunk.is_empty() {
+                linger.saturating_sub(started.elapsed())
+            } else {
+                Duration::ZERO
+            };
+            match self.consumer.poll(wait) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka consume error (trainer)");
+                    metrics::counter!("pulse_kafka_errors_total").increment(1);
+                    break;
+                }
+                Some(Ok(m)) => {
+                    let pos = Position {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                    };
+                    chunk.push(m.payload().unwrap_or_default(), pos);
+                    chunk
+                        .timestamps
+                        .push(m.timestamp().to_millis().unwrap_or(-1));
+                    self.next.insert(pos.partition, pos.offset + 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every partition has been read up to its end at the broker now.
+    pub fn at_end(&self) -> Result<bool, KafkaError> {
+        for (&p, &next) in &self.next {
+            let (_, high) =
+                self.consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(5))?;
+            if next < high {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
 /// Commits the durable offsets of the partitions still assigned (a hint).
 fn commit_progress(
     consumer: &BaseConsumer<PulseContext>,

@@ -1,0 +1,321 @@
+//! The fleet's factor trainer: one model for every `pulse run` instance of a
+//! consumer group. Every instance runs this role; the one holding the model
+//! writer lease ([`super::lease`]) trains, the others stand by.
+//!
+//! Consumes the whole topic, outside the group (its own reader of every
+//! partition, [`TopicReader`]), decoded with the pipeline's rules and its
+//! per-partition service admission, so it learns exactly the events the
+//! pipeline keeps. Produces the model's changes in Redis (through the
+//! fenced publisher, with the lease's token) and a snapshot of the model
+//! with its offsets and admitted services every `reco.snapshot_ms` at
+//! `<data_dir>/_pulse/reco/<topic>/model.cbor`, where any instance reads it.
+//!
+//! Guarantee: every valid event is learned once fleet-wide. A snapshot is
+//! the model and the offsets it covers, so whichever instance takes the
+//! lease next resumes from the latest snapshot and learns what follows once.
+//! A writer that lost its lease (frozen, cut off) has its model writes
+//! refused, stops and stands by. A new writer publishes nothing until it
+//! has caught up with the version it found in `{p}:reco:meta`, so the
+//! served model never goes back to an older state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use super::lease::Lease;
+use super::stage::Snapshots;
+use super::store::Delta;
+use super::trainer::Trainer;
+use crate::config::{Config, Secrets};
+use crate::decode::Decoder;
+use crate::decode::admit::AdmittedServices;
+use crate::model::RawChunk;
+use crate::sink::redis_sink::Health;
+use crate::source::kafka::TopicReader;
+
+/// Records per chunk the trainer reads.
+const CHUNK: usize = 4096;
+
+/// What the role did in this process.
+#[derive(Debug, Default, Clone)]
+pub struct FleetSummary {
+    /// Events the model held when this instance last stopped writing it.
+    pub learned: u64,
+    /// Times this instance took the lease.
+    pub terms: u32,
+}
+
+/// The role's inputs.
+pub struct FleetTrainer {
+    pub cfg: Config,
+    pub secrets: Secrets,
+    pub lease: Lease,
+    /// Redis (publisher and meta), `None` with a memory store.
+    pub redis: Option<redis::aio::ConnectionManager>,
+    pub health: Option<Arc<Health>>,
+    pub handle: tokio::runtime::Handle,
+    /// Turns true when the instance stops.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Why a term as the writer ended.
+enum TermEnd {
+    Stopped,
+    LeaseLost,
+}
+
+impl FleetTrainer {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Stands by and trains while holding the lease, until the instance stops.
+    pub fn run(self) -> FleetSummary {
+        let mut summary = FleetSummary::default();
+        let poll =
+            (self.lease.ttl() / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut waiting_since = Instant::now();
+        let mut said_standby = false;
+        while !self.stopping() {
+            match self.handle.block_on(self.lease.acquire()) {
+                Ok(Some(token)) => {
+                    tracing::info!(
+                        token,
+                        waited_ms = waiting_since.elapsed().as_millis() as u64,
+                        "model writer lease taken: training the fleet's model"
+                    );
+                    metrics::gauge!("pulse_model_writer").set(1.0);
+                    summary.terms += 1;
+                    let (end, learned) = match self.lead(token) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "model writer failed; standing by");
+                            (TermEnd::LeaseLost, summary.learned)
+                        }
+                    };
+                    metrics::gauge!("pulse_model_writer").set(0.0);
+                    summary.learned = learned;
+                    if matches!(end, TermEnd::Stopped) {
+                        self.handle.block_on(self.lease.release());
+                        break;
+                    }
+                    waiting_since = Instant::now();
+                    said_standby = false;
+                }
+                Ok(None) => {
+                    if !said_standby {
+                        tracing::info!("standing by: another instance writes the model");
+                        said_standby = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "model writer lease unavailable"),
+            }
+            std::thread::sleep(poll);
+        }
+        summary
+    }
+
+    /// One term as the model's writer: from the latest snapshot, until the
+    /// stop (then caught up with the topic's end first) or the lease is lost.
+    fn lead(&self, token: u64) -> Result<(TermEnd, u64), String> {
+        let cfg = &self.cfg;
+        let snap = Snapshots::of(cfg);
+        let loaded = Instant::now();
+        let mut t = super::stage::prepare(cfg, Some(&snap), &Default::default())?;
+        let admitted = AdmittedServices::default();
+        let mut decoder = Decoder::with_admitted(cfg.validation.clone(), admitted.clone());
+        for (p, services) in &t.admitted {
+            decoder.seed_services(*p, services);
+        }
+        let mut reader =
+            TopicReader::open(&cfg.kafka, &self.secrets, t.offsets()).map_err(|e| e.to_string())?;
+        // What the previous writer published: nothing goes out until this
+        // model is at least there (or has read everything there is).
+        let published = self.published_version();
+        if self.redis.is_some() && published < t.model.events() {
+            // Redis is behind the snapshot: emptied, or never written.
+            t.republish_all();
+            tracing::warn!(
+                published,
+                snapshot = t.model.events(),
+                "re-publishing the factor model: the store is behind the snapshot"
+            );
+        }
+        tracing::info!(
+            events = t.model.events(),
+            published,
+            load_ms = loaded.elapsed().as_millis() as u64,
+            "model writer resumed from the latest snapshot"
+        );
+        let (delta_tx, publisher) = match &self.redis {
+            Some(conn) => {
+                let (tx, rx) = mpsc::channel::<Delta>(2);
+                let p = self.handle.spawn(super::store::publish(
+                    rx,
+                    conn.clone(),
+                    cfg.redis.prefix.clone(),
+                    Duration::from_millis(cfg.redis.timeout_ms.max(1)),
+                    cfg.redis.max_pending.saturating_mul(4).max(1),
+                    Duration::from_secs(10),
+                    Some(token),
+                ));
+                (Some(tx), Some(p))
+            }
+            None => (None, None),
+        };
+        let flush_every = Duration::from_millis(cfg.reco.flush_ms.max(1));
+        let snap_every = snap.every;
+        let renew_every = self.lease.ttl() / 3;
+        let mut last_flush = Instant::now();
+        let mut last_snap = Instant::now();
+        let mut last_renew = Instant::now();
+        let mut renewed_at = Instant::now();
+        let mut lost_seen = self.health.as_ref().map_or(0, |h| h.lost_generation());
+        let mut caught_up = false;
+        let mut chunk = RawChunk::new(cfg.kafka.topic.as_str().into());
+        let mut stop_by: Option<Instant> = None;
+        let end = loop {
+            if stop_by.is_none() && self.stopping() {
+                // Learn what the topic holds now before the last snapshot.
+                stop_by = Some(Instant::now() + Duration::from_secs(30));
+            }
+            reader
+                .read(&mut chunk, CHUNK, Duration::from_millis(100))
+                .map_err(|e| e.to_string())?;
+            if chunk.is_empty() {
+                caught_up = true;
+                if let Some(by) = stop_by
+                    && (Instant::now() >= by || reader.at_end().unwrap_or(true))
+                {
+                    break TermEnd::Stopped;
+                }
+            } else {
+                let d = decoder.decode(&chunk, chrono::Utc::now().timestamp_millis());
+                t.train(&d.events);
+                let mut upto: BTreeMap<i32, i64> = BTreeMap::new();
+                for pos in &chunk.positions {
+                    let e = upto.entry(pos.partition).or_insert(pos.offset + 1);
+                    *e = (*e).max(pos.offset + 1);
+                }
+                for (p, next) in upto {
+                    t.advance(p, next);
+                }
+            }
+            if last_renew.elapsed() >= renew_every {
+                last_renew = Instant::now();
+                match self.handle.block_on(self.lease.renew(token)) {
+                    Ok(true) => renewed_at = Instant::now(),
+                    Ok(false) => break TermEnd::LeaseLost,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the model writer lease");
+                        // Unrenewed past its lifetime: another instance may hold it.
+                        if renewed_at.elapsed() >= self.lease.ttl() {
+                            break TermEnd::LeaseLost;
+                        }
+                    }
+                }
+            }
+            if let Some(h) = &self.health
+                && h.lost_generation() != lost_seen
+            {
+                lost_seen = h.lost_generation();
+                t.republish_all();
+                tracing::warn!("re-publishing the factor model to an emptied store");
+            }
+            let publishing = caught_up || t.model.events() >= published;
+            if publishing
+                && last_flush.elapsed() >= flush_every
+                && let Some(tx) = &delta_tx
+            {
+                last_flush = Instant::now();
+                if tx
+                    .blocking_send(t.flush(chrono::Utc::now().timestamp_millis()))
+                    .is_err()
+                {
+                    // The publisher was refused: a newer writer holds the lease.
+                    break TermEnd::LeaseLost;
+                }
+            }
+            if last_snap.elapsed() >= snap_every {
+                last_snap = Instant::now();
+                self.save(&mut t, &admitted, &snap, token);
+            }
+        };
+        if matches!(end, TermEnd::LeaseLost) {
+            metrics::counter!("pulse_model_writer_lost_total").increment(1);
+            tracing::error!(
+                token,
+                "model writer lease lost (another instance took it over): this model is dropped unpublished"
+            );
+            drop(delta_tx);
+            if let Some(p) = publisher {
+                p.abort();
+            }
+            return Ok((end, t.model.events()));
+        }
+        self.save(&mut t, &admitted, &snap, token);
+        if let Some(tx) = &delta_tx {
+            let _ = tx.blocking_send(t.flush(chrono::Utc::now().timestamp_millis()));
+        }
+        drop(delta_tx);
+        if let Some(p) = publisher {
+            let _ = self.handle.block_on(p);
+        }
+        if t.skipped > 0 {
+            tracing::info!(
+                rows = t.skipped,
+                "events the model had learned were skipped"
+            );
+        }
+        Ok((end, t.model.events()))
+    }
+
+    /// The model version last published (`{p}:reco:meta` `version`).
+    fn published_version(&self) -> u64 {
+        let Some(conn) = &self.redis else { return 0 };
+        let mut conn = conn.clone();
+        let key = format!("{}:reco:meta", self.cfg.redis.prefix);
+        let q = async move {
+            let v: Option<String> = redis::cmd("HGET")
+                .arg(key)
+                .arg("version")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            v?.parse().ok()
+        };
+        self.handle
+            .block_on(async { tokio::time::timeout(Duration::from_secs(2), q).await })
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// Snapshots the model with its offsets and admitted services, if this
+    /// instance still holds the lease (a snapshot is self-consistent, so a
+    /// stale one would only cost its successor time, never an event).
+    fn save(&self, t: &mut Trainer, admitted: &AdmittedServices, snap: &Snapshots, token: u64) {
+        if self.redis.is_some()
+            && !self
+                .handle
+                .block_on(self.lease.renew(token))
+                .unwrap_or(true)
+        {
+            return;
+        }
+        t.admitted = admitted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let started = Instant::now();
+        let r = t.snapshot().map_err(|e| e.to_string()).and_then(|b| {
+            crate::checkpoint::write_atomic(&snap.dir, &snap.name, &b).map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(()) => {
+                metrics::histogram!("pulse_model_snapshot_seconds")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(e) => tracing::warn!(error = %e, "model snapshot failed"),
+        }
+    }
+}
