@@ -25,7 +25,9 @@
 //! - [`sketch`]: mergeable HDR histograms and HyperLogLog (pure, a leaf).
 //! - [`detect`]: the online anomaly detector (pure) and [`detect::incidents`], per-service scoring and incidents.
 //! - [`aggregate`]: the core stage: per-partition windows + SQL, detection, store writes, checkpoints.
-//! - [`factors`]: online factor models (pure maths and kernels), the trainer stage, the Redis publisher.
+//! - [`factors`]: online factor models (pure maths and kernels), the trainer stage (file runs), the
+//!   fleet's one model writer under a Redis lease (Kafka runs: it reads the topic itself), the Redis
+//!   publisher.
 //! - [`sink`]: Parquet tables and their stage, the aggregate store (Redis | memory; Redis writes
 //!   queue, coalesced per key, while Redis is down or slow), the alert notifier.
 //! - [`checkpoint`]: per-partition checkpoints (window state, pending rows, positions).

@@ -702,6 +702,27 @@ async fn fleet_of_three_one_model_writer_killed_five_times() {
     );
 }
 
+/// When a log line was written (its leading timestamp, ANSI colours aside).
+fn log_time(line: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let first = plain.split_whitespace().next()?;
+    chrono::DateTime::parse_from_rfc3339(first)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
 /// The process id holding partition `p` (its newest ownership epoch marker).
 fn holder(h: &Harness, p: i32) -> Option<u32> {
     let dir = h
@@ -781,6 +802,7 @@ async fn scorer_killed_before_an_incident_fails_over_warm() {
     };
     victim.kill().unwrap();
     victim.wait().unwrap();
+    let killed_at = chrono::Utc::now();
     h.produce(&lines[cut..], cut).await;
     h.wait_checkpointed(lines.len() as i64, &mut survivor);
     // The survivor owns partition 0 and scored past the second incident.
@@ -839,10 +861,19 @@ async fn scorer_killed_before_an_incident_fails_over_warm() {
         );
     }
     let log = h.log(survivor_name);
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("scoring resumed from the stored detector state"));
     assert!(
-        log.contains("scoring resumed from the stored detector state"),
+        resumed.is_some(),
         "{survivor_name} did not restore the detectors:\n{log}"
     );
+    if let Some(at) = resumed.and_then(log_time) {
+        eprintln!(
+            "scorer failover: {} ms from the kill to scoring resumed on {survivor_name}",
+            (at - killed_at).num_milliseconds()
+        );
+    }
     h.drain_tails(survivor_name);
     h.verify(&exp).await;
 }
