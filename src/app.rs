@@ -241,13 +241,14 @@ pub async fn run(
     // The trainer ends first: its final snapshot lets the last checkpoints
     // start after everything it learned.
     core.stop_training();
-    let (mut trained, train_busy) = match trainer_handle {
+    let (mut trained, mut train_busy) = match trainer_handle {
         Some(h) => join_stage("factors", h).await?,
         None => (0, Duration::ZERO),
     };
     if let (Some(stop), Some(h)) = (fleet_stop, fleet_handle) {
         let _ = stop.send(true);
-        trained = join_stage("factors", h).await?.learned;
+        let f = join_stage("factors", h).await?;
+        (trained, train_busy) = (f.learned, f.busy);
     }
     let core_result = match core_result {
         Ok(()) => core.finish(&pq_tx).await,

@@ -45,6 +45,8 @@ pub struct FleetSummary {
     pub learned: u64,
     /// Times this instance took the lease.
     pub terms: u32,
+    /// Time spent decoding and learning.
+    pub busy: Duration,
 }
 
 /// The role's inputs.
@@ -78,6 +80,7 @@ impl FleetTrainer {
             (self.lease.ttl() / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut waiting_since = Instant::now();
         let mut said_standby = false;
+        metrics::gauge!("pulse_model_writer").set(0.0);
         while !self.stopping() {
             match self.handle.block_on(self.lease.acquire()) {
                 Ok(Some(token)) => {
@@ -88,7 +91,7 @@ impl FleetTrainer {
                     );
                     metrics::gauge!("pulse_model_writer").set(1.0);
                     summary.terms += 1;
-                    let (end, learned) = match self.lead(token) {
+                    let (end, learned) = match self.lead(token, &mut summary.busy) {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(error = %e, "model writer failed; standing by");
@@ -119,7 +122,7 @@ impl FleetTrainer {
 
     /// One term as the model's writer: from the latest snapshot, until the
     /// stop (then caught up with the topic's end first) or the lease is lost.
-    fn lead(&self, token: u64) -> Result<(TermEnd, u64), String> {
+    fn lead(&self, token: u64, busy: &mut Duration) -> Result<(TermEnd, u64), String> {
         let cfg = &self.cfg;
         let snap = Snapshots::of(cfg);
         let loaded = Instant::now();
@@ -192,6 +195,7 @@ impl FleetTrainer {
                     break TermEnd::Stopped;
                 }
             } else {
+                let started = Instant::now();
                 let d = decoder.decode(&chunk, chrono::Utc::now().timestamp_millis());
                 t.train(&d.events);
                 let mut upto: BTreeMap<i32, i64> = BTreeMap::new();
@@ -202,6 +206,7 @@ impl FleetTrainer {
                 for (p, next) in upto {
                     t.advance(p, next);
                 }
+                *busy += started.elapsed();
             }
             if last_renew.elapsed() >= renew_every {
                 last_renew = Instant::now();
