@@ -26,7 +26,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 # Modules that must not depend on I/O (source/, sink/, serve/, app, cli).
 PURE = ["decode", "window", "detect", "factors::kernels", "factors::ids",
         "factors::ring", "factors::reservoir", "factors::bpr", "factors::mf",
-        "factors::trending", "factors::model", "model", "timefmt", "sketch"]
+        "factors::trending", "factors::model", "factors::quality", "model",
+        "timefmt", "sketch"]
 IO = ["source", "sink", "serve", "app", "aggregate", "eval"]
 # Modules that import no other module of the crate.
 LEAVES = ["model", "timefmt", "sketch"]

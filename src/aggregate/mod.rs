@@ -1083,6 +1083,16 @@ impl Core {
                 .map(|(w, _)| *w)
                 .take_while(|w| w + size <= wm)
                 .collect();
+            // One scorer at a time: alerts are not fenced downstream (a
+            // webhook cannot refuse them), so scoring checks first.
+            let ready = if !ready.is_empty()
+                && self.fence.as_ref().is_some_and(|f| !f.holds(0, "scoring"))
+            {
+                self.fenced_out(0, pq).await?;
+                Vec::new()
+            } else {
+                ready
+            };
             for w in ready {
                 let rows_w: Vec<MinuteRow> = self
                     .latest

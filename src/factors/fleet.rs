@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::lease::Lease;
+use super::quality::LiveQuality;
 use super::stage::Snapshots;
 use super::store::Delta;
 use super::trainer::Trainer;
@@ -38,6 +39,12 @@ use crate::source::kafka::TopicReader;
 /// Records per chunk the trainer reads.
 const CHUNK: usize = 4096;
 
+/// How often an event is scored for the live quality figures (each costs
+/// a pass over the items' vectors), and over how many of the last scored
+/// samples the figures are taken.
+const QUALITY_EVERY: Duration = Duration::from_millis(100);
+const QUALITY_WINDOW: usize = 2000;
+
 /// What the role did in this process.
 #[derive(Debug, Default, Clone)]
 pub struct FleetSummary {
@@ -47,6 +54,16 @@ pub struct FleetSummary {
     pub terms: u32,
     /// Time spent decoding and learning.
     pub busy: Duration,
+}
+
+/// The live quality figures as gauges (the writer's own; standbys export none).
+fn publish_quality(q: &LiveQuality) {
+    let f = q.figures();
+    metrics::gauge!("pulse_model_quality_samples").set(f.samples as f64);
+    metrics::gauge!("pulse_model_recall_at_10", "model" => "factors").set(f.recall);
+    metrics::gauge!("pulse_model_ndcg_at_10", "model" => "factors").set(f.ndcg);
+    metrics::gauge!("pulse_model_recall_at_10", "model" => "popularity").set(f.popularity_recall);
+    metrics::gauge!("pulse_model_ndcg_at_10", "model" => "popularity").set(f.popularity_ndcg);
 }
 
 /// The role's inputs.
@@ -179,6 +196,8 @@ impl FleetTrainer {
         let mut caught_up = false;
         let mut chunk = RawChunk::new(cfg.kafka.topic.as_str().into());
         let mut stop_by: Option<Instant> = None;
+        let mut quality = LiveQuality::new(10, QUALITY_WINDOW);
+        let mut last_quality = Instant::now();
         let end = loop {
             if stop_by.is_none() && self.stopping() {
                 // Learn what the topic holds now before the last snapshot.
@@ -197,6 +216,12 @@ impl FleetTrainer {
             } else {
                 let started = Instant::now();
                 let d = decoder.decode(&chunk, chrono::Utc::now().timestamp_millis());
+                if last_quality.elapsed() >= QUALITY_EVERY
+                    && t.sample_quality(&d.events, &mut quality, 1) > 0
+                {
+                    last_quality = Instant::now();
+                    publish_quality(&quality);
+                }
                 t.train(&d.events);
                 let mut upto: BTreeMap<i32, i64> = BTreeMap::new();
                 for pos in &chunk.positions {

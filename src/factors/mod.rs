@@ -8,7 +8,8 @@
 //! model), [`trending`] (time-decayed popularity), [`model`] (the three
 //! behind one `observe`), [`packed`] (snapshot and record encodings),
 //! [`index`] and [`mips`] (exact top-k over item vectors, what
-//! `/recommend` uses).
+//! `/recommend` uses), [`quality`] (the live model's recall and NDCG
+//! against popularity on a sample of the stream).
 //!
 //! Stage and I/O: [`trainer`] feeds the model from event batches and
 //! collects what changed; [`stage`] runs it on its own thread with
@@ -28,6 +29,7 @@ pub mod mf;
 pub mod mips;
 pub mod model;
 pub mod packed;
+pub mod quality;
 pub mod reservoir;
 pub mod ring;
 pub mod stage;

@@ -147,6 +147,55 @@ impl Trainer {
         Ok(t)
     }
 
+    /// Scores up to `max` of the batch's events, spread over it, on the
+    /// live quality sample before the model learns them (rows it already
+    /// learned, and events without a user or item, are passed over).
+    /// Returns how many were scored.
+    pub fn sample_quality(
+        &self,
+        b: &RecordBatch,
+        q: &mut super::quality::LiveQuality,
+        max: usize,
+    ) -> usize {
+        let (Some(user), Some(item)) = (
+            b.column_by_name("user_id")
+                .and_then(|c| c.as_primitive_opt::<UInt64Type>()),
+            b.column_by_name("item_id")
+                .and_then(|c| c.as_primitive_opt::<UInt64Type>()),
+        ) else {
+            return 0;
+        };
+        let pos = (
+            b.column_by_name("src_partition")
+                .and_then(|c| c.as_primitive_opt::<Int32Type>()),
+            b.column_by_name("src_offset")
+                .and_then(|c| c.as_primitive_opt::<Int64Type>()),
+        );
+        let rows = b.num_rows();
+        if rows == 0 || max == 0 {
+            return 0;
+        }
+        let learned = |i: usize| match pos {
+            (Some(p), Some(o)) if self.positioned => self
+                .offsets
+                .get(&p.value(i))
+                .is_some_and(|next| o.value(i) < *next),
+            _ => false,
+        };
+        let mut scored = 0;
+        let stride = (rows / max).max(1);
+        for i in (0..rows).step_by(stride) {
+            if scored == max {
+                break;
+            }
+            if user.is_null(i) || item.is_null(i) || learned(i) {
+                continue;
+            }
+            scored += usize::from(q.score(&self.model, user.value(i), item.value(i)));
+        }
+        scored
+    }
+
     /// Trains on every event of the batch with a user, an item and a known type.
     pub fn train(&mut self, b: &RecordBatch) -> usize {
         let (Some(ts), Some(user), Some(item), Some(kind), Some(rating)) = (
@@ -318,6 +367,23 @@ mod tests {
         }
         let mut d = crate::decode::Decoder::new(crate::config::ValidationConfig::default());
         d.decode(&chunk, 0).events
+    }
+
+    #[test]
+    fn quality_samples_only_events_not_yet_learned() {
+        let cfg = crate::config::RecoSection::default().model_config();
+        let mut t = Trainer::new(cfg, 1);
+        t.positioned = true;
+        let mut q = crate::factors::quality::LiveQuality::new(10, 100);
+        let first = batch(2000, 0);
+        assert_eq!(t.sample_quality(&first, &mut q, 5), 0, "no user known yet");
+        t.train(&first);
+        // Already learned: a replay is not scored again.
+        assert_eq!(t.sample_quality(&first, &mut q, 5), 0);
+        let next = batch(2000, 2000);
+        let n = t.sample_quality(&next, &mut q, 5);
+        assert!((1..=5).contains(&n), "{n}");
+        assert_eq!(q.figures().samples, n);
     }
 
     #[test]
