@@ -408,7 +408,7 @@ async fn prometheus_scrapes_pulse_run_and_serve_and_loads_the_rules() {
         .args([
             "gen",
             "--events",
-            "3000",
+            "10000",
             "--seed",
             "5",
             "--partitions",
@@ -436,7 +436,7 @@ async fn prometheus_scrapes_pulse_run_and_serve_and_loads_the_rules() {
         .args(["--idle-exit-ms", "120000"])
         .args(["--listen", &addr(run_port).to_string()])
         .env("PULSE_REDIS__PREFIX", &prefix)
-        .env("PULSE_RECO__ENABLED", "false")
+        .env("PULSE_RECO__ENABLED", "true")
         .env("PULSE_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log("pulse-run"))
@@ -539,6 +539,8 @@ async fn prometheus_scrapes_pulse_run_and_serve_and_loads_the_rules() {
         ("pulse_events_total", "pulse-run"),
         ("pulse_records_consumed_total", "pulse-run"),
         ("pulse_batch_seconds_count", "pulse-run"),
+        // the model writer's live quality sample
+        ("pulse_model_quality_samples", "pulse-run"),
         ("pulse_http_requests_total", "pulse-serve"),
         ("pulse_http_request_duration_seconds_bucket", "pulse-serve"),
     ] {
@@ -555,7 +557,7 @@ async fn prometheus_scrapes_pulse_run_and_serve_and_loads_the_rules() {
     }
     let events = query(pa, "pulse_events_total{job=\"pulse-run\"}").await;
     let n: f64 = events[0]["value"][1].as_str().unwrap().parse().unwrap();
-    assert!(n > 0.0 && n <= 3000.0, "pulse_events_total = {n}");
+    assert!(n > 0.0 && n <= 10000.0, "pulse_events_total = {n}");
     let served = query(
         pa,
         "sum(pulse_http_requests_total{job=\"pulse-serve\",route=\"/api/services\"})",

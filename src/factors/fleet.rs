@@ -216,7 +216,7 @@ impl FleetTrainer {
             } else {
                 let started = Instant::now();
                 let d = decoder.decode(&chunk, chrono::Utc::now().timestamp_millis());
-                if last_quality.elapsed() >= QUALITY_EVERY
+                if (last_quality.elapsed() >= QUALITY_EVERY || quality.figures().samples == 0)
                     && t.sample_quality(&d.events, &mut quality, 1) > 0
                 {
                     last_quality = Instant::now();
