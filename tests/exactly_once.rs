@@ -768,14 +768,7 @@ async fn scorer_killed_before_an_incident_fails_over_warm() {
     };
     let mut g = Generator::new(p.clone());
     let incidents = g.incidents.clone();
-    let mut lines = Vec::new();
-    loop {
-        let mut l = Vec::new();
-        if g.next_into(&mut l).is_none() {
-            break;
-        }
-        lines.push(l);
-    }
+    let lines = generated_lines(&mut g);
     // The base rate is constant before the first incident: the event two
     // minutes before it is at this index.
     let cut_ms = incidents[0].start_ms - 120_000;

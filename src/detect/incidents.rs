@@ -301,6 +301,17 @@ pub fn anomalies_batch(a: &[Anomaly]) -> Result<RecordBatch, ArrowError> {
 mod tests {
     use super::*;
 
+    /// A detector that warms up in 20 windows.
+    fn quick_config() -> DetectorConfig {
+        DetectorConfig {
+            threshold: 0.8,
+            warmup: 20,
+            window: 60,
+            suppress: 5,
+            ..DetectorConfig::default()
+        }
+    }
+
     fn row(ws: i64, svc: &str, requests: i64, errors: i64) -> MinuteRow {
         MinuteRow {
             window_start_ms: ws,
@@ -322,13 +333,7 @@ mod tests {
 
     #[test]
     fn a_restored_tracker_scores_on_exactly_as_the_original() {
-        let cfg = DetectorConfig {
-            threshold: 0.8,
-            warmup: 20,
-            window: 60,
-            suppress: 5,
-            ..DetectorConfig::default()
-        };
+        let cfg = quick_config();
         let window = |m: i64| {
             let ws = m * 60_000;
             let noise = (m * 7919 % 11) - 5;
@@ -378,13 +383,7 @@ mod tests {
 
     #[test]
     fn one_alert_per_incident_start_and_recovery_and_missing_rows_count_as_zero() {
-        let cfg = DetectorConfig {
-            threshold: 0.8,
-            warmup: 20,
-            window: 60,
-            suppress: 5,
-            ..DetectorConfig::default()
-        };
+        let cfg = quick_config();
         let mut t = AnomalyTracker::new(cfg, 8);
         let mut alerts = Vec::new();
         for m in 0..120i64 {

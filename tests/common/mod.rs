@@ -43,26 +43,30 @@ pub fn input_lines(events: u64, seed: u64) -> Vec<Vec<u8>> {
 
 /// [`input_lines`] at `rate_per_sec` events per second of event time.
 pub fn input_lines_at(events: u64, seed: u64, rate_per_sec: f64) -> Vec<Vec<u8>> {
-    let mut g = Generator::new(GenParams {
+    let mut out = generated_lines(&mut Generator::new(GenParams {
         events,
         seed,
         rate_per_sec,
         invalid_fraction: 0.002,
         late_fraction: 0.003,
         ..GenParams::default()
-    });
-    let mut out = Vec::new();
-    loop {
-        let mut l = Vec::new();
-        if g.next_into(&mut l).is_none() {
-            break;
-        }
-        out.push(l);
-    }
+    }));
     out.push(b"\xff\xfe not utf8".to_vec());
     out.push(br#"{"event_id": 99999999, "ts": "2026-11-22T00:10:00Z"}"#.to_vec());
     out.push(br#"[1,2,3]"#.to_vec());
     out
+}
+
+/// Every line the generator has left.
+pub fn generated_lines(g: &mut Generator) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let mut l = Vec::new();
+        if g.next_into(&mut l).is_none() {
+            return out;
+        }
+        out.push(l);
+    }
 }
 
 /// What a valid event is, decided independently of the pipeline's decoder.
