@@ -7,15 +7,16 @@
 //! (kafka|files|gen)    (thread)               │ windows, SQL, detection, checkpoints
 //!                                             ├──ParquetMsg──▶ parquet (thread) ──▶ tables
 //!                                             └──TrainMsg──▶ factors (thread) ──Delta──▶ publisher ──▶ Redis
+//! Kafka runs: factors::fleet (thread) reads the topic itself while it holds the model writer lease.
 //! ```
 //! Consumes a [`SourceSpec`]; produces Parquet tables, store updates and a
 //! [`Summary`]. Every record read ends up in `events` or `dead_letters`.
 //! Delivery: files and generator runs are complete or fail; Kafka runs are
 //! exactly-once per source partition (see [`crate::aggregate`] and
 //! [`crate::checkpoint`]). Shutdown order: the source stops, the core drains
-//! what was sent, the trainer ends first (its final snapshot lets the last
-//! checkpoints start after everything it learned), then the core finishes
-//! (checkpoints, or with files the last windows), then the Parquet writer.
+//! what was sent, the trainer ends (the fleet's writer after reading up to
+//! the topic's end and snapshotting), then the core finishes (checkpoints,
+//! or with files the last windows), then the Parquet writer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use crate::config::{Config, Secrets};
 use crate::decode::admit::AdmittedServices;
 use crate::decode::stage::DecodeMsg;
 pub use crate::error::PipelineError;
-use crate::factors::stage::{Snapshots, TrainMsg};
+use crate::factors::stage::TrainMsg;
 use crate::factors::store::Delta;
 use crate::model::{ChunkPool, Progress};
 use crate::sink::parquet::stage::ParquetMsg;
@@ -193,13 +194,9 @@ pub async fn run(
     };
 
     // Factor training fed by the pipeline (files, generator) and its Redis publisher.
-    let trained: Progress = Default::default();
     let (trainer_tx, trainer_handle, publisher) = if cfg.reco.enabled && !kafka {
         let (tx, rx) = mpsc::channel::<TrainMsg>(cap);
-        // Kafka: the model continues from its snapshot, learning each event once.
-        let snap = kafka.then(|| Snapshots::of(cfg));
-        let trainer = crate::factors::stage::prepare(cfg, snap.as_ref(), &trained)
-            .map_err(PipelineError::Stage)?;
+        let trainer = crate::factors::stage::prepare(cfg, None).map_err(PipelineError::Stage)?;
         let (delta_tx, publisher, health) = match &store {
             Store::Redis(r) => {
                 let (delta_tx, delta_rx) = mpsc::channel::<Delta>(2);
@@ -217,9 +214,8 @@ pub async fn run(
             Store::Memory(_) => (None, None, None),
         };
         let flush = Duration::from_millis(cfg.reco.flush_ms);
-        let trained_w = trained.clone();
         let handle = spawn_stage("factors", false, move || {
-            crate::factors::stage::run(trainer, rx, delta_tx, flush, snap, trained_w, health)
+            crate::factors::stage::run(trainer, rx, delta_tx, flush, health)
         })?;
         (Some(tx), Some(handle), publisher)
     } else {
@@ -238,8 +234,7 @@ pub async fn run(
     core.set_admitted(admitted);
     core.set_fence(fence);
     let core_result = core.run(&mut dec_rx, &pq_tx, &mut shutdown).await;
-    // The trainer ends first: its final snapshot lets the last checkpoints
-    // start after everything it learned.
+    // The trainer ends first (the core stops sending it events).
     core.stop_training();
     let (mut trained, mut train_busy) = match trainer_handle {
         Some(h) => join_stage("factors", h).await?,

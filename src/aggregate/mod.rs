@@ -157,8 +157,6 @@ pub struct Core {
     /// Kafka: the partitions' ownership epochs (a partition another
     /// instance took over is dropped at the first write that finds it out).
     fence: Option<Arc<Fence>>,
-    /// The detectors' settings (a stored state is restored only if it has them).
-    detector_cfg: (crate::detect::DetectorConfig, u32),
     /// The tracker's last scored window when its state was last saved.
     detectors_saved: Option<i64>,
 }
@@ -187,7 +185,6 @@ impl Core {
             lateness_ms: params.allowed_lateness_ms,
             summary: Summary::default(),
             tracker: AnomalyTracker::new(cfg.detect.detector(), cfg.detect.recover_windows),
-            detector_cfg: (cfg.detect.detector(), cfg.detect.recover_windows),
             detectors_saved: None,
             busy: Duration::ZERO,
             trainer,
@@ -217,8 +214,7 @@ impl Core {
     /// Scoring moves away (partition 0 revoked or lost): forget its state;
     /// the next owner resumes from the checkpoint.
     fn stop_scoring(&mut self) {
-        let (cfg, recover) = self.detector_cfg.clone();
-        self.tracker = AnomalyTracker::new(cfg, recover);
+        self.tracker = self.tracker.fresh();
         self.latest.clear();
         self.scored_upto = i64::MIN;
         self.detectors_saved = None;
@@ -231,10 +227,9 @@ impl Core {
         let Some(store) = &self.checkpoints else {
             return;
         };
-        let (cfg, recover) = &self.detector_cfg;
         let restored = match store.load_detectors() {
             Ok(Some(bytes)) => match ciborium::from_reader::<AnomalyTracker, _>(bytes.as_slice()) {
-                Ok(t) if t.is_compatible(cfg, *recover) => Some(t),
+                Ok(t) if t.same_settings(&self.tracker) => Some(t),
                 Ok(_) => {
                     tracing::warn!(
                         "stored detector state has other settings: detectors start cold"
@@ -474,7 +469,7 @@ impl Core {
         if republish.is_some() {
             // The trainer looks at the store between messages: wake it.
             if let Some(tr) = &self.trainer {
-                to_trainer(tr, None, Vec::new()).await?;
+                to_trainer(tr, None).await?;
             }
         }
         if republish.is_some() || self.store.has_late_merges() {
@@ -604,12 +599,6 @@ impl Core {
         } = self.own_rows(d.dead_letters, d.events, keyed)?;
         self.mark_batch_starts(&span);
 
-        // The trainer's offsets move past the whole batch, dead letters included.
-        let mut trainer_upto: Vec<(i32, i64)> = if self.kafka && self.trainer.is_some() {
-            span.iter().map(|(k, (_, last))| (*k, last + 1)).collect()
-        } else {
-            Vec::new()
-        };
         let n_dead = dead.num_rows() as u64;
         self.summary.records += n_dead + ev.num_rows() as u64;
         self.summary.invalid += n_dead;
@@ -659,17 +648,14 @@ impl Core {
                 filter_record_batch(&sql_in, &mask)?
             };
             if let Some(t) = &self.trainer {
-                // With Kafka the trainer sees replays too and skips what its
-                // snapshot holds (it may be older than this checkpoint).
-                let fresh = BooleanArray::from(if self.kafka { vec![true; n] } else { fresh });
+                let fresh = BooleanArray::from(fresh);
                 let train = if fresh.true_count() == n {
                     full.clone()
                 } else {
                     filter_record_batch(&full, &fresh)?
                 };
                 if train.num_rows() > 0 {
-                    let upto = std::mem::take(&mut trainer_upto);
-                    to_trainer(t, Some(train), upto).await?;
+                    to_trainer(t, Some(train)).await?;
                 }
             }
             send(pq, ParquetMsg::Events(full)).await?;
@@ -695,11 +681,6 @@ impl Core {
                 metrics::counter!("pulse_late_events_total", "class" => "too_late")
                     .increment(too_late);
             }
-        }
-        if !trainer_upto.is_empty()
-            && let Some(t) = &self.trainer
-        {
-            to_trainer(t, None, trainer_upto).await?;
         }
         // Positions advance, replays end.
         for (k, (_, last)) in &span {
@@ -1230,9 +1211,8 @@ async fn ask<T>(
 async fn to_trainer(
     t: &mpsc::Sender<TrainMsg>,
     batch: Option<RecordBatch>,
-    upto: Vec<(i32, i64)>,
 ) -> Result<(), PipelineError> {
-    t.send(TrainMsg { batch, upto })
+    t.send(TrainMsg { batch })
         .await
         .map_err(|_| PipelineError::Stage("factor trainer stopped".into()))
 }

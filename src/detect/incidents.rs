@@ -121,6 +121,16 @@ impl AnomalyTracker {
         }
     }
 
+    /// A tracker with this one's settings and no history.
+    pub fn fresh(&self) -> Self {
+        AnomalyTracker::new(self.cfg.clone(), self.recover_windows)
+    }
+
+    /// Whether this (restored) tracker scores as `other` would.
+    pub fn same_settings(&self, other: &AnomalyTracker) -> bool {
+        self.is_compatible(&other.cfg, other.recover_windows)
+    }
+
     /// Whether this (restored) tracker was built with the given settings.
     pub fn is_compatible(&self, cfg: &DetectorConfig, recover_windows: u32) -> bool {
         self.cfg == *cfg && self.recover_windows == recover_windows.max(1)

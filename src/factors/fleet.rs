@@ -143,7 +143,7 @@ impl FleetTrainer {
         let cfg = &self.cfg;
         let snap = Snapshots::of(cfg);
         let loaded = Instant::now();
-        let mut t = super::stage::prepare(cfg, Some(&snap), &Default::default())?;
+        let mut t = super::stage::prepare(cfg, Some(&snap))?;
         let admitted = AdmittedServices::default();
         let mut decoder = Decoder::with_admitted(cfg.validation.clone(), admitted.clone());
         for (p, services) in &t.admitted {
@@ -247,13 +247,7 @@ impl FleetTrainer {
                     }
                 }
             }
-            if let Some(h) = &self.health
-                && h.lost_generation() != lost_seen
-            {
-                lost_seen = h.lost_generation();
-                t.republish_all();
-                tracing::warn!("re-publishing the factor model to an emptied store");
-            }
+            super::stage::check_lost(&mut t, self.health.as_deref(), &mut lost_seen);
             let publishing = caught_up || t.model.events() >= published;
             if publishing
                 && last_flush.elapsed() >= flush_every
@@ -337,10 +331,7 @@ impl FleetTrainer {
         }
         t.admitted = admitted.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let started = Instant::now();
-        let r = t.snapshot().map_err(|e| e.to_string()).and_then(|b| {
-            crate::checkpoint::write_atomic(&snap.dir, &snap.name, &b).map_err(|e| e.to_string())
-        });
-        match r {
+        match super::stage::write_snapshot(t, snap) {
             Ok(()) => {
                 metrics::histogram!("pulse_model_snapshot_seconds")
                     .record(started.elapsed().as_secs_f64());

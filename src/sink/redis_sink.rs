@@ -660,7 +660,8 @@ async fn exec(
     Ok(partials
         .zip(hashes)
         .map(|((service, minute), flat)| {
-            if flat.len() % 2 == 0 && flat.chunks_exact(2).any(|kv| kv[0] == b"fenced") {
+            // PUT_PARTIAL_LUA appends the marker as the reply's last pair.
+            if flat.len() >= 2 && flat[flat.len() - 2] == b"fenced" {
                 metrics::counter!("pulse_fenced_writes_total", "target" => "redis").increment(1);
                 tracing::warn!(
                     service = %service,
