@@ -22,7 +22,7 @@
 
 mod task;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -259,12 +259,72 @@ impl Core {
             self.tracker = t;
         }
         self.scored_upto = sc.scored_upto;
+        // The stored rows were merged by the previous owner before other
+        // instances' last writes: re-read before scoring.
+        self.remote_parts = true;
         for r in &sc.unscored {
             self.latest
                 .entry(r.window_start_ms)
                 .or_default()
                 .insert(r.service.clone(), r.clone());
         }
+    }
+
+    /// Re-reads, just before scoring, every service's merged row of the
+    /// windows about to be scored. A row merged at this instance's last
+    /// write of a window lacks what other instances wrote to it since (and a
+    /// row restored from the previous scorer, what was written after its
+    /// checkpoint): scored stale, it would look like a traffic drop. Returns
+    /// the fresh rows with their versions, for the store.
+    async fn refresh_rows(
+        &mut self,
+        ready: &[i64],
+    ) -> Result<Vec<(MinuteRow, i64)>, PipelineError> {
+        let mut keys: Vec<(i64, String)> = Vec::new();
+        for w in ready {
+            let mut names: BTreeSet<&str> = self.tracker.service_names().collect();
+            if let Some(rows) = self.latest.get(w) {
+                names.extend(rows.keys().map(String::as_str));
+            }
+            keys.extend(names.into_iter().map(|s| (*w, s.to_string())));
+        }
+        let Some(inputs) = self.store.read_merged(&keys).await else {
+            return Ok(Vec::new());
+        };
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all: Vec<PartialRef> = inputs
+            .iter()
+            .flat_map(|m| {
+                m.parts.iter().map(move |(_, p)| PartialRef {
+                    partition: -1,
+                    window_start_ms: m.window_start_ms,
+                    service: m.service.as_str(),
+                    partial: p,
+                })
+            })
+            .collect();
+        let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;
+        let by_key: BTreeMap<(i64, &str), &MergeInput> = inputs
+            .iter()
+            .map(|m| ((m.window_start_ms, m.service.as_str()), m))
+            .collect();
+        let mut out = Vec::new();
+        for mut r in minute_rows(&stats, false) {
+            let found = by_key
+                .get(&(r.window_start_ms, r.service.as_str()))
+                .map(|m| (m.all_final, m.version_sum));
+            if let Some((all_final, version_sum)) = found {
+                r.is_final = all_final;
+                self.latest
+                    .entry(r.window_start_ms)
+                    .or_default()
+                    .insert(r.service.clone(), r.clone());
+                out.push((r, version_sum));
+            }
+        }
+        Ok(out)
     }
 
     /// Where the source claims the partitions' ownership epochs.
@@ -1074,6 +1134,9 @@ impl Core {
             } else {
                 ready
             };
+            if self.remote_parts && !ready.is_empty() {
+                rows.extend(self.refresh_rows(&ready).await?);
+            }
             for w in ready {
                 let rows_w: Vec<MinuteRow> = self
                     .latest

@@ -146,6 +146,11 @@ impl AnomalyTracker {
         self.services.len()
     }
 
+    /// The names of the services tracked.
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+
     /// Scores one window's rows (all services of one window_start). Windows
     /// must come in increasing order; an older or repeated one is ignored.
     pub fn observe_window(

@@ -406,6 +406,46 @@ impl RedisStore {
         }
     }
 
+    /// Reads every partition's partial of each (window, service) in one
+    /// round trip; `None` (leaving the caller's rows as they are) while Redis
+    /// is degraded or writes are queued before the read.
+    pub(super) async fn read_merged(&self, keys: &[(i64, String)]) -> Option<Vec<MergeInput>> {
+        let sh = &self.sh;
+        if keys.is_empty() || sh.health.is_degraded() || sh.queued() > 0 {
+            return None;
+        }
+        let p = &sh.prefix;
+        let mut pipe = redis::pipe();
+        for (w, service) in keys {
+            pipe.cmd("HGETALL")
+                .arg(format!("{p}:parts:{service}:{}", w.div_euclid(1000)));
+        }
+        let mut conn = sh.conn.clone();
+        let hashes: Vec<Vec<Vec<u8>>> =
+            match tokio::time::timeout(sh.timeout, pipe.query_async(&mut conn)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the partials before scoring");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!("no reply reading the partials before scoring");
+                    return None;
+                }
+            };
+        let mut out = Vec::with_capacity(keys.len());
+        for ((w, service), flat) in keys.iter().zip(hashes) {
+            if flat.is_empty() {
+                continue;
+            }
+            match parse_parts(*w, service, flat) {
+                Ok(m) => out.push(m),
+                Err(e) => tracing::warn!(error = %e, "unreadable partials before scoring"),
+            }
+        }
+        Some(out)
+    }
+
     /// Writes ops directly, or queues them.
     pub(super) async fn write(&self, ops: Vec<(OpKey, Op)>) {
         if ops.is_empty() {

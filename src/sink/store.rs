@@ -247,6 +247,18 @@ impl Store {
         }
     }
 
+    /// Every partition's stored partial of each (window, service), read
+    /// fresh: the scorer's view of a window just before it scores it, so rows
+    /// merged before another instance's last write are not scored stale.
+    /// `None` where nothing newer than this process's own merges exists (the
+    /// memory store) or Redis cannot answer now.
+    pub async fn read_merged(&self, keys: &[(i64, String)]) -> Option<Vec<MergeInput>> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Redis(r) => r.read_merged(keys).await,
+        }
+    }
+
     /// Whether Redis handed back merge inputs not merged yet.
     pub fn has_late_merges(&self) -> bool {
         match self {
