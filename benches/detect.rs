@@ -59,6 +59,7 @@ fn detect(c: &mut Criterion) {
                 unique_users: 0,
                 is_final: true,
                 partition: -1,
+                dist: None,
             })
             .collect()
     };

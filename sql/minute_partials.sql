@@ -14,6 +14,10 @@ SELECT
     count(latency_ms)                                          AS latency_count,
     max(latency_ms)                                            AS latency_max_ms,
     hdr_sketch(latency_ms)                                     AS latency_hist,
-    hll_sketch(user_id)                                        AS users_hll
+    hll_sketch(user_id)                                        AS users_hll,
+    sum(CASE WHEN event_type = 'view' THEN 1 ELSE 0 END)       AS views,
+    sum(CASE WHEN event_type = 'cart' THEN 1 ELSE 0 END)       AS carts,
+    sum(CASE WHEN event_type = 'purchase' THEN 1 ELSE 0 END)   AS purchases,
+    sum(CASE WHEN event_type = 'rating' THEN 1 ELSE 0 END)     AS ratings
 FROM batch
 GROUP BY src_partition, window_start, service

@@ -76,6 +76,10 @@ pub struct GenArgs {
     /// Do not plant the two incidents.
     #[arg(long)]
     pub no_incidents: bool,
+    /// Plant a gradual drift on `reco` from this fraction of the stream's
+    /// event time (latency doubles, more ratings and client errors over 2 h).
+    #[arg(long)]
+    pub drift_at: Option<f64>,
 }
 
 // Arguments of `pulse run`.

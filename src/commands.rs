@@ -40,8 +40,10 @@ pub async fn generate(a: GenArgs) -> Result<()> {
         invalid,
         late,
         no_incidents,
+        drift_at,
     } = a;
     let p = GenParams {
+        drift_at,
         events,
         seed,
         rate_per_sec: rate,

@@ -127,6 +127,19 @@ pub struct DetectConfig {
     pub webhook_url: String,
     /// Optional Kafka topic that receives each alert as a JSON message.
     pub alerts_topic: String,
+    /// Compare every service's hourly distributions of latency, event types
+    /// and status classes with a reference.
+    pub drift: bool,
+    /// "rolling" (the pooled `drift_reference_hours` before the hour) or
+    /// "previous_day" (the same hour a day earlier).
+    pub drift_reference: String,
+    pub drift_reference_hours: u32,
+    /// A (service, feature) drifts at or above this PSI...
+    pub drift_psi_threshold: f64,
+    /// ...or this two-sample KS statistic.
+    pub drift_ks_threshold: f64,
+    /// Hours (current and reference) with fewer requests are not compared.
+    pub drift_min_requests: u64,
 }
 
 impl Default for DetectConfig {
@@ -139,11 +152,32 @@ impl Default for DetectConfig {
             recover_windows: 5,
             webhook_url: String::new(),
             alerts_topic: String::new(),
+            drift: true,
+            drift_reference: "rolling".into(),
+            drift_reference_hours: 24,
+            drift_psi_threshold: 0.2,
+            drift_ks_threshold: 0.15,
+            drift_min_requests: 500,
         }
     }
 }
 
 impl DetectConfig {
+    /// The drift settings; `None` when drift detection is off.
+    pub fn drift_config(&self) -> Option<crate::detect::drift::DriftConfig> {
+        use crate::detect::drift::{DriftConfig, Reference};
+        self.drift.then(|| DriftConfig {
+            reference: if self.drift_reference == "previous_day" {
+                Reference::PreviousDay
+            } else {
+                Reference::Rolling(self.drift_reference_hours.max(1))
+            },
+            psi_threshold: self.drift_psi_threshold,
+            ks_threshold: self.drift_ks_threshold,
+            min_requests: self.drift_min_requests,
+        })
+    }
+
     /// The detector parameters for per-minute series.
     pub fn detector(&self) -> crate::detect::DetectorConfig {
         crate::detect::DetectorConfig {
@@ -451,6 +485,12 @@ impl Config {
         }
         if self.window.size_secs == 0 {
             return bad("window.size_secs must be > 0".into());
+        }
+        if !["rolling", "previous_day"].contains(&self.detect.drift_reference.as_str()) {
+            return bad(format!(
+                "detect.drift_reference must be \"rolling\" or \"previous_day\", not {:?}",
+                self.detect.drift_reference
+            ));
         }
         if self.pipeline.batch_size == 0 || self.pipeline.channel_capacity == 0 {
             return bad("pipeline.batch_size and pipeline.channel_capacity must be > 0".into());

@@ -171,6 +171,99 @@ pub fn top_items_schema() -> SchemaRef {
     ]))
 }
 
+/// Latency buckets: bucket 0 holds latencies under 1 ms, bucket `b` ≥ 1 those
+/// in `[2^((b-1)/4), 2^(b/4))` ms, the last one everything from ~3 minutes.
+pub const LATENCY_BUCKETS: usize = 72;
+
+/// The latency bucket of a value in milliseconds.
+pub fn latency_bucket(ms: f64) -> usize {
+    if ms.is_nan() || ms < 1.0 {
+        return 0;
+    }
+    ((ms.log2() * 4.0).floor() as usize + 1).min(LATENCY_BUCKETS - 1)
+}
+
+/// The distributions of one service over some span (a window, an hour, a
+/// reference): plain counts, so they add.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DriftSketch {
+    pub latency: Vec<u64>,
+    pub event_types: [u64; 4],
+    pub status: [u64; 3],
+}
+
+impl Default for DriftSketch {
+    fn default() -> Self {
+        DriftSketch {
+            latency: vec![0; LATENCY_BUCKETS],
+            event_types: [0; 4],
+            status: [0; 3],
+        }
+    }
+}
+
+impl DriftSketch {
+    /// Counts `n` latencies of `ms` milliseconds.
+    pub fn add_latency(&mut self, ms: f64, n: u64) {
+        if self.latency.len() != LATENCY_BUCKETS {
+            self.latency.resize(LATENCY_BUCKETS, 0);
+        }
+        self.latency[latency_bucket(ms)] += n;
+    }
+
+    /// Counts requests by status class from a window's counters.
+    pub fn add_status(&mut self, requests: i64, server_errors: i64, client_errors: i64) {
+        let (r, e, c) = (requests.max(0), server_errors.max(0), client_errors.max(0));
+        self.status[0] += (r - e - c).max(0) as u64;
+        self.status[1] += c as u64;
+        self.status[2] += e as u64;
+    }
+
+    pub fn add(&mut self, o: &DriftSketch) {
+        if self.latency.len() < o.latency.len() {
+            self.latency.resize(o.latency.len(), 0);
+        }
+        for (a, b) in self.latency.iter_mut().zip(&o.latency) {
+            *a += b;
+        }
+        for (a, b) in self.event_types.iter_mut().zip(o.event_types) {
+            *a += b;
+        }
+        for (a, b) in self.status.iter_mut().zip(o.status) {
+            *a += b;
+        }
+    }
+
+    /// Requests counted (by status class).
+    pub fn requests(&self) -> u64 {
+        self.status.iter().sum()
+    }
+
+    /// The counts of feature `f`: 0 latency buckets, 1 event types, 2 status classes.
+    pub fn feature(&self, f: usize) -> &[u64] {
+        match f {
+            0 => &self.latency,
+            1 => &self.event_types,
+            _ => &self.status,
+        }
+    }
+}
+
+/// `drift`: one row per compared (hour, service, feature): the hour's
+/// distribution of the feature against its reference.
+pub fn drift_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("hour_start", ts_type(), false),
+        Field::new("service", DataType::Utf8, false),
+        Field::new("feature", DataType::Utf8, false),
+        Field::new("psi", DataType::Float64, false),
+        Field::new("ks", DataType::Float64, false),
+        Field::new("requests", DataType::UInt64, false),
+        Field::new("reference_requests", DataType::UInt64, false),
+        Field::new("drifted", DataType::Boolean, false),
+    ]))
+}
+
 /// `anomalies`: one row per flagged (window, service, metric).
 pub fn anomalies_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -200,6 +293,10 @@ pub struct MinuteRow {
     pub unique_users: i64,
     pub is_final: bool,
     pub partition: i32,
+    /// The distributions drift detection compares, on merged rows the
+    /// scorer holds (not a `minute_stats` column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dist: Option<Box<DriftSketch>>,
 }
 
 /// One `top_items` row of a partition: an item's rank by requests in a
@@ -258,6 +355,7 @@ pub fn minute_rows(b: &RecordBatch, is_final: bool) -> Vec<MinuteRow> {
             unique_users: users.value(r),
             is_final,
             partition: part.value(r),
+            dist: None,
         })
         .collect()
 }

@@ -34,6 +34,7 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef)> {
         ("minute_stats", crate::model::minute_stats_schema()),
         ("top_items", crate::model::top_items_schema()),
         ("anomalies", crate::model::anomalies_schema()),
+        ("drift", crate::model::drift_schema()),
     ]
 }
 

@@ -317,6 +317,14 @@ impl SparseHist {
         out
     }
 
+    /// (lowest value in milliseconds, count) of each non-empty bucket, by
+    /// ascending value.
+    pub fn iter_ms(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        self.counts
+            .iter()
+            .map(|&(i, n)| (value_at_index(i as usize) as f64 / 1000.0, u64::from(n)))
+    }
+
     /// Quantile in milliseconds (`q` clamped to 0..=1), as
     /// [`quantile_ms`] gives for the equivalent [`LatencyHist`]; `None` when
     /// empty.

@@ -1,5 +1,6 @@
-//! Anomaly detection end to end: two simulated hours from the generator with
-//! its planted incidents, through the whole pipeline (no services needed).
+//! Anomaly and drift detection end to end: simulated hours from the generator
+//! with its planted incidents or drift, through the whole pipeline (the drift
+//! run also writes to a real redis-server).
 
 mod common;
 
@@ -101,6 +102,173 @@ async fn planted_incidents_are_flagged_quickly_and_quiet_services_stay_quiet() {
     assert_eq!(n as u64, s.anomalies);
     assert!(n >= 2);
     assert_eq!(mem.snapshot().anomalies.len() as u64, s.anomalies);
+}
+
+/// Eight simulated hours from the generator, with a gradual drift planted on
+/// `reco` from the fourth (or none), through the pipeline.
+async fn drift_run(
+    dir: &std::path::Path,
+    drift_at: Option<f64>,
+    store: Store,
+) -> (app::Summary, Option<pulse::source::generator::PlantedDrift>) {
+    let mut cfg = Config::load_with_env(None, &[]).unwrap();
+    cfg.parquet.data_dir = dir.to_path_buf();
+    let hours = 8.0;
+    let p = GenParams {
+        events: 150_000,
+        seed: 9,
+        rate_per_sec: 150_000.0 / (hours * 3600.0),
+        incidents: false,
+        drift_at,
+        ..GenParams::default()
+    };
+    let drift = Generator::new(p.clone()).drift;
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let s = app::run(
+        &cfg,
+        &Secrets::default(),
+        SourceSpec::Generator(p),
+        store,
+        rx,
+    )
+    .await
+    .unwrap();
+    (s, drift)
+}
+
+/// (hour_start_ms, service, feature, psi, ks, drifted) of the `drift` table.
+async fn drift_rows(dir: &std::path::Path) -> Vec<(i64, String, String, f64, f64, bool)> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Float64Type, Int64Type};
+    let b = common::sql(
+        dir,
+        "SELECT CAST(hour_start AS BIGINT) AS h, service, feature, psi, ks, drifted FROM drift ORDER BY h, service, feature",
+    )
+    .await;
+    let mut out = Vec::new();
+    for b in &b {
+        let h = b.column(0).as_primitive::<Int64Type>();
+        let (svc, f) = (
+            b.column(1).as_string::<i32>(),
+            b.column(2).as_string::<i32>(),
+        );
+        let (psi, ks) = (
+            b.column(3).as_primitive::<Float64Type>(),
+            b.column(4).as_primitive::<Float64Type>(),
+        );
+        let d = b.column(5).as_boolean();
+        for i in 0..b.num_rows() {
+            out.push((
+                h.value(i),
+                svc.value(i).to_string(),
+                f.value(i).to_string(),
+                psi.value(i),
+                ks.value(i),
+                d.value(i),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_gradual_drift_is_flagged_and_a_stable_stream_is_not() {
+    const HOUR: i64 = 3_600_000;
+    // The stable stream: every hour after the first is compared, none drifts.
+    let stable = tempfile::tempdir().unwrap();
+    let (s, none) = drift_run(stable.path(), None, Store::Memory(MemoryStore::default())).await;
+    assert!(none.is_none());
+    let rows = drift_rows(stable.path()).await;
+    // Hours 1..=6 are compared (hour 0 has no reference, hour 7 is still open
+    // when the input ends): 5 services, 3 features.
+    assert_eq!(rows.len(), 6 * 5 * 3, "{rows:?}");
+    let false_alarms: Vec<_> = rows.iter().filter(|r| r.5).collect();
+    assert!(
+        false_alarms.is_empty(),
+        "stable stream flagged: {false_alarms:?}"
+    );
+    assert!(s.alerts.iter().all(|a| a.kind != "drift"), "{:?}", s.alerts);
+    let worst = rows.iter().map(|r| r.3).fold(0.0, f64::max);
+    eprintln!(
+        "drift: stable stream, {} comparisons, worst PSI {worst:.4}, 0 flagged",
+        rows.len()
+    );
+
+    // The drifting stream, through Redis.
+    let redis_url = common::service("PULSE_TEST_REDIS");
+    let prefix = common::unique("drift");
+    let store = Store::Redis(
+        pulse::sink::store::RedisStore::connect(&redis_url, None, &prefix, 3600)
+            .await
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (s, drift) = drift_run(dir.path(), Some(0.5), store).await;
+    let drift = drift.expect("a planted drift");
+    assert_eq!(drift.service, "reco");
+    let rows = drift_rows(dir.path()).await;
+    let flagged: Vec<_> = rows.iter().filter(|r| r.5).collect();
+    assert!(
+        flagged.iter().all(|r| r.1 == "reco"),
+        "only the drifting service is flagged: {flagged:?}"
+    );
+    let first = flagged.first().expect("the drift is flagged");
+    // An hour is judged when it closes: the delay runs from the drift's
+    // start to the end of the first hour flagged.
+    let delay = first.0 + HOUR - drift.start_ms;
+    assert!(
+        first.0 >= drift.start_ms.div_euclid(HOUR) * HOUR && delay <= 2 * HOUR,
+        "first flagged hour {} for a drift from {}: {rows:?}",
+        first.0,
+        drift.start_ms
+    );
+    let features: std::collections::BTreeSet<&str> = flagged.iter().map(|r| r.2.as_str()).collect();
+    assert!(features.contains("latency"), "{features:?}");
+    let alerts: Vec<_> = s.alerts.iter().filter(|a| a.kind == "drift").collect();
+    assert!(
+        !alerts.is_empty() && alerts.iter().all(|a| a.service == "reco"),
+        "{alerts:?}"
+    );
+    assert_eq!(
+        alerts.len(),
+        features.len(),
+        "one alert per drifting feature, not per hour: {alerts:?}"
+    );
+    eprintln!(
+        "drift: planted at {} min into hour {}, first flagged hour {} ({features:?}), delay {} min after the drift began; {} alerts; 0 other services flagged",
+        (drift.start_ms % HOUR) / 60_000,
+        (drift.start_ms - 1_795_305_600_000) / HOUR,
+        (first.0 - 1_795_305_600_000) / HOUR,
+        delay / 60_000,
+        alerts.len()
+    );
+    // Redis holds the last compared hour of each service.
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let h: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{prefix}:drift:reco"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let last = rows.iter().map(|r| r.0).max().unwrap();
+    assert_eq!(h.get("hour_start_ms"), Some(&last.to_string()), "{h:?}");
+    assert_eq!(
+        h.get("latency_drifted").map(String::as_str),
+        Some("1"),
+        "{h:?}"
+    );
+    let psi: f64 = h["latency_psi"].parse().unwrap();
+    assert!(psi >= 0.2, "{h:?}");
+    let calm: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{prefix}:drift:catalog"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        calm.get("latency_drifted").map(String::as_str),
+        Some("0"),
+        "{calm:?}"
+    );
 }
 
 /// A webhook that is down for its first 1.5 s, then answers 503 to its

@@ -43,10 +43,11 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
     cfg.parquet.data_dir = dir.path().join("data");
     cfg.redis.url = redis_url.clone();
     cfg.redis.prefix = prefix.clone();
+    // Three hours: the second one closes and is compared with the first (drift).
     let p = GenParams {
         events: 100_000,
         seed: 2,
-        rate_per_sec: 100_000.0 / 7200.0,
+        rate_per_sec: 100_000.0 / 10_800.0,
         ..GenParams::default()
     };
     let incidents = Generator::new(p.clone()).incidents;
@@ -138,6 +139,18 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
     let (code, body) = get(addr, "/api/status").await;
     assert_eq!(code, 200);
     assert!(json(&body)["services"]["checkout"]["status"].is_string());
+    // Drift: every service's second hour against its first, none drifted.
+    let (code, body) = get(addr, "/api/drift").await;
+    assert_eq!(code, 200, "{body}");
+    let drift = json(&body)["drift"].as_array().unwrap().clone();
+    assert_eq!(drift.len(), 5, "{body}");
+    for d in &drift {
+        for f in ["latency", "event_type", "status_class"] {
+            let x = &d["features"][f];
+            assert!(x["psi"].as_f64().is_some_and(|v| v < 0.2), "{d}");
+            assert_eq!(x["drifted"], false, "{d}");
+        }
+    }
 
     // bad parameters: 400 with a JSON error
     for path in [
@@ -257,6 +270,17 @@ async fn api_metrics_health_and_dashboard_in_a_browser() {
         })
         .sum();
     assert!(points >= 5 * 3 * 100, "charts have data points: {points}");
+    // The drift panel lists every service's last compared hour.
+    let table = dom
+        .split("id=\"drift\"")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .expect("the drift panel");
+    assert_eq!(table.matches("<tr>").count(), 1 + 5, "{table}");
+    assert!(
+        table.contains("<td>reco</td>") && !table.contains("⚠"),
+        "{table}"
+    );
     assert!(
         !dom.contains("pwned=\"1\"") && !dom.contains("<title>pwned"),
         "a service name ran as script"

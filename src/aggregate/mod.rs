@@ -184,7 +184,8 @@ impl Core {
             store,
             lateness_ms: params.allowed_lateness_ms,
             summary: Summary::default(),
-            tracker: AnomalyTracker::new(cfg.detect.detector(), cfg.detect.recover_windows),
+            tracker: AnomalyTracker::new(cfg.detect.detector(), cfg.detect.recover_windows)
+                .with_drift(cfg.detect.drift_config()),
             detectors_saved: None,
             busy: Duration::ZERO,
             trainer,
@@ -229,7 +230,9 @@ impl Core {
         };
         let restored = match store.load_detectors() {
             Ok(Some(bytes)) => match ciborium::from_reader::<AnomalyTracker, _>(bytes.as_slice()) {
-                Ok(t) if t.same_settings(&self.tracker) => Some(t),
+                Ok(t) if t.same_settings(&self.tracker) => {
+                    Some(t.with_drift(self.tracker.drift_config().cloned()))
+                }
                 Ok(_) => {
                     tracing::warn!(
                         "stored detector state has other settings: detectors start cold"
@@ -306,6 +309,7 @@ impl Core {
             })
             .collect();
         let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;
+        let drift = self.tracker.drift_config().is_some();
         let by_key: BTreeMap<(i64, &str), &MergeInput> = inputs
             .iter()
             .map(|m| ((m.window_start_ms, m.service.as_str()), m))
@@ -314,13 +318,15 @@ impl Core {
         for mut r in minute_rows(&stats, false) {
             let found = by_key
                 .get(&(r.window_start_ms, r.service.as_str()))
-                .map(|m| (m.all_final, m.version_sum));
-            if let Some((all_final, version_sum)) = found {
+                .map(|m| (m.all_final, m.version_sum, drift.then(|| drift_sketch(m))));
+            if let Some((all_final, version_sum, dist)) = found {
                 r.is_final = all_final;
+                let mut kept = r.clone();
+                kept.dist = dist.map(Box::new);
                 self.latest
                     .entry(r.window_start_ms)
                     .or_default()
-                    .insert(r.service.clone(), r.clone());
+                    .insert(r.service.clone(), kept);
                 out.push((r, version_sum));
             }
         }
@@ -699,6 +705,7 @@ impl Core {
                     pick("user_id")?,
                     pick("item_id")?,
                     Arc::new(datafusion::arrow::array::Int32Array::from(keys)) as ArrayRef,
+                    pick("event_type")?,
                 ],
             )?;
             let mask = BooleanArray::from(counted);
@@ -1095,21 +1102,26 @@ impl Core {
             let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;
             // Only the scorer keeps rows until they are scored.
             let scoring = self.detects();
+            let drift = self.tracker.drift_config().is_some();
             for mut r in minute_rows(&stats, false) {
                 if let Some(m) = latest_input.get(&(r.window_start_ms, r.service.clone())) {
                     r.is_final = m.all_final;
                     if scoring && r.window_start_ms > self.scored_upto {
+                        let mut kept = r.clone();
+                        if drift {
+                            kept.dist = Some(Box::new(drift_sketch(m)));
+                        }
                         self.latest
                             .entry(r.window_start_ms)
                             .or_default()
-                            .insert(r.service.clone(), r.clone());
+                            .insert(r.service.clone(), kept);
                     }
                     rows.push((r, m.version_sum));
                 }
             }
         }
         // Score complete windows once, in order, from the merged rows.
-        let (mut anomalies, mut alerts) = (Vec::new(), Vec::new());
+        let (mut anomalies, mut alerts, mut drift_rows) = (Vec::new(), Vec::new(), Vec::new());
         // With other instances' partitions in the merge and Redis degraded,
         // the merged rows lack their part: scoring waits for Redis.
         if self.detects() && !(degraded && self.remote_parts) {
@@ -1148,6 +1160,9 @@ impl Core {
                 let (a, al) = self.tracker.observe_window(w, &refs);
                 anomalies.extend(a);
                 alerts.extend(al);
+                let (d, dal) = self.tracker.observe_drift(w, &refs);
+                drift_rows.extend(d);
+                alerts.extend(dal);
                 self.scored_upto = w;
             }
         }
@@ -1160,12 +1175,32 @@ impl Core {
         }
         self.summary.anomalies += anomalies.len() as u64;
         self.summary.alerts.extend(alerts.iter().cloned());
+        for r in &drift_rows {
+            metrics::gauge!("pulse_drift_psi", "service" => r.service.clone(), "feature" => r.feature)
+                .set(r.psi);
+            metrics::gauge!("pulse_drift_drifted", "service" => r.service.clone(), "feature" => r.feature)
+                .set(if r.drifted { 1.0 } else { 0.0 });
+            if r.drifted {
+                tracing::warn!(service = %r.service, feature = r.feature, psi = r.psi, ks = r.ks,
+                    hour = %crate::timefmt::fmt_ts(r.hour_start_ms), "distribution drift");
+            }
+        }
         let status: Vec<ServiceStatus> = if std::mem::take(&mut self.republish_status) {
             self.tracker.statuses()
         } else {
-            alerts.iter().map(ServiceStatus::of_alert).collect()
+            alerts
+                .iter()
+                .filter(|a| a.kind != "drift")
+                .map(ServiceStatus::of_alert)
+                .collect()
         };
-        if rows.is_empty() && tops.is_empty() && anomalies.is_empty() && status.is_empty() {
+        if rows.is_empty()
+            && tops.is_empty()
+            && anomalies.is_empty()
+            && status.is_empty()
+            && drift_rows.is_empty()
+            && alerts.is_empty()
+        {
             return Ok(());
         }
         let emission = Emission {
@@ -1176,8 +1211,16 @@ impl Core {
             anomalies,
             alerts,
             status,
+            drift: drift_rows,
         };
         self.store.apply(&emission).await?;
+        if !emission.drift.is_empty() {
+            send(
+                pq,
+                ParquetMsg::Drift(crate::detect::drift::drift_batch(&emission.drift)?),
+            )
+            .await?;
+        }
         if !emission.anomalies.is_empty() {
             send(
                 pq,
@@ -1284,4 +1327,22 @@ async fn send(pq: &mpsc::Sender<ParquetMsg>, m: ParquetMsg) -> Result<(), Pipeli
     pq.send(m)
         .await
         .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))
+}
+
+/// The distributions drift detection compares, over every partition's
+/// partial of one (window, service).
+fn drift_sketch(m: &MergeInput) -> crate::model::DriftSketch {
+    let mut d = crate::model::DriftSketch::default();
+    for (_, p) in &m.parts {
+        d.add_status(p.requests, p.errors, p.client_errors);
+        for (a, b) in d.event_types.iter_mut().zip(p.types) {
+            *a += b.max(0) as u64;
+        }
+        if let Some(h) = crate::sketch::SparseHist::from_bytes(&p.hist) {
+            for (ms, n) in h.iter_ms() {
+                d.add_latency(ms, n);
+            }
+        }
+    }
+    d
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::detect::drift::{DriftConfig, DriftMonitor, DriftRow};
 use crate::detect::{Detector, DetectorConfig};
 use datafusion::arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
 use datafusion::arrow::error::ArrowError;
@@ -32,7 +33,8 @@ pub struct Anomaly {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alert {
-    /// "start" or "recover".
+    /// "start" or "recover" of an incident; "drift" when a service's hourly
+    /// distribution of a feature (in `metrics`) moved from its reference.
     pub kind: &'static str,
     pub service: String,
     /// Window that opened (or closed) the incident.
@@ -109,6 +111,13 @@ pub struct AnomalyTracker {
     recover_windows: u32,
     services: BTreeMap<String, ServiceState>,
     last_window: Option<i64>,
+    /// Hourly distributions for drift detection (absent in state stored
+    /// before it existed: it starts empty).
+    #[serde(default)]
+    drift: DriftMonitor,
+    /// Drift settings (from the configuration, not stored); `None`: off.
+    #[serde(skip)]
+    drift_cfg: Option<DriftConfig>,
 }
 
 impl AnomalyTracker {
@@ -118,12 +127,65 @@ impl AnomalyTracker {
             recover_windows: recover_windows.max(1),
             services: BTreeMap::new(),
             last_window: None,
+            drift: DriftMonitor::default(),
+            drift_cfg: None,
         }
+    }
+
+    /// Compares every service's hourly distributions (see [`DriftMonitor`]).
+    pub fn with_drift(mut self, cfg: Option<DriftConfig>) -> Self {
+        self.drift_cfg = cfg;
+        self
+    }
+
+    /// The drift settings in force.
+    pub fn drift_config(&self) -> Option<&DriftConfig> {
+        self.drift_cfg.as_ref()
     }
 
     /// A tracker with this one's settings and no history.
     pub fn fresh(&self) -> Self {
         AnomalyTracker::new(self.cfg.clone(), self.recover_windows)
+            .with_drift(self.drift_cfg.clone())
+    }
+
+    /// Adds a scored window's distributions (rows with [`MinuteRow::dist`])
+    /// to the hour's; when the window opens a new hour, returns the closed
+    /// hour's comparisons and drift alerts. Call after
+    /// [`AnomalyTracker::observe_window`] with the same rows.
+    pub fn observe_drift(
+        &mut self,
+        window_start_ms: i64,
+        rows: &[&MinuteRow],
+    ) -> (Vec<DriftRow>, Vec<Alert>) {
+        let Some(cfg) = &self.drift_cfg else {
+            return (Vec::new(), Vec::new());
+        };
+        let (rows, onsets) = self.drift.observe(
+            cfg,
+            window_start_ms,
+            rows.iter()
+                .filter_map(|r| Some((r.service.as_str(), r.dist.as_deref()?))),
+        );
+        let alerts = onsets
+            .into_iter()
+            .map(|o| Alert {
+                kind: "drift",
+                service: o.service,
+                window_start_ms: o.hour_start_ms,
+                metrics: vec![o.feature],
+                score: o.psi,
+            })
+            .collect();
+        (rows, alerts)
+    }
+
+    /// (service, feature) pairs drifting as of the last closed hour.
+    pub fn drifting(&self) -> Vec<(String, String)> {
+        self.drift
+            .drifting()
+            .map(|(s, f)| (s.to_string(), f.to_string()))
+            .collect()
     }
 
     /// Whether this (restored) tracker scores as `other` would.
@@ -343,6 +405,7 @@ mod tests {
             unique_users: 10,
             is_final: true,
             partition: -1,
+            dist: None,
         }
     }
 

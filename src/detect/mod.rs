@@ -29,6 +29,7 @@
 //!    samples (one alert per event); those samples are also kept out of the surprise
 //!    history, so an alerted event does not mask the next one (declustering).
 
+pub mod drift;
 pub mod incidents;
 
 use std::hint::select_unpredictable;

@@ -1,5 +1,5 @@
 //! The dashboard's JSON API under `/api/`: services, per-minute stats,
-//! anomalies, alerts, top items and incident status, read from the Redis
+//! anomalies, alerts, top items, incident status and drift, read from the Redis
 //! layout of [`crate::sink::store`]. Bounded: ranges, limits and service
 //! names are checked before Redis is asked.
 
@@ -296,4 +296,46 @@ pub(super) async fn status(State(s): State<Arc<ServeState>>) -> Result<Json<Valu
         );
     }
     Ok(Json(json!({ "services": out })))
+}
+
+/// Each service's last compared hour: PSI, KS and whether it drifted, per
+/// feature (latency, event_type, status_class).
+pub(super) async fn drift(State(s): State<Arc<ServeState>>) -> Result<Json<Value>, ApiError> {
+    let (svcs, _) = service_list(&s).await?;
+    let mut c = conn(&s)?;
+    let mut pipe = redis::pipe();
+    for svc in &svcs {
+        pipe.hgetall(format!("{}:drift:{svc}", s.prefix));
+    }
+    let rows: Vec<HashMap<String, String>> = if svcs.is_empty() {
+        Vec::new()
+    } else {
+        pipe.query_async(&mut c).await?
+    };
+    let num = |h: &HashMap<String, String>, k: &str| h.get(k).and_then(|v| v.parse::<f64>().ok());
+    let mut out = Vec::new();
+    for (svc, h) in svcs.into_iter().zip(rows) {
+        let Some(hour) = h.get("hour_start_ms").and_then(|v| v.parse::<i64>().ok()) else {
+            continue;
+        };
+        let mut features = serde_json::Map::new();
+        for f in crate::detect::drift::FEATURES {
+            features.insert(
+                f.to_string(),
+                json!({
+                    "psi": num(&h, &format!("{f}_psi")),
+                    "ks": num(&h, &format!("{f}_ks")),
+                    "drifted": h.get(&format!("{f}_drifted")).map(|v| v == "1"),
+                }),
+            );
+        }
+        out.push(json!({
+            "service": svc,
+            "hour_start_ms": hour,
+            "requests": num(&h, "requests"),
+            "reference_requests": num(&h, "reference_requests"),
+            "features": features,
+        }));
+    }
+    Ok(Json(json!({ "drift": out })))
 }

@@ -15,7 +15,7 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use serde_json::json;
 
-use super::api::{alerts, anomalies, services, stats, status, top};
+use super::api::{alerts, anomalies, drift, services, stats, status, top};
 use super::health::{metrics_text, readyz};
 use super::recommend::recommend;
 use super::state::{ITEM_REFRESH, ServeState};
@@ -67,6 +67,7 @@ pub fn router(state: ServeState) -> Router {
         .route("/api/alerts", get(alerts))
         .route("/api/top", get(top))
         .route("/api/status", get(status))
+        .route("/api/drift", get(drift))
         .route("/recommend/{user_id}", get(recommend))
         .route("/metrics", get(metrics_text))
         .route(

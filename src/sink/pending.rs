@@ -25,6 +25,8 @@ pub enum OpKey {
     Top { minute: i64, partition: i32 },
     /// `{p}:status:{service}`.
     Status { service: String },
+    /// `{p}:drift:{service}` (an [`OpBody::Status`]-like hash, versioned by hour).
+    Drift { service: String },
     /// `{p}:anomalies` entry `{window_ms}-{n}`.
     Anomaly { window_ms: i64, n: u64 },
     /// `{p}:alerts` entry `{window_ms}-{n}`.

@@ -628,11 +628,17 @@ fn pipeline(sh: &Shared, ops: &[(OpKey, Op)]) -> redis::Pipeline {
                 }
                 cmd.ignore();
             }
-            (OpKey::Status { service }, OpBody::Status { fields }) => {
+            (OpKey::Status { service }, OpBody::Status { fields })
+            | (OpKey::Drift { service }, OpBody::Status { fields }) => {
+                let kind = if matches!(k, OpKey::Drift { .. }) {
+                    "drift"
+                } else {
+                    "status"
+                };
                 let cmd = pipe.cmd("EVAL");
                 cmd.arg(PUT_STATUS_LUA)
                     .arg(1)
-                    .arg(format!("{p}:status:{service}"))
+                    .arg(format!("{p}:{kind}:{service}"))
                     .arg(op.version);
                 for (f, v) in fields {
                     cmd.arg(*f).arg(v);

@@ -20,6 +20,10 @@
 //! - `{p}:alerts` — stream (capped ~10,000): `json`, one entry per incident start or recovery.
 //! - `{p}:status:{service}` — hash: status (ok | anomalous), since_ms, metrics,
 //!   score, version (the window it was set for).
+//! - `{p}:drift:{service}` — hash of the last compared hour: hour_start_ms,
+//!   requests, reference_requests and per feature (latency, event_type,
+//!   status_class) `<feature>_psi`, `<feature>_ks`, `<feature>_drifted` (0/1);
+//!   version (the hour).
 //! - `{p}:alive` — marker: missing after Redis lost its data, which makes
 //!   pulse re-publish what it holds ([`super::redis_sink`]).
 //!
@@ -65,6 +69,8 @@ pub struct Emission {
     /// Services' incident status to set (from the alerts, or all of them
     /// when re-publishing).
     pub status: Vec<ServiceStatus>,
+    /// Comparisons of hours that closed.
+    pub drift: Vec<crate::detect::drift::DriftRow>,
 }
 
 pub use crate::detect::incidents::ServiceStatus;
@@ -92,7 +98,7 @@ pub fn alert_json(a: &crate::detect::incidents::Alert) -> String {
         "window_start_ms": a.window_start_ms,
         "metrics": a.metrics,
         "score": a.score,
-        "text": format!("pulse: {} {} ({}), score {:.2}", a.service, if a.kind == "start" { "anomalous" } else { "recovered" }, a.metrics.join(", "), a.score),
+        "text": format!("pulse: {} {} ({}), score {:.2}", a.service, match a.kind { "start" => "anomalous", "drift" => "drifted", _ => "recovered" }, a.metrics.join(", "), a.score),
     })
     .to_string()
 }
@@ -189,6 +195,7 @@ fn emission_ops(e: &Emission) -> Vec<(OpKey, Op)> {
     for st in &e.status {
         ops.push(status_op(st));
     }
+    ops.extend(drift_ops(&e.drift));
     if e.watermark_ms > i64::MIN {
         ops.push((
             OpKey::Watermark,
@@ -199,6 +206,52 @@ fn emission_ops(e: &Emission) -> Vec<(OpKey, Op)> {
         ));
     }
     ops
+}
+
+/// `{p}:drift:{service}` of each service's last compared hour.
+fn drift_ops(rows: &[crate::detect::drift::DriftRow]) -> Vec<(OpKey, Op)> {
+    const NAMES: [(&str, [&str; 3]); 3] = [
+        ("latency", ["latency_psi", "latency_ks", "latency_drifted"]),
+        (
+            "event_type",
+            ["event_type_psi", "event_type_ks", "event_type_drifted"],
+        ),
+        (
+            "status_class",
+            [
+                "status_class_psi",
+                "status_class_ks",
+                "status_class_drifted",
+            ],
+        ),
+    ];
+    let mut by: BTreeMap<(&str, i64), Vec<(&'static str, String)>> = BTreeMap::new();
+    for r in rows {
+        let fields = by.entry((r.service.as_str(), r.hour_start_ms)).or_default();
+        if fields.is_empty() {
+            fields.push(("hour_start_ms", r.hour_start_ms.to_string()));
+            fields.push(("requests", r.requests.to_string()));
+            fields.push(("reference_requests", r.reference_requests.to_string()));
+        }
+        if let Some((_, [psi, ks, drifted])) = NAMES.iter().find(|(f, _)| *f == r.feature) {
+            fields.push((psi, r.psi.to_string()));
+            fields.push((ks, r.ks.to_string()));
+            fields.push((drifted, u8::from(r.drifted).to_string()));
+        }
+    }
+    by.into_iter()
+        .map(|((service, hour), fields)| {
+            (
+                OpKey::Drift {
+                    service: service.to_string(),
+                },
+                Op {
+                    version: hour,
+                    body: OpBody::Status { fields },
+                },
+            )
+        })
+        .collect()
 }
 
 fn status_op(st: &ServiceStatus) -> (OpKey, Op) {

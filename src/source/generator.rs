@@ -35,6 +35,11 @@ pub struct GenParams {
     pub late_ms: (i64, i64),
     /// Fraction of invalid records.
     pub invalid_fraction: f64,
+    /// Plant a gradual drift on `reco` from this fraction of the stream's
+    /// event-time span: over `drift_ramp_ms` its latency doubles, its share
+    /// of ratings grows from 5% to 25% and its client errors from ~1% to ~7%.
+    pub drift_at: Option<f64>,
+    pub drift_ramp_ms: i64,
 }
 
 impl Default for GenParams {
@@ -53,6 +58,28 @@ impl Default for GenParams {
             late_fraction: 0.001,
             late_ms: (10_000, 40_000),
             invalid_fraction: 0.001,
+            drift_at: None,
+            drift_ramp_ms: 2 * 3_600_000,
+        }
+    }
+}
+
+/// A planted gradual drift: from `start_ms` it grows linearly to its full
+/// size at `start_ms + ramp_ms` and stays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlantedDrift {
+    pub service: &'static str,
+    pub start_ms: i64,
+    pub ramp_ms: i64,
+}
+
+impl PlantedDrift {
+    /// How far the drift has gone at `t`: 0 before it, 1 once ramped.
+    pub fn progress(&self, t: i64) -> f64 {
+        if t < self.start_ms {
+            0.0
+        } else {
+            ((t - self.start_ms) as f64 / self.ramp_ms.max(1) as f64).min(1.0)
         }
     }
 }
@@ -75,6 +102,7 @@ pub struct Generator {
     n: u64,
     t_ms: f64,
     pub incidents: Vec<Incident>,
+    pub drift: Option<PlantedDrift>,
 }
 
 /// A user's favourite genres, derived from the user id (no per-user state).
@@ -123,7 +151,13 @@ impl Generator {
         } else {
             Vec::new()
         };
+        let drift = p.drift_at.map(|f| PlantedDrift {
+            service: "reco",
+            start_ms: p.start_ms + (span_ms * f.clamp(0.0, 1.0)) as i64 / 60_000 * 60_000,
+            ramp_ms: p.drift_ramp_ms,
+        });
         Generator {
+            drift,
             t_ms: p.start_ms as f64,
             p,
             rng,
@@ -211,11 +245,16 @@ impl Generator {
         let rank = self.item_zipf.sample(&mut self.rng) as u64 - 1;
         let item = (rank.min(per_genre - 1)) * self.p.genres + genre + 1;
 
+        let drift = self
+            .drift
+            .as_ref()
+            .filter(|d| d.service == service)
+            .map_or(0.0, |d| d.progress(t));
         let event_type = match service {
             "cart" => "cart",
             "checkout" => "purchase",
             _ => {
-                if self.rng.random::<f64>() < 0.05 {
+                if self.rng.random::<f64>() < 0.05 + 0.2 * drift {
                     "rating"
                 } else {
                     "view"
@@ -229,10 +268,10 @@ impl Generator {
             status = 503;
         } else if e < 0.004 {
             status = 500;
-        } else if e < 0.015 {
+        } else if e < 0.015 + 0.06 * drift {
             status = 404;
         }
-        let mut latency = self.latency[service_idx].sample(&mut self.rng);
+        let mut latency = self.latency[service_idx].sample(&mut self.rng) * (1.0 + drift);
         if status >= 500 {
             latency *= 3.0;
         }
@@ -318,6 +357,60 @@ mod tests {
         let bad = out.dead_letters.num_rows();
         assert!(bad > 20 && bad < 90, "{bad} invalid of 5000");
         assert_eq!(out.events.num_rows() + bad, 5000);
+    }
+
+    #[test]
+    fn a_planted_drift_changes_only_its_service_after_its_start() {
+        let base = GenParams {
+            events: 40_000,
+            rate_per_sec: 40_000.0 / 14_400.0,
+            invalid_fraction: 0.0,
+            drift_ramp_ms: 3_600_000,
+            ..Default::default()
+        };
+        let drifting = GenParams {
+            drift_at: Some(0.5),
+            ..base.clone()
+        };
+        let d = Generator::new(drifting.clone()).drift.unwrap();
+        assert_eq!(d.start_ms, base.start_ms + 2 * 3_600_000);
+        let (a, b) = (lines(base), lines(drifting));
+        assert_eq!(a.len(), b.len());
+        let parse = |l: &Vec<u8>| serde_json::from_slice::<serde_json::Value>(l).unwrap();
+        // (service is reco, after the ramp) -> latencies
+        let mut lat: std::collections::BTreeMap<(bool, bool), Vec<f64>> = Default::default();
+        let mut same_before = 0;
+        for (x, y) in a.iter().zip(&b) {
+            let (x, y) = (parse(x), parse(y));
+            let t = chrono::DateTime::parse_from_rfc3339(y["ts"].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis();
+            // The stream is unchanged up to the drift (later, the extra
+            // ratings draw extra random numbers: the streams part ways).
+            if t < d.start_ms - 10_000 {
+                assert_eq!(x, y);
+                same_before += 1;
+            }
+            let (before, after) = (t < d.start_ms, t >= d.start_ms + d.ramp_ms);
+            if before || after {
+                lat.entry((y["service"] == "reco", after))
+                    .or_default()
+                    .push(y["latency_ms"].as_f64().unwrap());
+            }
+        }
+        assert!(same_before > 15_000, "{same_before}");
+        let mut median = |k: (bool, bool)| {
+            let v = lat.get_mut(&k).unwrap();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let reco = median((true, true)) / median((true, false));
+        assert!((1.8..2.2).contains(&reco), "reco latency ×{reco}");
+        let rest = median((false, true)) / median((false, false));
+        assert!(
+            (0.9..1.1).contains(&rest),
+            "other services' latency ×{rest}"
+        );
     }
 
     #[test]

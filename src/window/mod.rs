@@ -51,8 +51,17 @@ mod tests {
         p.hist = SparseHist::of_ms([12.5]);
         p.users.add(42);
         p.latency_max_ms = Some(12.5);
+        p.types = [2, 0, 0, 1];
         let b = p.to_bytes();
         let q = Partial::from_bytes(&b).unwrap();
+        assert_eq!(q.types, [2, 0, 0, 1]);
+        // Format 1 (no event type counts) still reads, with zero counts.
+        let mut v1 = b[..b.len() - 32].to_vec();
+        v1[0] = 1;
+        let old = Partial::from_bytes(&v1).unwrap();
+        assert_eq!((old.requests, old.types), (3, [0; 4]));
+        assert_eq!(old.hist, p.hist);
+        assert!(Partial::from_bytes(&b[..b.len() - 8]).is_none());
         assert_eq!(q.requests, 3);
         assert_eq!(q.latency_max_ms, Some(12.5));
         assert_eq!(q.hist, p.hist);

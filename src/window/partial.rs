@@ -15,6 +15,8 @@ pub struct Partial {
     pub latency_max_ms: Option<f64>,
     pub hist: SparseHist,
     pub users: Hll,
+    /// Requests by event type: view, cart, purchase, rating.
+    pub types: [i64; 4],
 }
 
 impl Default for Partial {
@@ -28,17 +30,20 @@ impl Default for Partial {
             latency_max_ms: None,
             hist: SparseHist::default(),
             users: Hll::default(),
+            types: [0; 4],
         }
     }
 }
 
 impl Partial {
-    /// Binary encoding (format 1): counts, latency sums, the HDR histogram
-    /// (V2) and the compact HLL. Used in checkpoints and Redis partials.
+    /// Binary encoding (format 2): counts, latency sums, the HDR histogram
+    /// (V2), the compact HLL and the event type counts. Used in checkpoints
+    /// and Redis partials. Format 1 (without the event type counts, written
+    /// by earlier versions) is still read.
     pub fn to_bytes(&self) -> Vec<u8> {
         let hist = self.hist.to_bytes();
-        let mut out = Vec::with_capacity(64 + hist.len());
-        out.push(1u8);
+        let mut out = Vec::with_capacity(96 + hist.len());
+        out.push(2u8);
         for v in [
             self.requests,
             self.errors,
@@ -52,6 +57,9 @@ impl Partial {
         out.extend_from_slice(&(hist.len() as u32).to_le_bytes());
         out.extend_from_slice(&hist);
         out.extend_from_slice(&self.users.to_compact());
+        for v in self.types {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
         out
     }
 
@@ -67,6 +75,7 @@ impl Partial {
             latency_max_ms: s.latency_max_ms,
             hist: SparseHist::from_bytes(&s.hist)?,
             users: s.users,
+            types: s.types,
         })
     }
 
@@ -82,6 +91,9 @@ impl Partial {
         };
         self.hist.merge(&o.hist);
         self.users.merge(&o.users);
+        for (a, b) in self.types.iter_mut().zip(o.types) {
+            *a += b;
+        }
     }
 }
 
@@ -101,6 +113,7 @@ pub struct StoredPartial {
     pub latency_max_ms: Option<f64>,
     pub hist: Vec<u8>,
     pub users: Hll,
+    pub types: [i64; 4],
 }
 
 impl StoredPartial {
@@ -115,13 +128,15 @@ impl StoredPartial {
             latency_max_ms: p.latency_max_ms,
             hist: p.hist.to_bytes(),
             users: p.users.clone(),
+            types: p.types,
         }
     }
 
     /// Reads [`Partial::to_bytes`] without decoding the histogram (its header
     /// and length are checked); `None` for anything malformed.
     pub fn from_bytes(b: &[u8]) -> Option<StoredPartial> {
-        if *b.first()? != 1 {
+        let format = *b.first()?;
+        if format != 1 && format != 2 {
             return None;
         }
         let word = |i: usize| -> Option<[u8; 8]> { b.get(1 + i * 8..9 + i * 8)?.try_into().ok() };
@@ -134,7 +149,15 @@ impl StoredPartial {
             return None;
         }
         let (users, used) = Hll::from_compact(b.get(53 + hl..)?)?;
-        if 53 + hl + used != b.len() {
+        let end = 53 + hl + used;
+        let mut types = [0i64; 4];
+        if format == 2 {
+            for (k, t) in types.iter_mut().enumerate() {
+                let at = end + 8 * k;
+                *t = i64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?);
+            }
+        }
+        if end + if format == 2 { 32 } else { 0 } != b.len() {
             return None;
         }
         Some(StoredPartial {
@@ -146,6 +169,7 @@ impl StoredPartial {
             latency_max_ms: (!max.is_nan()).then_some(max),
             hist: hist.to_vec(),
             users,
+            types,
         })
     }
 }

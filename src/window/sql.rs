@@ -56,6 +56,7 @@ pub fn batch_input_schema() -> SchemaRef {
         Field::new("user_id", DataType::UInt64, true),
         Field::new("item_id", DataType::UInt64, true),
         Field::new("src_partition", DataType::Int32, false),
+        Field::new("event_type", DataType::Utf8, true),
     ]))
 }
 
@@ -73,6 +74,10 @@ pub fn partials_schema() -> SchemaRef {
         Field::new("latency_hist", DataType::Binary, true),
         Field::new("users_hll", DataType::Binary, true),
         Field::new("src_partition", DataType::Int32, false),
+        Field::new("views", DataType::Int64, false),
+        Field::new("carts", DataType::Int64, false),
+        Field::new("purchases", DataType::Int64, false),
+        Field::new("ratings", DataType::Int64, false),
     ]))
 }
 
@@ -430,6 +435,12 @@ pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<PartialRow>, SqlError> {
     let lmax = col_f64(b, "latency_max_ms")?;
     let hist = col_binary(b, "latency_hist")?;
     let hll = col_binary(b, "users_hll")?;
+    let types = [
+        col_i64(b, "views", &DataType::Int64)?,
+        col_i64(b, "carts", &DataType::Int64)?,
+        col_i64(b, "purchases", &DataType::Int64)?,
+        col_i64(b, "ratings", &DataType::Int64)?,
+    ];
     let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
         let p = Partial {
@@ -451,6 +462,7 @@ pub fn batch_to_partials(b: &RecordBatch) -> Result<Vec<PartialRow>, SqlError> {
                 Hll::from_bytes(hll.value(i))
                     .ok_or_else(|| SqlError::Shape("bad users_hll".into()))?
             },
+            types: types.each_ref().map(|c| c.value(i)),
         };
         out.push(PartialRow {
             partition: part.value(i),
@@ -536,6 +548,10 @@ pub fn partials_to_batch(rows: &[PartialRef<'_>]) -> RecordBatch {
         Arc::new(Int32Array::from(
             rows.iter().map(|r| r.partition).collect::<Vec<_>>(),
         )),
+        Arc::new(i64s(|p| p.types[0])),
+        Arc::new(i64s(|p| p.types[1])),
+        Arc::new(i64s(|p| p.types[2])),
+        Arc::new(i64s(|p| p.types[3])),
     ];
     RecordBatch::try_new(partials_schema(), cols).expect("partial columns match partials_schema")
 }
@@ -735,7 +751,10 @@ mod tests {
             Field::new("user_id", DataType::UInt64, true),
             Field::new("item_id", DataType::UInt64, true),
             Field::new("src_partition", DataType::Int32, false),
+            Field::new("event_type", DataType::Utf8, true),
         ]));
+        // Event types cycle with the user: view, view, cart, purchase, rating, null.
+        let types = ["view", "view", "cart", "purchase", "rating"];
         RecordBatch::try_new(
             schema,
             vec![
@@ -759,6 +778,11 @@ mod tests {
                     rows.iter().map(|r| r.4 % 3).collect::<Vec<_>>(),
                 )),
                 Arc::new(Int32Array::from(vec![0; rows.len()])),
+                Arc::new(StringArray::from(
+                    rows.iter()
+                        .map(|r| types.get(r.4 as usize % 6).copied())
+                        .collect::<Vec<_>>(),
+                )),
             ],
         )
         .unwrap()
@@ -785,6 +809,15 @@ mod tests {
         let b2 = batch(&rows[50..]);
         let mut parts = e.partials(b1).await.unwrap();
         parts.extend(e.partials(b2).await.unwrap());
+        // Users 0..7 cycle through the event types (user % 6; 6 has none).
+        let mut types = [0i64; 4];
+        for p in parts.iter().filter(|p| p.service == "a") {
+            for (t, n) in types.iter_mut().zip(p.partial.types) {
+                *t += n;
+            }
+        }
+        let want = |u: &[u64]| (0..100u64).filter(|i| u.contains(&(i % 7 % 6))).count() as i64;
+        assert_eq!(types, [want(&[0, 1]), want(&[2]), want(&[3]), want(&[4])]);
         let stored: Vec<StoredPartial> = parts
             .iter()
             .map(|r| StoredPartial::of(&r.partial))

@@ -565,6 +565,17 @@ pub fn top_items_spec() -> TableSpec {
     }
 }
 
+pub fn drift_spec() -> TableSpec {
+    TableSpec {
+        name: "drift",
+        schema: crate::model::drift_schema(),
+        time_column: "hour_start",
+        positioned: false,
+        position_column: "hour_start",
+        plain_columns: &[],
+    }
+}
+
 pub fn anomalies_spec() -> TableSpec {
     TableSpec {
         name: "anomalies",

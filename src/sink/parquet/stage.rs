@@ -12,8 +12,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ParquetError, TableWriter, WrittenFile, anomalies_spec, dead_letters_spec, events_spec,
-    minute_stats_spec, remove_in_progress, remove_in_progress_of, top_items_spec,
+    ParquetError, TableWriter, WrittenFile, anomalies_spec, dead_letters_spec, drift_spec,
+    events_spec, minute_stats_spec, remove_in_progress, remove_in_progress_of, top_items_spec,
 };
 use crate::config::Config;
 use crate::fence::Fence;
@@ -26,6 +26,7 @@ pub enum ParquetMsg {
     MinuteStats(RecordBatch),
     TopItems(RecordBatch),
     Anomalies(RecordBatch),
+    Drift(RecordBatch),
     /// Closes `events`/`dead_letters` files of hours ending at or before the
     /// time, of one partition or all.
     CloseHoursBefore(Option<i32>, i64),
@@ -74,6 +75,7 @@ pub fn run(
     let mut stats = mk(minute_stats_spec())?;
     let mut top = mk(top_items_spec())?;
     let mut anom = mk(anomalies_spec())?;
+    let mut drift = mk(drift_spec())?;
     while let Some(m) = rx.blocking_recv() {
         let t0 = Instant::now();
         match m {
@@ -90,6 +92,10 @@ pub fn run(
             ParquetMsg::Anomalies(b) => {
                 anom.write(&b)?;
                 anom.close_all()?;
+            }
+            ParquetMsg::Drift(b) => {
+                drift.write(&b)?;
+                drift.close_all()?;
             }
             ParquetMsg::CloseHoursBefore(part, ms) => {
                 for w in [&mut events, &mut dead] {
@@ -112,7 +118,14 @@ pub fn run(
                 let _ = reply.send(());
             }
             ParquetMsg::DropPartition(p, reply) => {
-                for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
+                for w in [
+                    &mut events,
+                    &mut dead,
+                    &mut stats,
+                    &mut top,
+                    &mut anom,
+                    &mut drift,
+                ] {
                     w.drop_partition(p);
                 }
                 let _ = reply.send(());
@@ -134,7 +147,14 @@ pub fn run(
     let t0 = Instant::now();
     let mut out = Vec::new();
     if !kafka {
-        for w in [&mut events, &mut dead, &mut stats, &mut top, &mut anom] {
+        for w in [
+            &mut events,
+            &mut dead,
+            &mut stats,
+            &mut top,
+            &mut anom,
+            &mut drift,
+        ] {
             w.close_all()?;
         }
     }
@@ -144,10 +164,11 @@ pub fn run(
         ("minute_stats", &stats),
         ("top_items", &top),
         ("anomalies", &anom),
+        ("drift", &drift),
     ] {
         out.extend(w.written().iter().map(|f| (name.to_string(), f.clone())));
     }
-    let fenced: u64 = [&events, &dead, &stats, &top, &anom]
+    let fenced: u64 = [&events, &dead, &stats, &top, &anom, &drift]
         .iter()
         .map(|w| w.fenced)
         .sum();
