@@ -179,6 +179,10 @@ pub struct NabArgs {
     /// Folder with combined_windows.json, profiles.json and the CSV files.
     #[arg(long, default_value = "../shared/data/nab")]
     pub data: PathBuf,
+    /// Leave one category out: per category and profile, choose the setting
+    /// and threshold on the other categories and score the held-out one.
+    #[arg(long)]
+    pub loco: bool,
 }
 
 // Arguments of `pulse query`.

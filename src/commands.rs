@@ -222,7 +222,10 @@ pub async fn detect(a: DetectArgs) -> Result<()> {
 
 /// `pulse nab`.
 pub async fn nab(a: NabArgs) -> Result<()> {
-    let NabArgs { data } = a;
+    let NabArgs { data, loco } = a;
+    if loco {
+        return nab_loco(&data);
+    }
     let cfg = pulse::detect::DetectorConfig::default();
     for (name, r) in pulse::eval::detect_csv::nab_scores(&data, &cfg)? {
         println!(
@@ -232,6 +235,56 @@ pub async fn nab(a: NabArgs) -> Result<()> {
             r.detected_windows,
             r.perfect.round(),
             r.false_positives
+        );
+    }
+    Ok(())
+}
+
+/// `pulse nab --loco`: one line per held-out category and profile, then the
+/// mean and worst fold per profile over the categories with anomaly windows.
+fn nab_loco(data: &std::path::Path) -> Result<()> {
+    use pulse::eval::loco;
+    let files = pulse::eval::nab::load_corpus(data)?;
+    let profiles = pulse::eval::nab::load_profiles(&data.join("profiles.json"))?;
+    let grid = loco::grid();
+    let folds = loco::loco(&files, &profiles, &grid);
+    println!(
+        "{:<22} {:<20} {:>8} {:>9} {:>5} {:>8}  setting (window, short, long, suppress)",
+        "held out", "profile", "held-out", "windows", "FP", "trained"
+    );
+    for f in &folds {
+        let c = &grid[f.setting];
+        let score = if f.windows > 0 {
+            format!("{:8.2}", f.test.normalised)
+        } else {
+            format!("{:>8}", "–")
+        };
+        println!(
+            "{:<22} {:<20} {score} {:>4}/{:<4} {:>5} {:8.2}  ({}, {}, {}, {}) threshold {:.3}",
+            f.category,
+            f.profile,
+            f.test.detected_windows,
+            f.windows,
+            f.test.false_positives,
+            f.train.normalised,
+            c.window,
+            c.short_window,
+            c.long_window,
+            c.suppress,
+            f.train.threshold
+        );
+    }
+    for (name, _) in &profiles {
+        let s: Vec<f64> = folds
+            .iter()
+            .filter(|f| &f.profile == name && f.windows > 0)
+            .map(|f| f.test.normalised)
+            .collect();
+        let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;
+        let worst = s.iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "{name:<20} mean of {} folds {mean:6.2}, worst {worst:6.2}",
+            s.len()
         );
     }
     Ok(())
