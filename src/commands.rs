@@ -248,11 +248,25 @@ fn nab_loco(data: &std::path::Path) -> Result<()> {
     let profiles = pulse::eval::nab::load_profiles(&data.join("profiles.json"))?;
     let grid = loco::grid();
     let folds = loco::loco(&files, &profiles, &grid);
+    for f in folds.iter().filter(|f| f.category.is_empty()) {
+        let c = &grid[f.setting];
+        println!(
+            "all categories: {:<20} {:6.2} with ({}, {}, {}, {}, {}) threshold {:.3}",
+            f.profile,
+            f.train.normalised,
+            c.window,
+            c.short_window,
+            c.long_window,
+            c.suppress,
+            c.spatial_tolerance,
+            f.train.threshold
+        );
+    }
     println!(
-        "{:<22} {:<20} {:>8} {:>9} {:>5} {:>8}  setting (window, short, long, suppress)",
+        "{:<22} {:<20} {:>8} {:>9} {:>5} {:>8}  setting (window, short, long, suppress, spatial)",
         "held out", "profile", "held-out", "windows", "FP", "trained"
     );
-    for f in &folds {
+    for f in folds.iter().filter(|f| !f.category.is_empty()) {
         let c = &grid[f.setting];
         let score = if f.windows > 0 {
             format!("{:8.2}", f.test.normalised)
@@ -260,7 +274,7 @@ fn nab_loco(data: &std::path::Path) -> Result<()> {
             format!("{:>8}", "–")
         };
         println!(
-            "{:<22} {:<20} {score} {:>4}/{:<4} {:>5} {:8.2}  ({}, {}, {}, {}) threshold {:.3}",
+            "{:<22} {:<20} {score} {:>4}/{:<4} {:>5} {:8.2}  ({}, {}, {}, {}, {}) threshold {:.3}",
             f.category,
             f.profile,
             f.test.detected_windows,
@@ -271,13 +285,14 @@ fn nab_loco(data: &std::path::Path) -> Result<()> {
             c.short_window,
             c.long_window,
             c.suppress,
+            c.spatial_tolerance,
             f.train.threshold
         );
     }
     for (name, _) in &profiles {
         let s: Vec<f64> = folds
             .iter()
-            .filter(|f| &f.profile == name && f.windows > 0)
+            .filter(|f| &f.profile == name && f.windows > 0 && !f.category.is_empty())
             .map(|f| f.test.normalised)
             .collect();
         let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;

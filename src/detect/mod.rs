@@ -55,6 +55,11 @@ pub struct DetectorConfig {
     pub long_window: usize,
     /// Samples after a flag during which scores are damped and no new flag is raised.
     pub suppress: usize,
+    /// A value beyond the range of the level window by more than this fraction of the
+    /// range scores at least [`SPATIAL_SCORE`] (a new extreme, however calm the series
+    /// was); 0 turns the rule off.
+    #[serde(default)]
+    pub spatial_tolerance: f64,
 }
 
 impl Default for DetectorConfig {
@@ -68,6 +73,7 @@ impl Default for DetectorConfig {
             short_window: 12,
             long_window: 2000,
             suppress: 100,
+            spatial_tolerance: 0.0,
         }
     }
 }
@@ -94,6 +100,9 @@ const TAIL_FRACTION: f64 = 0.05;
 const MIN_TAIL_SCALE: f64 = 0.1;
 /// Score exponent: `score = 1 - q^(1 / SCORE_EXPONENT)`.
 const SCORE_EXPONENT: f64 = 8.0;
+/// Least score of a value beyond the level window's range (see
+/// [`DetectorConfig::spatial_tolerance`]).
+const SPATIAL_SCORE: f64 = 0.9;
 /// Factor applied to scores while alerts are suppressed.
 const SUPPRESSED_FACTOR: f64 = 0.25;
 
@@ -697,12 +706,25 @@ impl Detector {
         (2.0 * q_point.min(q_avg)).min(1.0)
     }
 
+    /// Whether `x` lies beyond the level window's range by more than the spatial tolerance.
+    fn beyond_range(&self, x: f64) -> bool {
+        let tol = self.cfg.spatial_tolerance;
+        let s = &self.level.hist.sorted;
+        if tol <= 0.0 || s.len() < self.level.min_len {
+            return false;
+        }
+        let (lo, hi) = (s[0], s[s.len() - 1]);
+        let margin = tol * (hi - lo);
+        margin > 0.0 && (x > hi + margin || x < lo - margin)
+    }
+
     /// Processes one sample (timestamps must not decrease) and returns its score.
     /// Non-finite values are ignored (score 0, not flagged).
     pub fn update(&mut self, ts_ms: i64, value: f64) -> Point {
         if !value.is_finite() {
             return Point::QUIET;
         }
+        let beyond = self.beyond_range(value);
         let z = self.surprise(ts_ms, value);
         self.last_ts = Some(ts_ms);
         self.last_x = Some(value);
@@ -724,6 +746,9 @@ impl Detector {
             return Point::QUIET;
         }
         let mut score = (1.0 - q.powf(1.0 / SCORE_EXPONENT)).clamp(0.0, 1.0);
+        if beyond {
+            score = score.max(SPATIAL_SCORE);
+        }
         let mut flagged = false;
         if self.quiet > 0 {
             self.quiet -= 1;
