@@ -955,6 +955,33 @@ mod tests {
     }
 
     #[test]
+    fn the_spatial_rule_scores_a_new_extreme() {
+        // A noisy series between 90 and 110, then 125: beyond the range by 75% of it, yet
+        // within a few typical jumps of the noise.
+        let run = |tol: f64| {
+            let mut d = Detector::new(DetectorConfig {
+                spatial_tolerance: tol,
+                warmup: 50,
+                ..DetectorConfig::default()
+            });
+            for i in 0..600 {
+                d.update(i as i64 * MIN, 100.0 + 20.0 * noise(i));
+            }
+            let beyond = d.update(600 * MIN, 125.0).score;
+            let inside = d.update(601 * MIN, 105.0).score;
+            (beyond, inside)
+        };
+        let (on, inside) = run(0.1);
+        assert!(on >= SPATIAL_SCORE, "{on}");
+        assert!(inside < SPATIAL_SCORE, "{inside}");
+        let (off, _) = run(0.0);
+        assert!(off < on, "{off} vs {on}");
+        // Not beyond the range by the tolerance: no floor.
+        let (wide, _) = run(2.0);
+        assert_eq!(wide.to_bits(), off.to_bits());
+    }
+
+    #[test]
     fn the_deviation_bound_bounds_the_sum() {
         let w: Vec<f64> = (0..401).map(|i| (noise(i) * 100.0).round() * 0.5).collect();
         let r = sorted_copy(&w);
