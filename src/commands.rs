@@ -240,6 +240,14 @@ pub async fn nab(a: NabArgs) -> Result<()> {
     Ok(())
 }
 
+/// A grid setting as `(window, short, long, suppress, spatial)`.
+fn setting(c: &pulse::detect::DetectorConfig) -> String {
+    format!(
+        "({}, {}, {}, {}, {})",
+        c.window, c.short_window, c.long_window, c.suppress, c.spatial_tolerance
+    )
+}
+
 /// `pulse nab --loco`: one line per held-out category and profile, then the
 /// mean and worst fold per profile over the categories with anomaly windows.
 fn nab_loco(data: &std::path::Path) -> Result<()> {
@@ -251,14 +259,10 @@ fn nab_loco(data: &std::path::Path) -> Result<()> {
     for f in folds.iter().filter(|f| f.category.is_empty()) {
         let c = &grid[f.setting];
         println!(
-            "all categories: {:<20} {:6.2} with ({}, {}, {}, {}, {}) threshold {:.3}",
+            "all categories: {:<20} {:6.2} with {} threshold {:.3}",
             f.profile,
             f.train.normalised,
-            c.window,
-            c.short_window,
-            c.long_window,
-            c.suppress,
-            c.spatial_tolerance,
+            setting(c),
             f.train.threshold
         );
     }
@@ -267,25 +271,20 @@ fn nab_loco(data: &std::path::Path) -> Result<()> {
         "held out", "profile", "held-out", "windows", "FP", "trained"
     );
     for f in folds.iter().filter(|f| !f.category.is_empty()) {
-        let c = &grid[f.setting];
         let score = if f.windows > 0 {
             format!("{:8.2}", f.test.normalised)
         } else {
             format!("{:>8}", "–")
         };
         println!(
-            "{:<22} {:<20} {score} {:>4}/{:<4} {:>5} {:8.2}  ({}, {}, {}, {}, {}) threshold {:.3}",
+            "{:<22} {:<20} {score} {:>4}/{:<4} {:>5} {:8.2}  {} threshold {:.3}",
             f.category,
             f.profile,
             f.test.detected_windows,
             f.windows,
             f.test.false_positives,
             f.train.normalised,
-            c.window,
-            c.short_window,
-            c.long_window,
-            c.suppress,
-            c.spatial_tolerance,
+            setting(&grid[f.setting]),
             f.train.threshold
         );
     }

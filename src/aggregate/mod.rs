@@ -297,18 +297,10 @@ impl Core {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        let all: Vec<PartialRef> = inputs
-            .iter()
-            .flat_map(|m| {
-                m.parts.iter().map(move |(_, p)| PartialRef {
-                    partition: -1,
-                    window_start_ms: m.window_start_ms,
-                    service: m.service.as_str(),
-                    partial: p,
-                })
-            })
-            .collect();
-        let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;
+        let stats = self
+            .sql
+            .minute_stats(partials_to_batch(&merged_refs(inputs.iter())))
+            .await?;
         let drift = self.tracker.drift_config().is_some();
         let by_key: BTreeMap<(i64, &str), &MergeInput> = inputs
             .iter()
@@ -1088,18 +1080,10 @@ impl Core {
         }
         let mut rows = Vec::new();
         if !latest_input.is_empty() {
-            let all: Vec<PartialRef> = latest_input
-                .values()
-                .flat_map(|m| {
-                    m.parts.iter().map(move |(_, p)| PartialRef {
-                        partition: -1,
-                        window_start_ms: m.window_start_ms,
-                        service: m.service.as_str(),
-                        partial: p,
-                    })
-                })
-                .collect();
-            let stats = self.sql.minute_stats(partials_to_batch(&all)).await?;
+            let stats = self
+                .sql
+                .minute_stats(partials_to_batch(&merged_refs(latest_input.values())))
+                .await?;
             // Only the scorer keeps rows until they are scored.
             let scoring = self.detects();
             let drift = self.tracker.drift_config().is_some();
@@ -1327,6 +1311,21 @@ async fn send(pq: &mpsc::Sender<ParquetMsg>, m: ParquetMsg) -> Result<(), Pipeli
     pq.send(m)
         .await
         .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))
+}
+
+/// Every partition's partial of each merge input, as one merged group per
+/// (window, service) (`partition` -1).
+fn merged_refs<'a>(inputs: impl Iterator<Item = &'a MergeInput>) -> Vec<PartialRef<'a>> {
+    inputs
+        .flat_map(|m| {
+            m.parts.iter().map(move |(_, p)| PartialRef {
+                partition: -1,
+                window_start_ms: m.window_start_ms,
+                service: m.service.as_str(),
+                partial: p,
+            })
+        })
+        .collect()
 }
 
 /// The distributions drift detection compares, over every partition's

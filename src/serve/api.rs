@@ -275,18 +275,26 @@ pub(super) async fn top(
     Ok(Json(json!({ "window_start_ms": m * 1000, "items": items })))
 }
 
-pub(super) async fn status(State(s): State<Arc<ServeState>>) -> Result<Json<Value>, ApiError> {
-    let (svcs, _) = service_list(&s).await?;
-    let mut c = conn(&s)?;
+/// Every service's `{p}:{kind}:{service}` hash, in one round trip.
+async fn service_hashes(
+    s: &ServeState,
+    kind: &str,
+) -> Result<(Vec<String>, Vec<HashMap<String, String>>), ApiError> {
+    let (svcs, _) = service_list(s).await?;
+    if svcs.is_empty() {
+        return Ok((svcs, Vec::new()));
+    }
+    let mut c = conn(s)?;
     let mut pipe = redis::pipe();
     for svc in &svcs {
-        pipe.hgetall(format!("{}:status:{svc}", s.prefix));
+        pipe.hgetall(format!("{}:{kind}:{svc}", s.prefix));
     }
-    let rows: Vec<HashMap<String, String>> = if svcs.is_empty() {
-        Vec::new()
-    } else {
-        pipe.query_async(&mut c).await?
-    };
+    let rows = pipe.query_async(&mut c).await?;
+    Ok((svcs, rows))
+}
+
+pub(super) async fn status(State(s): State<Arc<ServeState>>) -> Result<Json<Value>, ApiError> {
+    let (svcs, rows) = service_hashes(&s, "status").await?;
     let mut out = serde_json::Map::new();
     for (svc, h) in svcs.into_iter().zip(rows) {
         let st = h.get("status").cloned().unwrap_or_else(|| "ok".into());
@@ -301,17 +309,7 @@ pub(super) async fn status(State(s): State<Arc<ServeState>>) -> Result<Json<Valu
 /// Each service's last compared hour: PSI, KS and whether it drifted, per
 /// feature (latency, event_type, status_class).
 pub(super) async fn drift(State(s): State<Arc<ServeState>>) -> Result<Json<Value>, ApiError> {
-    let (svcs, _) = service_list(&s).await?;
-    let mut c = conn(&s)?;
-    let mut pipe = redis::pipe();
-    for svc in &svcs {
-        pipe.hgetall(format!("{}:drift:{svc}", s.prefix));
-    }
-    let rows: Vec<HashMap<String, String>> = if svcs.is_empty() {
-        Vec::new()
-    } else {
-        pipe.query_async(&mut c).await?
-    };
+    let (svcs, rows) = service_hashes(&s, "drift").await?;
     let num = |h: &HashMap<String, String>, k: &str| h.get(k).and_then(|v| v.parse::<f64>().ok());
     let mut out = Vec::new();
     for (svc, h) in svcs.into_iter().zip(rows) {
