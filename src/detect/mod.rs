@@ -141,123 +141,51 @@ impl Ring {
     }
 }
 
-/// A [`Ring`] with a copy of its contents kept sorted in `f64::total_cmp` order, so that
-/// order statistics of the window cost a binary search instead of a selection.
+/// A window of the last `cap` values kept as `f32`, in a ring and a copy sorted in
+/// `f32::total_cmp` order, so that order statistics cost a binary search instead of a
+/// selection. `f32` halves the bytes of `f64` copies: with thousands of series out of cache,
+/// a step's cost is the memory it touches and moves. The values (residuals, surprises) need
+/// no more digits: a residual is compared with the window's median at `f32` precision, and
+/// scales have a floor of a millionth of the series' magnitude, far above `f32` rounding.
 ///
-/// Its statistics equal [`robust_stats`] over the ring up to the order in which sums are
-/// added (their order statistics are the same values): a few ulp.
-///
-/// Serialized as its ring alone: the sorted copy is rebuilt when it is read back.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(from = "Ring", into = "Ring")]
-struct SortedRing {
-    ring: Ring,
-    sorted: Vec<f64>,
-}
-
-impl From<Ring> for SortedRing {
-    fn from(ring: Ring) -> Self {
-        let mut sorted = Vec::with_capacity(ring.cap);
-        sorted.extend_from_slice(&ring.buf);
-        sorted.sort_unstable_by(f64::total_cmp);
-        Self { ring, sorted }
-    }
-}
-
-impl From<SortedRing> for Ring {
-    fn from(s: SortedRing) -> Self {
-        s.ring
-    }
-}
-
-impl SortedRing {
-    fn new(cap: usize) -> Self {
-        let ring = Ring::new(cap);
-        let sorted = Vec::with_capacity(ring.cap);
-        Self { ring, sorted }
-    }
-
-    /// Pushes a value, evicting the oldest one from both copies when full (returned).
-    fn push(&mut self, v: f64) -> Option<f64> {
-        let old = self.ring.push(v);
-        match old {
-            Some(old) => replace_sorted(&mut self.sorted, old, v),
-            None => {
-                let i = self.sorted.partition_point(|p| p.total_cmp(&v).is_lt());
-                self.sorted.insert(i, v);
-            }
-        }
-        old
-    }
-
-    fn len(&self) -> usize {
-        self.ring.len()
-    }
-
-    /// Median of the window and its [`robust_stats`] scale: median and MAD from the sorted
-    /// copy; the mean absolute deviation (one pass) only when a cheap upper bound says it can
-    /// exceed the other terms.
-    fn robust_stats(&self, floor: f64, scratch: &mut Vec<f64>) -> (f64, f64) {
-        let s = &self.sorted;
-        let n = s.len();
-        if !(s[0].is_finite() && s[n - 1].is_finite()) {
-            return robust_stats(&self.ring.buf, floor, scratch);
-        }
-        let med = s[n / 2];
-        let mad = median_abs_deviation(s, med);
-        let base = (1.4826 * mad).max(floor);
-        let len = n as f64;
-        // The bound is within a few ulp of an upper bound: pad it.
-        let bound =
-            0.5 * 1.2533 * (abs_deviation_bound(s, med) * (1.0 + 4.0 * len * f64::EPSILON) / len);
-        if bound <= base {
-            return (med, base);
-        }
-        let mean_ad = abs_deviation_sum(s, med) / len;
-        (med, base.max(0.5 * 1.2533 * mean_ad))
-    }
-}
-
-/// The surprise history: a window of `ln(1 + |z|)` values kept as `f32` (they need no more
-/// digits: a calibration compares them with each other) in a ring and a sorted copy. Half
-/// the bytes of `f64` copies: with thousands of series out of cache, a step's cost is the
-/// memory it touches and moves.
+/// Its statistics equal [`robust_stats`] and [`tail_probability`] over the ring's values
+/// up to the order in which sums are added (their order statistics are the same values).
 ///
 /// Serialized as its ring alone: the sorted copy is rebuilt when it is read back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(from = "SurpriseRing", into = "SurpriseRing")]
-struct SurpriseHistory {
-    ring: SurpriseRing,
+#[serde(from = "Ring32", into = "Ring32")]
+struct SortedWindow {
+    ring: Ring32,
     sorted: Vec<f32>,
 }
 
-/// [`SurpriseHistory`]'s ring, oldest value at `head` once full.
+/// [`SortedWindow`]'s ring, oldest value at `head` once full.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SurpriseRing {
+struct Ring32 {
     buf: Vec<f32>,
     cap: usize,
     head: usize,
 }
 
-impl From<SurpriseRing> for SurpriseHistory {
-    fn from(ring: SurpriseRing) -> Self {
+impl From<Ring32> for SortedWindow {
+    fn from(ring: Ring32) -> Self {
         let mut sorted = ring.buf.clone();
         sorted.sort_unstable_by(f32::total_cmp);
         Self { ring, sorted }
     }
 }
 
-impl From<SurpriseHistory> for SurpriseRing {
-    fn from(s: SurpriseHistory) -> Self {
+impl From<SortedWindow> for Ring32 {
+    fn from(s: SortedWindow) -> Self {
         s.ring
     }
 }
 
-impl SurpriseHistory {
+impl SortedWindow {
     fn new(cap: usize) -> Self {
         let cap = cap.max(1);
         Self {
-            ring: SurpriseRing {
+            ring: Ring32 {
                 buf: Vec::with_capacity(cap),
                 cap,
                 head: 0,
@@ -270,38 +198,56 @@ impl SurpriseHistory {
         self.ring.buf.len()
     }
 
+    /// The ring's values, as `f64` (the references' input).
+    fn values(&self) -> Vec<f64> {
+        self.ring.buf.iter().map(|&v| f64::from(v)).collect()
+    }
+
+    /// Pushes `v` (rounded to `f32`), evicting the oldest value from both copies when full.
     fn push(&mut self, v: f64) {
         let v = v as f32;
         let r = &mut self.ring;
-        let below = |s: &[f32], x: f32| s.partition_point(|p| p.total_cmp(&x).is_lt());
         if r.buf.len() < r.cap {
             r.buf.push(v);
-            let i = below(&self.sorted, v);
+            let i = self.sorted.partition_point(|p| p.total_cmp(&v).is_lt());
             self.sorted.insert(i, v);
             return;
         }
         let old = std::mem::replace(&mut r.buf[r.head], v);
         r.head = (r.head + 1) % r.cap;
-        let s = &mut self.sorted;
-        let (i, j) = (below(s, old), below(s, v));
-        if j > i {
-            s.copy_within(i + 1..j, i);
-            s[j - 1] = v;
-        } else {
-            s.copy_within(j..i, j + 1);
-            s[j] = v;
-        }
+        replace_sorted(&mut self.sorted, old, v);
     }
 
-    /// [`tail_probability`] of `x` against the history, from the sorted copy: a binary
+    /// Median of the window and its [`robust_stats`] scale: median and MAD from the sorted
+    /// copy; the mean absolute deviation (one pass) only when a cheap upper bound says it can
+    /// exceed the other terms.
+    fn robust_stats(&self, floor: f64, scratch: &mut Vec<f64>) -> (f64, f64) {
+        let s = &self.sorted;
+        let n = s.len();
+        if !(s[0].is_finite() && s[n - 1].is_finite()) {
+            return robust_stats(&self.values(), floor, scratch);
+        }
+        let med = f64::from(s[n / 2]);
+        let mad = median_abs_deviation(s, med);
+        let base = (1.4826 * mad).max(floor);
+        let len = n as f64;
+        // The bound is within a few ulp of an upper bound: pad it.
+        let bound =
+            0.5 * 1.2533 * (abs_deviation_bound(s, med) * (1.0 + 4.0 * len * f64::EPSILON) / len);
+        if bound <= base {
+            return (med, base);
+        }
+        let mean_ad = abs_deviation_sum(s, med) / len;
+        (med, base.max(0.5 * 1.2533 * mean_ad))
+    }
+
+    /// [`tail_probability`] of `x` against the window, from the sorted copy: a binary
     /// search for the count, the top `k` values for the fitted tail.
     fn tail_probability(&self, x: f64, scratch: &mut Vec<f64>) -> f64 {
         let s = &self.sorted;
         let n = s.len();
         if !(s[0].is_finite() && s[n - 1].is_finite() && x.is_finite()) {
-            // Not reached for surprises (finite by construction): the reference.
-            let hist: Vec<f64> = self.ring.buf.iter().map(|&v| f64::from(v)).collect();
-            return tail_probability(&hist, x, scratch);
+            return tail_probability(&self.values(), x, scratch);
         }
         let k = ((n as f64 * TAIL_FRACTION).ceil() as usize).clamp(1, n);
         let above = n - s.partition_point(|&h| f64::from(h) < x);
@@ -326,7 +272,7 @@ impl SurpriseHistory {
 
 /// Replaces one occurrence of `old` by `new` in the sorted slice, moving only the elements
 /// between their two positions.
-fn replace_sorted(sorted: &mut [f64], old: f64, new: f64) {
+fn replace_sorted(sorted: &mut [f32], old: f32, new: f32) {
     let (i, j) = ranks(sorted, old, new);
     debug_assert_eq!(
         sorted[i].to_bits(),
@@ -344,13 +290,13 @@ fn replace_sorted(sorted: &mut [f64], old: f64, new: f64) {
 }
 
 /// Numbers of elements of the sorted, nonempty `s` below `a` and below `b` in
-/// `f64::total_cmp` order: two branchless binary searches run side by side, so that their
+/// `f32::total_cmp` order: two branchless binary searches run side by side, so that their
 /// memory accesses overlap.
-fn ranks(s: &[f64], a: f64, b: f64) -> (usize, usize) {
+fn ranks(s: &[f32], a: f32, b: f32) -> (usize, usize) {
     // `total_cmp` as a comparison of integers.
-    let key = |x: f64| {
-        let bits = x.to_bits() as i64;
-        bits ^ (((bits >> 63) as u64) >> 1) as i64
+    let key = |x: f32| {
+        let bits = x.to_bits() as i32;
+        bits ^ (((bits >> 31) as u32) >> 1) as i32
     };
     let (ka, kb) = (key(a), key(b));
     let (mut base_a, mut base_b) = (0, 0);
@@ -370,11 +316,11 @@ fn ranks(s: &[f64], a: f64, b: f64) -> (usize, usize) {
 /// Element of rank `n / 2` among the deviations `|v - med|` of the sorted, finite `s`, where
 /// `med = s[n / 2]`. The deviations below the median decrease and those from it on increase
 /// (rounding is monotone), so this is a selection from two sorted sequences.
-fn median_abs_deviation(s: &[f64], med: f64) -> f64 {
+fn median_abs_deviation(s: &[f32], med: f64) -> f64 {
     let mid = s.len() / 2;
     // Ascending: `a(j)` walks down from the median, `b(j)` up from it.
-    let a = |j: usize| (s[mid - 1 - j] - med).abs();
-    let b = |j: usize| (s[mid + j] - med).abs();
+    let a = |j: usize| (f64::from(s[mid - 1 - j]) - med).abs();
+    let b = |j: usize| (f64::from(s[mid + j]) - med).abs();
     let (len_a, len_b) = (mid, s.len() - mid);
     let take = mid + 1;
     // `i` smallest from `a` and `take - i` from `b`: the least `i` with `a(i) >= b(take - 1 - i)`.
@@ -398,41 +344,41 @@ fn median_abs_deviation(s: &[f64], med: f64) -> f64 {
 /// Upper bound on the sum of `|v - med|` over the sorted `s`, up to a few ulp of rounding,
 /// from O(log n) of its elements: every deviation is bounded by that of the outermost element
 /// of its block, with blocks halving in size from the median towards either end.
-fn abs_deviation_bound(s: &[f64], med: f64) -> f64 {
+fn abs_deviation_bound(s: &[f32], med: f64) -> f64 {
     let (n, mid) = (s.len(), s.len() / 2);
     let mut total = 0.0;
     let mut start = mid;
     while start < n {
         let end = start + ((n - start) / 2).max(1);
-        total += (end - start) as f64 * (s[end - 1] - med).abs();
+        total += (end - start) as f64 * (f64::from(s[end - 1]) - med).abs();
         start = end;
     }
     let mut end = mid;
     while end > 0 {
         let start = end - (end / 2).max(1);
-        total += (end - start) as f64 * (s[start] - med).abs();
+        total += (end - start) as f64 * (f64::from(s[start]) - med).abs();
         end = start;
     }
     total
 }
 
 /// Sum of `|v - med|` over `vals`, in no particular order (four independent accumulators).
-fn abs_deviation_sum(vals: &[f64], med: f64) -> f64 {
+fn abs_deviation_sum(vals: &[f32], med: f64) -> f64 {
     let mut acc = [0.0; 4];
     let chunks = vals.chunks_exact(4);
     let rest = chunks.remainder();
     for c in chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += (v - med).abs();
+            *a += (f64::from(v) - med).abs();
         }
     }
-    let tail: f64 = rest.iter().map(|&v| (v - med).abs()).sum();
+    let tail: f64 = rest.iter().map(|&v| (f64::from(v) - med).abs()).sum();
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
 /// Median and robust scale of `vals`: `1.4826 MAD`, floored by half the Gaussian-consistent
 /// mean absolute deviation (quantised data) and by `floor`. `scratch` avoids allocation.
-/// The reference for [`SortedRing::robust_stats`], used as is for non-finite windows.
+/// The reference for [`SortedWindow::robust_stats`], used as is for non-finite windows.
 fn robust_stats(vals: &[f64], floor: f64, scratch: &mut Vec<f64>) -> (f64, f64) {
     scratch.clear();
     scratch.extend_from_slice(vals);
@@ -451,14 +397,14 @@ fn robust_stats(vals: &[f64], floor: f64, scratch: &mut Vec<f64>) -> (f64, f64) 
 /// Robust z-score of one predictor's residual against its recent residuals.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RobustZ {
-    hist: SortedRing,
+    hist: SortedWindow,
     min_len: usize,
 }
 
 impl RobustZ {
     fn new(window: usize) -> Self {
         Self {
-            hist: SortedRing::new(window),
+            hist: SortedWindow::new(window),
             min_len: (window / 4).clamp(8, 64),
         }
     }
@@ -467,7 +413,8 @@ impl RobustZ {
     fn update(&mut self, r: f64, floor: f64, scratch: &mut Vec<f64>) -> Option<(f64, f64)> {
         let z = (self.hist.len() >= self.min_len).then(|| {
             let (med, scale) = self.hist.robust_stats(floor, scratch);
-            ((r - med) / scale, scale)
+            // At the window's precision: a value equal to the median is 0, not its rounding.
+            ((f64::from(r as f32) - med) / scale, scale)
         });
         self.hist.push(r);
         z
@@ -599,7 +546,7 @@ impl RunningMean {
 /// Probability that a value of the history's distribution is `>= x`: empirical up to the
 /// history's upper [`TAIL_FRACTION`] quantile `u`; above it, an exponential tail fitted to the
 /// excesses over `u` (peaks over threshold), but never below the empirical frequency.
-/// The reference for [`SurpriseHistory::tail_probability`].
+/// The reference for [`SortedWindow::tail_probability`], used as is for non-finite windows.
 fn tail_probability(hist: &[f64], x: f64, scratch: &mut Vec<f64>) -> f64 {
     let n = hist.len();
     let k = ((n as f64 * TAIL_FRACTION).ceil() as usize).clamp(1, n);
@@ -634,8 +581,8 @@ pub struct Detector {
     season: Seasonal,
     season_z: RobustZ,
     short: RunningMean,
-    history: SurpriseHistory,
-    history_avg: SurpriseHistory,
+    history: SortedWindow,
+    history_avg: SortedWindow,
     quiet: usize,
     #[serde(skip)]
     scratch: Vec<f64>,
@@ -655,8 +602,8 @@ impl Detector {
             season: Seasonal::new(cfg.season_ms, cfg.season_depth),
             season_z: RobustZ::new(w),
             short: RunningMean::new(cfg.short_window),
-            history: SurpriseHistory::new(cfg.long_window.max(16)),
-            history_avg: SurpriseHistory::new(cfg.long_window.max(16)),
+            history: SortedWindow::new(cfg.long_window.max(16)),
+            history_avg: SortedWindow::new(cfg.long_window.max(16)),
             quiet: 0,
             scratch: Vec::with_capacity(cfg.long_window.max(w)),
             cfg,
@@ -713,7 +660,7 @@ impl Detector {
         if tol <= 0.0 || s.len() < self.level.min_len {
             return false;
         }
-        let (lo, hi) = (s[0], s[s.len() - 1]);
+        let (lo, hi) = (f64::from(s[0]), f64::from(s[s.len() - 1]));
         let margin = tol * (hi - lo);
         margin > 0.0 && (x > hi + margin || x < lo - margin)
     }
@@ -878,8 +825,8 @@ mod tests {
         out
     }
 
-    fn sorted_copy(w: &[f64]) -> SortedRing {
-        let mut r = SortedRing::new(w.len());
+    fn sorted_copy(w: &[f64]) -> SortedWindow {
+        let mut r = SortedWindow::new(w.len());
         for &v in w {
             r.push(v);
         }
@@ -887,8 +834,8 @@ mod tests {
     }
 
     #[test]
-    fn sorted_ring_follows_its_window() {
-        let mut r = SortedRing::new(50);
+    fn sorted_window_follows_its_ring() {
+        let mut r = SortedWindow::new(50);
         for i in 0..2000 {
             let v = if i % 7 == 0 {
                 -0.0
@@ -897,8 +844,8 @@ mod tests {
             };
             r.push(v);
             let mut expect = r.ring.buf.clone();
-            expect.sort_by(f64::total_cmp);
-            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            expect.sort_by(f32::total_cmp);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&r.sorted), bits(&expect), "step {i}");
         }
     }
@@ -913,12 +860,12 @@ mod tests {
         let mut s = Vec::new();
         for w in sample_windows() {
             let r = sorted_copy(&w);
-            let mut dev: Vec<f64> = w
-                .iter()
-                .map(|&v| (v - r.sorted[w.len() / 2]).abs())
-                .collect();
+            // The reference sees the values the window holds.
+            let w = r.values();
+            let med = f64::from(r.sorted[w.len() / 2]);
+            let mut dev: Vec<f64> = w.iter().map(|&v| (v - med).abs()).collect();
             dev.sort_by(f64::total_cmp);
-            let mad = median_abs_deviation(&r.sorted, r.sorted[w.len() / 2]);
+            let mad = median_abs_deviation(&r.sorted, med);
             assert_eq!(mad.to_bits(), dev[w.len() / 2].to_bits());
             for floor in [1e-12, 0.3] {
                 let (m0, s0) = robust_stats(&w, floor, &mut s);
@@ -926,12 +873,17 @@ mod tests {
                 assert_eq!(m0.to_bits(), m1.to_bits());
                 assert!(close(s0, s1), "{s0} {s1}");
             }
+            for x in [-1.0, 0.0, 0.3, 0.49, 0.5, 1.0, 3.0, 1e6, 2e6] {
+                let want = tail_probability(&w, x, &mut s);
+                let got = r.tail_probability(x, &mut s);
+                assert!(close(want, got), "{x}: {want} {got}");
+            }
         }
     }
 
     #[test]
-    fn surprise_history_matches_the_reference_on_its_f32_values() {
-        let mut h = SurpriseHistory::new(300);
+    fn a_surprise_window_matches_the_reference_on_its_f32_values() {
+        let mut h = SortedWindow::new(300);
         let mut s = Vec::new();
         for i in 0..2000 {
             h.push((1.0 + (noise(i) * 4.0).abs()).ln());
@@ -950,7 +902,7 @@ mod tests {
         // It round-trips through its serialized ring.
         let mut bytes = Vec::new();
         ciborium::into_writer(&h, &mut bytes).unwrap();
-        let back: SurpriseHistory = ciborium::from_reader(bytes.as_slice()).unwrap();
+        let back: SortedWindow = ciborium::from_reader(bytes.as_slice()).unwrap();
         assert_eq!(back.sorted, h.sorted);
     }
 
@@ -985,7 +937,7 @@ mod tests {
     fn the_deviation_bound_bounds_the_sum() {
         let w: Vec<f64> = (0..401).map(|i| (noise(i) * 100.0).round() * 0.5).collect();
         let r = sorted_copy(&w);
-        let med = r.sorted[200];
+        let med = f64::from(r.sorted[200]);
         assert!(abs_deviation_bound(&r.sorted, med) >= abs_deviation_sum(&r.sorted, med));
     }
 }
