@@ -250,7 +250,8 @@ max_file_rows = 8000
             eprintln!("{name}: stopped before the end of partitions {short:?}, draining again");
             let run = format!("{name}-tail-{round}");
             let mut c = self.spawn(&run, 4000);
-            let st = wait_exit(&mut c, Duration::from_secs(120));
+            let st = wait_exit_or(&mut c, Duration::from_secs(120))
+                .unwrap_or_else(|| panic!("{run} did not exit within 120 s:\n{}", self.log(&run)));
             assert!(st.success(), "{run}: {st}\n{}", self.log(&run));
         }
         panic!("partitions still not drained: {:?}", self.positions());
@@ -379,14 +380,20 @@ fn walk(dir: &Path) -> Vec<String> {
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    wait_exit_or(child, limit).unwrap_or_else(|| panic!("pulse run did not exit within {limit:?}"))
+}
+
+/// The child's exit status, or `None` (and the child killed) after `limit`.
+fn wait_exit_or(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let t0 = Instant::now();
     loop {
         if let Some(st) = child.try_wait().unwrap() {
-            return st;
+            return Some(st);
         }
         if t0.elapsed() > limit {
             let _ = child.kill();
-            panic!("pulse run did not exit within {limit:?}");
+            let _ = child.wait();
+            return None;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
