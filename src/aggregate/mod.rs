@@ -294,33 +294,56 @@ impl Core {
         let Some(inputs) = self.store.read_merged(&keys).await else {
             return Ok(Vec::new());
         };
+        let inputs: Vec<&MergeInput> = inputs.iter().collect();
+        self.merged_rows(&inputs).await
+    }
+
+    /// The merged rows of (window, service) inputs, each over every
+    /// partition's partial, with the version sums they were computed from.
+    /// The scorer keeps the rows of windows it has not scored yet, with their
+    /// distributions for drift detection.
+    async fn merged_rows(
+        &mut self,
+        inputs: &[&MergeInput],
+    ) -> Result<Vec<(MinuteRow, i64)>, PipelineError> {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        let stats = self
-            .sql
-            .minute_stats(partials_to_batch(&merged_refs(inputs.iter())))
-            .await?;
-        let drift = self.tracker.drift_config().is_some();
+        let parts: Vec<PartialRef> = inputs
+            .iter()
+            .flat_map(|m| {
+                m.parts.iter().map(move |(_, p)| PartialRef {
+                    partition: -1,
+                    window_start_ms: m.window_start_ms,
+                    service: m.service.as_str(),
+                    partial: p,
+                })
+            })
+            .collect();
+        let stats = self.sql.minute_stats(partials_to_batch(&parts)).await?;
         let by_key: BTreeMap<(i64, &str), &MergeInput> = inputs
             .iter()
-            .map(|m| ((m.window_start_ms, m.service.as_str()), m))
+            .map(|m| ((m.window_start_ms, m.service.as_str()), *m))
             .collect();
-        let mut out = Vec::new();
+        let scoring = self.detects();
+        let drift = self.tracker.drift_config().is_some();
+        let mut out = Vec::with_capacity(inputs.len());
         for mut r in minute_rows(&stats, false) {
-            let found = by_key
-                .get(&(r.window_start_ms, r.service.as_str()))
-                .map(|m| (m.all_final, m.version_sum, drift.then(|| drift_sketch(m))));
-            if let Some((all_final, version_sum, dist)) = found {
-                r.is_final = all_final;
+            let Some(&m) = by_key.get(&(r.window_start_ms, r.service.as_str())) else {
+                continue;
+            };
+            r.is_final = m.all_final;
+            if scoring && r.window_start_ms > self.scored_upto {
                 let mut kept = r.clone();
-                kept.dist = dist.map(Box::new);
+                if drift {
+                    kept.dist = Some(Box::new(drift_sketch(m)));
+                }
                 self.latest
                     .entry(r.window_start_ms)
                     .or_default()
                     .insert(r.service.clone(), kept);
-                out.push((r, version_sum));
             }
+            out.push((r, m.version_sum));
         }
         Ok(out)
     }
@@ -1078,32 +1101,8 @@ impl Core {
                 latest_input.insert(key, m);
             }
         }
-        let mut rows = Vec::new();
-        if !latest_input.is_empty() {
-            let stats = self
-                .sql
-                .minute_stats(partials_to_batch(&merged_refs(latest_input.values())))
-                .await?;
-            // Only the scorer keeps rows until they are scored.
-            let scoring = self.detects();
-            let drift = self.tracker.drift_config().is_some();
-            for mut r in minute_rows(&stats, false) {
-                if let Some(m) = latest_input.get(&(r.window_start_ms, r.service.clone())) {
-                    r.is_final = m.all_final;
-                    if scoring && r.window_start_ms > self.scored_upto {
-                        let mut kept = r.clone();
-                        if drift {
-                            kept.dist = Some(Box::new(drift_sketch(m)));
-                        }
-                        self.latest
-                            .entry(r.window_start_ms)
-                            .or_default()
-                            .insert(r.service.clone(), kept);
-                    }
-                    rows.push((r, m.version_sum));
-                }
-            }
-        }
+        let inputs: Vec<&MergeInput> = latest_input.values().collect();
+        let mut rows = self.merged_rows(&inputs).await?;
         // Score complete windows once, in order, from the merged rows.
         let (mut anomalies, mut alerts, mut drift_rows) = (Vec::new(), Vec::new(), Vec::new());
         // With other instances' partitions in the merge and Redis degraded,
@@ -1172,11 +1171,7 @@ impl Core {
         let status: Vec<ServiceStatus> = if std::mem::take(&mut self.republish_status) {
             self.tracker.statuses()
         } else {
-            alerts
-                .iter()
-                .filter(|a| a.kind != "drift")
-                .map(ServiceStatus::of_alert)
-                .collect()
+            alerts.iter().filter_map(ServiceStatus::of_alert).collect()
         };
         if rows.is_empty()
             && tops.is_empty()
@@ -1311,21 +1306,6 @@ async fn send(pq: &mpsc::Sender<ParquetMsg>, m: ParquetMsg) -> Result<(), Pipeli
     pq.send(m)
         .await
         .map_err(|_| PipelineError::Stage("parquet writer stopped".into()))
-}
-
-/// Every partition's partial of each merge input, as one merged group per
-/// (window, service) (`partition` -1).
-fn merged_refs<'a>(inputs: impl Iterator<Item = &'a MergeInput>) -> Vec<PartialRef<'a>> {
-    inputs
-        .flat_map(|m| {
-            m.parts.iter().map(move |(_, p)| PartialRef {
-                partition: -1,
-                window_start_ms: m.window_start_ms,
-                service: m.service.as_str(),
-                partial: p,
-            })
-        })
-        .collect()
 }
 
 /// The distributions drift detection compares, over every partition's

@@ -57,14 +57,16 @@ pub struct ServiceStatus {
 }
 
 impl ServiceStatus {
-    pub fn of_alert(a: &Alert) -> Self {
-        ServiceStatus {
+    /// The status an incident's alert sets; `None` for a drift alert (it
+    /// leaves the service's incident status as it is).
+    pub fn of_alert(a: &Alert) -> Option<Self> {
+        (a.kind != "drift").then(|| ServiceStatus {
             service: a.service.clone(),
             anomalous: a.kind == "start",
             since_ms: a.window_start_ms,
             metrics: a.metrics.clone(),
             score: a.score,
-        }
+        })
     }
 }
 

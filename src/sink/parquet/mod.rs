@@ -277,6 +277,11 @@ impl TableWriter {
         Ok(())
     }
 
+    /// The table's name.
+    pub fn name(&self) -> &'static str {
+        self.spec.name
+    }
+
     pub fn written(&self) -> &[WrittenFile] {
         &self.written
     }

@@ -40,6 +40,14 @@ pub enum ParquetMsg {
     Adopt(i32),
 }
 
+/// Indices of the stage's writers.
+const EVENTS: usize = 0;
+const DEAD: usize = 1;
+const STATS: usize = 2;
+const TOP: usize = 3;
+const ANOMALIES: usize = 4;
+const DRIFT: usize = 5;
+
 /// The parquet stage's loop: owns one writer per table, returns the files
 /// it wrote and its busy time.
 pub fn run(
@@ -70,35 +78,35 @@ pub fn run(
                 .with_fence(fence.clone())
         })
     };
-    let mut events = mk(events_spec())?;
-    let mut dead = mk(dead_letters_spec())?;
-    let mut stats = mk(minute_stats_spec())?;
-    let mut top = mk(top_items_spec())?;
-    let mut anom = mk(anomalies_spec())?;
-    let mut drift = mk(drift_spec())?;
+    // One writer per table; `events` and `dead_letters` first (the tables of
+    // positioned source rows, with files open across batches).
+    let mut tables = [
+        events_spec(),
+        dead_letters_spec(),
+        minute_stats_spec(),
+        top_items_spec(),
+        anomalies_spec(),
+        drift_spec(),
+    ]
+    .into_iter()
+    .map(mk)
+    .collect::<Result<Vec<_>, _>>()?;
+    // Rows of closed hours and detections: written and committed at once.
+    let commit_now = |w: &mut TableWriter, b: &RecordBatch| -> Result<(), ParquetError> {
+        w.write(b)?;
+        w.close_all()
+    };
     while let Some(m) = rx.blocking_recv() {
         let t0 = Instant::now();
         match m {
-            ParquetMsg::Events(b) => events.write(&b)?,
-            ParquetMsg::Dead(b) => dead.write(&b)?,
-            ParquetMsg::MinuteStats(b) => {
-                stats.write(&b)?;
-                stats.close_all()?;
-            }
-            ParquetMsg::TopItems(b) => {
-                top.write(&b)?;
-                top.close_all()?;
-            }
-            ParquetMsg::Anomalies(b) => {
-                anom.write(&b)?;
-                anom.close_all()?;
-            }
-            ParquetMsg::Drift(b) => {
-                drift.write(&b)?;
-                drift.close_all()?;
-            }
+            ParquetMsg::Events(b) => tables[EVENTS].write(&b)?,
+            ParquetMsg::Dead(b) => tables[DEAD].write(&b)?,
+            ParquetMsg::MinuteStats(b) => commit_now(&mut tables[STATS], &b)?,
+            ParquetMsg::TopItems(b) => commit_now(&mut tables[TOP], &b)?,
+            ParquetMsg::Anomalies(b) => commit_now(&mut tables[ANOMALIES], &b)?,
+            ParquetMsg::Drift(b) => commit_now(&mut tables[DRIFT], &b)?,
             ParquetMsg::CloseHoursBefore(part, ms) => {
-                for w in [&mut events, &mut dead] {
+                for w in &mut tables[EVENTS..=DEAD] {
                     match part {
                         Some(p) => w.close_partition_hours_before(p, ms)?,
                         None => w.close_hours_before(ms)?,
@@ -106,26 +114,20 @@ pub fn run(
                 }
             }
             ParquetMsg::OpenFirst(p, reply) => {
-                let first = [events.open_first(p), dead.open_first(p)]
-                    .into_iter()
-                    .flatten()
+                let first = tables[EVENTS..=DEAD]
+                    .iter()
+                    .filter_map(|w| w.open_first(p))
                     .min();
                 let _ = reply.send(first);
             }
             ParquetMsg::ClosePartition(p, reply) => {
-                events.close_partition(p)?;
-                dead.close_partition(p)?;
+                for w in &mut tables[EVENTS..=DEAD] {
+                    w.close_partition(p)?;
+                }
                 let _ = reply.send(());
             }
             ParquetMsg::DropPartition(p, reply) => {
-                for w in [
-                    &mut events,
-                    &mut dead,
-                    &mut stats,
-                    &mut top,
-                    &mut anom,
-                    &mut drift,
-                ] {
+                for w in &mut tables {
                     w.drop_partition(p);
                 }
                 let _ = reply.send(());
@@ -147,38 +149,25 @@ pub fn run(
     let t0 = Instant::now();
     let mut out = Vec::new();
     if !kafka {
-        for w in [
-            &mut events,
-            &mut dead,
-            &mut stats,
-            &mut top,
-            &mut anom,
-            &mut drift,
-        ] {
+        for w in &mut tables {
             w.close_all()?;
         }
     }
-    for (name, w) in [
-        ("events", &events),
-        ("dead_letters", &dead),
-        ("minute_stats", &stats),
-        ("top_items", &top),
-        ("anomalies", &anom),
-        ("drift", &drift),
-    ] {
-        out.extend(w.written().iter().map(|f| (name.to_string(), f.clone())));
+    for w in &tables {
+        out.extend(
+            w.written()
+                .iter()
+                .map(|f| (w.name().to_string(), f.clone())),
+        );
     }
-    let fenced: u64 = [&events, &dead, &stats, &top, &anom, &drift]
-        .iter()
-        .map(|w| w.fenced)
-        .sum();
+    let fenced: u64 = tables.iter().map(|w| w.fenced).sum();
     if fenced > 0 {
         tracing::warn!(
             files = fenced,
             "files of partitions another instance took over were not published"
         );
     }
-    let skipped = events.skipped + dead.skipped;
+    let skipped = tables[EVENTS].skipped + tables[DEAD].skipped;
     if skipped > 0 {
         tracing::info!(
             rows = skipped,
