@@ -124,6 +124,19 @@ max_file_rows = 8000
         std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
     }
 
+    /// Every instance's log lines about the model writer lease and terms.
+    fn model_writer_log(&self) -> String {
+        let mut out = String::new();
+        for path in walk(&self.dir.path().join("logs")) {
+            for line in std::fs::read_to_string(&path).unwrap_or_default().lines() {
+                if line.contains("model writer") || line.contains("standing by") {
+                    out.push_str(&format!("{path}: {line}\n"));
+                }
+            }
+        }
+        out
+    }
+
     fn checkpoint_dir(&self) -> PathBuf {
         self.data
             .join("_pulse/checkpoints")
@@ -352,7 +365,8 @@ max_file_rows = 8000
             assert_eq!(
                 t.model.events() as usize,
                 exp.valid.len(),
-                "events learned by the factor model"
+                "events learned by the factor model; the model writers' lines:\n{}",
+                self.model_writer_log()
             );
         }
     }
@@ -1149,6 +1163,13 @@ async fn redis_outage(kind: Outage) {
     assert!(
         !log.contains("writes not applied") && !log.contains("records not written"),
         "every Redis write was applied\n{log}"
+    );
+    // The model writer paused while its lease went unconfirmed and went
+    // on with its model once Redis answered: nobody else had taken over.
+    assert!(
+        log.contains("training resumes") && !log.contains("model writer lease lost"),
+        "the model writer resumes its term\n{}",
+        h.model_writer_log()
     );
     h.drain_tails("run");
     eprintln!("redis {kind:?}: exact again {caught_up:?} after its return, pending peak {peak}");

@@ -151,3 +151,61 @@ async fn factors_flow_from_kafka_to_recommendations() {
         assert!(v["error"].is_string(), "{path}");
     }
 }
+
+/// The model writer lease against a real redis-server: one holder at a
+/// time, a renewal by a holder whose token is stale is refused, and a
+/// lease held under an instance's own name (an acquisition of its own
+/// that Redis ran after the client gave up waiting) is taken again under a
+/// new token at once instead of being waited out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_writer_lease_has_one_holder_and_fences_stale_tokens() {
+    use pulse::factors::lease::Lease;
+    use std::time::Duration;
+    let url = common::service("PULSE_TEST_REDIS");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let prefix = common::unique("lease");
+    let lease = |name: &str| {
+        Lease::new(
+            Some(conn.clone()),
+            &prefix,
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+        )
+        .named(name)
+    };
+    let (a, b) = (lease("a"), lease("b"));
+
+    let t1 = a.acquire().await.unwrap().expect("a free lease is taken");
+    assert_eq!(b.acquire().await.unwrap(), None, "b waits while a holds it");
+    assert!(a.renew(t1).await.unwrap());
+    assert!(!b.renew(t1).await.unwrap(), "b never held it");
+
+    // A's earlier acquisition ran unbeknown to it: it takes the lease again.
+    let t2 = a
+        .acquire()
+        .await
+        .unwrap()
+        .expect("a's own lease is taken again");
+    assert!(t2 > t1, "a new term, a new token: {t1} -> {t2}");
+    assert!(
+        !a.renew(t1).await.unwrap(),
+        "the older term's token is fenced"
+    );
+    assert!(a.renew(t2).await.unwrap());
+    assert_eq!(b.acquire().await.unwrap(), None);
+
+    // Released, the lease goes to the next one asking, under a newer token.
+    a.release().await;
+    let t3 = b
+        .acquire()
+        .await
+        .unwrap()
+        .expect("a released lease is taken");
+    assert!(t3 > t2);
+    assert!(
+        !a.renew(t2).await.unwrap(),
+        "a's term ended with its release"
+    );
+    assert_eq!(a.acquire().await.unwrap(), None);
+}

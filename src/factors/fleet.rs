@@ -14,7 +14,8 @@
 //! the model and the offsets it covers, so whichever instance takes the
 //! lease next resumes from the latest snapshot and learns what follows once.
 //! A writer that lost its lease (frozen, cut off) has its model writes
-//! refused, stops and stands by. A new writer publishes nothing until it
+//! refused, stops and stands by; one that Redis cannot answer for the
+//! lease's lifetime pauses until it can, and goes on if nobody took over. A new writer publishes nothing until it
 //! has caught up with the version it found in `{p}:reco:meta`, so the
 //! served model never goes back to an older state.
 
@@ -83,6 +84,16 @@ pub struct FleetTrainer {
 enum TermEnd {
     Stopped,
     LeaseLost,
+    /// The instance stopped while Redis could not confirm the lease: the
+    /// model is neither saved nor published (another instance may hold it).
+    StoppedUnconfirmed,
+}
+
+/// The lease after a renewal.
+enum Renewal {
+    Held,
+    Lost,
+    StoppedUnconfirmed,
 }
 
 impl FleetTrainer {
@@ -117,7 +128,7 @@ impl FleetTrainer {
                     };
                     metrics::gauge!("pulse_model_writer").set(0.0);
                     summary.learned = learned;
-                    if matches!(end, TermEnd::Stopped) {
+                    if matches!(end, TermEnd::Stopped | TermEnd::StoppedUnconfirmed) {
                         self.handle.block_on(self.lease.release());
                         break;
                     }
@@ -235,16 +246,10 @@ impl FleetTrainer {
             }
             if last_renew.elapsed() >= renew_every {
                 last_renew = Instant::now();
-                match self.handle.block_on(self.lease.renew(token)) {
-                    Ok(true) => renewed_at = Instant::now(),
-                    Ok(false) => break TermEnd::LeaseLost,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot renew the model writer lease");
-                        // Unrenewed past its lifetime: another instance may hold it.
-                        if renewed_at.elapsed() >= self.lease.ttl() {
-                            break TermEnd::LeaseLost;
-                        }
-                    }
+                match self.renew(token, &mut renewed_at) {
+                    Renewal::Held => {}
+                    Renewal::Lost => break TermEnd::LeaseLost,
+                    Renewal::StoppedUnconfirmed => break TermEnd::StoppedUnconfirmed,
                 }
             }
             super::stage::check_lost(&mut t, self.health.as_deref(), &mut lost_seen);
@@ -264,22 +269,30 @@ impl FleetTrainer {
             }
             if last_snap.elapsed() >= snap_every {
                 last_snap = Instant::now();
-                self.save(&mut t, &admitted, &snap, token);
+                self.save(&mut t, &admitted, &snap, token, &mut renewed_at);
             }
         };
-        if matches!(end, TermEnd::LeaseLost) {
-            metrics::counter!("pulse_model_writer_lost_total").increment(1);
-            tracing::error!(
-                token,
-                "model writer lease lost (another instance took it over): this model is dropped unpublished"
-            );
+        if !matches!(end, TermEnd::Stopped) {
+            if matches!(end, TermEnd::LeaseLost) {
+                metrics::counter!("pulse_model_writer_lost_total").increment(1);
+                tracing::error!(
+                    token,
+                    "model writer lease lost (another instance took it over): this model is dropped unpublished"
+                );
+            } else {
+                tracing::warn!(
+                    token,
+                    events = t.model.events(),
+                    "stopped while Redis could not confirm the model writer lease: the model is left unsaved; the next writer resumes from the last snapshot"
+                );
+            }
             drop(delta_tx);
             if let Some(p) = publisher {
                 p.abort();
             }
             return Ok((end, t.model.events()));
         }
-        self.save(&mut t, &admitted, &snap, token);
+        self.save(&mut t, &admitted, &snap, token, &mut renewed_at);
         if let Some(tx) = &delta_tx {
             let _ = tx.blocking_send(t.flush(chrono::Utc::now().timestamp_millis()));
         }
@@ -317,17 +330,72 @@ impl FleetTrainer {
             .unwrap_or(0)
     }
 
+    /// Renews the lease held with `token`. While Redis does not answer,
+    /// the writer goes on within the lease's lifetime since its last
+    /// renewal; past it another instance may have taken the lease, so the
+    /// writer pauses (learns, publishes and saves nothing) until Redis
+    /// answers: it resumes with the model in memory if nobody took the
+    /// lease meanwhile, and its term ends if somebody did.
+    fn renew(&self, token: u64, renewed_at: &mut Instant) -> Renewal {
+        let poll =
+            (self.lease.ttl() / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut paused: Option<Instant> = None;
+        loop {
+            match self.handle.block_on(self.lease.renew(token)) {
+                Ok(true) => {
+                    *renewed_at = Instant::now();
+                    if let Some(since) = paused {
+                        metrics::gauge!("pulse_model_writer").set(1.0);
+                        tracing::info!(
+                            token,
+                            paused_ms = since.elapsed().as_millis() as u64,
+                            "model writer lease confirmed again: training resumes"
+                        );
+                    }
+                    return Renewal::Held;
+                }
+                Ok(false) => return Renewal::Lost,
+                Err(e) => {
+                    if renewed_at.elapsed() < self.lease.ttl() {
+                        tracing::warn!(error = %e, "cannot renew the model writer lease");
+                        return Renewal::Held;
+                    }
+                    if paused.is_none() {
+                        paused = Some(Instant::now());
+                        metrics::gauge!("pulse_model_writer").set(0.0);
+                        tracing::warn!(
+                            token,
+                            error = %e,
+                            "model writer paused: its lease went unconfirmed for its lifetime"
+                        );
+                    }
+                    if self.stopping() {
+                        return Renewal::StoppedUnconfirmed;
+                    }
+                    std::thread::sleep(poll);
+                }
+            }
+        }
+    }
+
     /// Snapshots the model with its offsets and admitted services, if this
-    /// instance still holds the lease (a snapshot is self-consistent, so a
-    /// stale one would only cost its successor time, never an event).
-    fn save(&self, t: &mut Trainer, admitted: &AdmittedServices, snap: &Snapshots, token: u64) {
-        if self.redis.is_some()
-            && !self
-                .handle
-                .block_on(self.lease.renew(token))
-                .unwrap_or(true)
-        {
-            return;
+    /// instance holds the lease: confirmed now, or within the lease's
+    /// lifetime while Redis does not answer.
+    fn save(
+        &self,
+        t: &mut Trainer,
+        admitted: &AdmittedServices,
+        snap: &Snapshots,
+        token: u64,
+        renewed_at: &mut Instant,
+    ) {
+        if self.redis.is_some() {
+            match self.handle.block_on(self.lease.renew(token)) {
+                Ok(true) => *renewed_at = Instant::now(),
+                Ok(false) => return,
+                Err(_) if renewed_at.elapsed() >= self.lease.ttl() => return,
+                Err(_) => {}
+            }
         }
         t.admitted = admitted.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let started = Instant::now();

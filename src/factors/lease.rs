@@ -12,9 +12,15 @@
 
 use std::time::Duration;
 
-/// Takes the lease if nobody holds it: the new token, else 0.
+/// Takes the lease if nobody else holds it: the new token, else 0. A lease
+/// already held under this instance's own name comes from an acquisition
+/// or renewal of its own whose reply it never got (Redis ran it after the
+/// client's timeout): it is taken again under a new token, so the instance
+/// does not wait out a lease nobody uses, and any write still in flight
+/// from its earlier term is refused.
 const ACQUIRE_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) then return 0 end
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return redis.call('INCR', KEYS[2])
 "#;
@@ -71,6 +77,13 @@ impl Lease {
             ttl,
             timeout,
         }
+    }
+
+    /// The same lease under another holder name (the default is
+    /// `<process id> <instance id>`): for several holders in one process.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.me = name.into();
+        self
     }
 
     /// The lease's time to live.
