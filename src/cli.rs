@@ -35,6 +35,34 @@ pub enum Cmd {
     Nab(NabArgs),
     /// SQL over the Parquet tables (events, minute_stats, dead_letters, top_items).
     Query(QueryArgs),
+    /// The fleet's factor model versions: list them, serve an earlier one, or the live model again.
+    Model(ModelArgs),
+}
+
+// Arguments of `pulse model`.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    #[command(subcommand)]
+    pub action: ModelAction,
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[arg(long, global = true)]
+    pub topic: Option<String>,
+    #[arg(long, global = true)]
+    pub redis: Option<String>,
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelAction {
+    /// The kept versions, oldest first, with their quality figures, and the one served.
+    List,
+    /// Serve VERSION instead of the live model (`latest`: the live model again).
+    Rollback {
+        #[arg(long)]
+        to: String,
+    },
 }
 
 // Arguments of `pulse demo`.

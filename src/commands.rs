@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::watch;
 
 use crate::cli::{
-    BenchArgs, DemoArgs, DetectArgs, GenArgs, NabArgs, QueryArgs, RecoEvalArgs, RunArgs, ServeArgs,
+    BenchArgs, DemoArgs, DetectArgs, GenArgs, ModelAction, ModelArgs, NabArgs, QueryArgs,
+    RecoEvalArgs, RunArgs, ServeArgs,
 };
 use pulse::app::{self, SourceSpec, Summary};
 use pulse::config::{Config, Secrets};
@@ -315,6 +316,126 @@ pub async fn query(a: QueryArgs) -> Result<()> {
     let text = pulse::query::render(&batches, &format)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", text.trim_end())?;
+    Ok(())
+}
+
+/// `pulse model`.
+pub async fn model(a: ModelArgs) -> Result<()> {
+    use pulse::factors::versions::{self, Versions};
+    let ModelArgs {
+        action,
+        config,
+        topic,
+        redis,
+        data_dir,
+    } = a;
+    let mut cfg = Config::load(config.as_deref())?;
+    if let Some(t) = topic {
+        cfg.kafka.topic = t;
+    }
+    if let Some(r) = redis {
+        cfg.redis.url = r;
+    }
+    if let Some(d) = data_dir {
+        cfg.parquet.data_dir = d;
+    }
+    let vs = Versions::of(&cfg);
+    let list = vs.list()?;
+    let timeout = std::time::Duration::from_millis(cfg.redis.timeout_ms.max(1));
+    let conn = if cfg.redis.url.is_empty() {
+        None
+    } else {
+        let secrets = Secrets::from_env();
+        Some(pulse::sink::redis_sink::lazy_connection(
+            &cfg.redis.url,
+            secrets.redis_password.as_deref(),
+            timeout,
+        )?)
+    };
+    let prefix = cfg.redis.prefix.clone();
+    match action {
+        ModelAction::List => {
+            let (pin, served) = match conn {
+                Some(mut c) => {
+                    let pin = versions::read_pin(&mut c, &prefix, timeout)
+                        .await
+                        .map_err(anyhow::Error::msg)
+                        .context("reading the pin from Redis")?;
+                    let served: Option<String> = redis::cmd("HGET")
+                        .arg(format!("{prefix}:reco:meta"))
+                        .arg("version")
+                        .query_async(&mut c)
+                        .await?;
+                    (pin, served)
+                }
+                None => (None, None),
+            };
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:>12}  {:<20}  {:>8}  {:>8}  {:>9}  {:>7}  {:>13}  {:>11}  writer",
+                "version",
+                "saved (UTC)",
+                "users",
+                "items",
+                "recall@10",
+                "ndcg@10",
+                "pop recall@10",
+                "pop ndcg@10"
+            )?;
+            for v in &list {
+                let saved = chrono::DateTime::from_timestamp_millis(v.saved_ms)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "{:>12}  {saved:<20}  {:>8}  {:>8}  {:>9.4}  {:>7.4}  {:>13.4}  {:>11.4}  {}{}",
+                    v.version,
+                    v.users,
+                    v.items,
+                    v.recall_at_10,
+                    v.ndcg_at_10,
+                    v.popularity_recall_at_10,
+                    v.popularity_ndcg_at_10,
+                    v.instance,
+                    if pin == Some(v.version) {
+                        "  (pinned, served)"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
+            match (pin, served) {
+                (Some(p), _) => writeln!(out, "serving: pinned version {p}")?,
+                (None, Some(s)) => writeln!(out, "serving: the live model, version {s}")?,
+                (None, None) => writeln!(out, "serving: nothing published")?,
+            }
+        }
+        ModelAction::Rollback { to } => {
+            let Some(mut c) = conn else {
+                bail!("a rollback pins the version in Redis: set redis.url (or --redis)");
+            };
+            if to == "latest" {
+                versions::set_pin(&mut c, &prefix, None).await?;
+                println!(
+                    "unpinned: the model writer serves the live model again within reco.flush_ms ({} ms)",
+                    cfg.reco.flush_ms
+                );
+            } else {
+                let v: u64 = to
+                    .parse()
+                    .with_context(|| format!("--to {to}: a version number or `latest`"))?;
+                if !list.iter().any(|x| x.version == v) {
+                    bail!(versions::VersionError::Unknown(v));
+                }
+                versions::set_pin(&mut c, &prefix, Some(v)).await?;
+                println!(
+                    "pinned version {v}: the model writer serves it within reco.flush_ms ({} ms); `pulse model rollback --to latest` serves the live model again",
+                    cfg.reco.flush_ms
+                );
+            }
+        }
+    }
     Ok(())
 }
 

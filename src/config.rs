@@ -65,6 +65,11 @@ pub struct RecoSection {
     /// Kafka: how long the model writer's lease lasts unless renewed, ms
     /// (a standby takes over this long after the writer died, at most).
     pub lease_ms: u64,
+    /// Kafka: how often the model writer records a version of the model
+    /// (`pulse model list`), ms; also at its stop.
+    pub version_ms: u64,
+    /// Model versions kept (the pinned one is kept besides).
+    pub keep_versions: usize,
     /// Most users each model holds (least recently seen forgotten first).
     pub max_users: usize,
     /// Most items each model holds (the same way).
@@ -104,6 +109,8 @@ impl Default for RecoSection {
             trending_half_life_secs: 3600,
             snapshot_ms: 10000,
             lease_ms: 10000,
+            version_ms: 3_600_000,
+            keep_versions: 24,
             max_users: 250_000,
             max_items: 200_000,
         }

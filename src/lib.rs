@@ -27,7 +27,7 @@
 //! - [`aggregate`]: the core stage: per-partition windows + SQL, detection, store writes, checkpoints.
 //! - [`factors`]: online factor models (pure maths and kernels), the trainer stage (file runs), the
 //!   fleet's one model writer under a Redis lease (Kafka runs: it reads the topic itself), the Redis
-//!   publisher.
+//!   publisher, the model's versions and the rollback pin.
 //! - [`sink`]: Parquet tables and their stage, the aggregate store (Redis | memory; Redis writes
 //!   queue, coalesced per key, while Redis is down or slow), the alert notifier.
 //! - [`checkpoint`]: per-partition checkpoints (window state, pending rows, positions).

@@ -34,5 +34,6 @@ async fn main() -> Result<()> {
         Cmd::Detect(a) => commands::detect(a).await,
         Cmd::Nab(a) => commands::nab(a).await,
         Cmd::Query(a) => commands::query(a).await,
+        Cmd::Model(a) => commands::model(a).await,
     }
 }

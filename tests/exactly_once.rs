@@ -27,6 +27,8 @@ struct Harness {
     reco: bool,
     /// `pulse run --listen` address (readiness and metrics).
     listen: Option<String>,
+    /// Further environment of every `pulse run` (configuration overrides).
+    env: Vec<(String, String)>,
 }
 
 impl Harness {
@@ -78,6 +80,7 @@ max_file_rows = 8000
             prefix,
             reco,
             listen: None,
+            env: Vec::new(),
         }
     }
 
@@ -110,10 +113,33 @@ max_file_rows = 8000
             .env("PULSE_RECO__SNAPSHOT_MS", "1500")
             .env("PULSE_RECO__LEASE_MS", "3000")
             .env("PULSE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap()
+    }
+
+    /// `pulse model ARGS` on the harness's topic, data and Redis: its stdout.
+    fn model_cmd(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_pulse"))
+            .arg("model")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--topic", &self.cfg.kafka.topic])
+            .args(["--redis", &self.redis])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .env("PULSE_REDIS__PREFIX", &self.prefix)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pulse model {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 
     fn log_path(&self, name: &str) -> PathBuf {
@@ -1320,4 +1346,193 @@ async fn broker_frozen_for_a_minute_mid_stream() {
     h.drain_tails("run");
     h.verify(&exp).await;
     eprintln!("broker frozen 60 s: every record checkpointed {resumed:?} after the thaw");
+}
+
+/// Model versions and rollback, against real tansu and redis-server: the
+/// writer records a version per `reco.version_ms` with its quality
+/// figures; `pulse model rollback --to V` makes Redis serve exactly that
+/// version's model (users learned later are gone from it, and serving's
+/// catalogue follows) while the live model goes on learning unpublished;
+/// `--to latest` serves the live model again, with every event learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_versions_are_recorded_and_rolled_back() {
+    use redis::AsyncCommands;
+    let mut h = Harness::new(None, true);
+    h.env.push(("PULSE_RECO__VERSION_MS".into(), "500".into()));
+    h.env
+        .push(("PULSE_RECO__KEEP_VERSIONS".into(), "1000".into()));
+    let lines = input_lines_at(24_000, 31, 10.0);
+    let exp = expected(&lines);
+    let (a, b) = (lines.len() / 3, 2 * lines.len() / 3);
+    let valid_upto = |n: usize| expected(&lines[..n]).valid.len() as u64;
+    let versions = pulse::factors::versions::Versions::new(
+        &pulse::checkpoint::reco_dir(&h.data, &h.cfg.kafka.topic),
+        24,
+    );
+    let wait_version = |c: &mut Child, v: u64| {
+        h.wait_until(c, |_| {
+            let have: Vec<u64> = versions.list().unwrap().iter().map(|x| x.version).collect();
+            if have.contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("no model version {v} recorded: {have:?}"))
+            }
+        });
+    };
+    let client = redis::Client::open(h.redis.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let meta_key = format!("{}:reco:meta", h.prefix);
+    let user_key = format!("{}:reco:user", h.prefix);
+
+    let mut c = h.spawn("run", 120_000);
+    h.produce(&lines[..a], 0).await;
+    let v1 = valid_upto(a);
+    wait_version(&mut c, v1);
+    h.produce(&lines[a..b], a).await;
+    let v2 = valid_upto(b);
+    wait_version(&mut c, v2);
+
+    let listed = h.model_cmd(&["list"]);
+    for v in [v1, v2] {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&v.to_string())),
+            "version {v} listed\n{listed}"
+        );
+    }
+    let rec = versions.list().unwrap();
+    let r2 = rec.iter().find(|x| x.version == v2).unwrap();
+    // The live quality figures at the time (a sample every 100 ms: few here).
+    assert!(r2.quality_samples > 0, "{r2:?}");
+    assert!((0.0..=1.0).contains(&r2.recall_at_10), "{r2:?}");
+    assert!(
+        r2.users > 0 && r2.items > 0 && !r2.offsets.is_empty(),
+        "{r2:?}"
+    );
+
+    // Roll back to v1: Redis serves exactly v1's model.
+    let pinned_model = pulse::factors::trainer::Trainer::restore(
+        h.cfg.reco.model_config(),
+        h.cfg.reco.seed,
+        &versions.load(v1).unwrap(),
+    )
+    .unwrap();
+    let live_users: Vec<u64> = con.hkeys(&user_key).await.unwrap();
+    let mut seen = Vec::new();
+    let later: Vec<u64> = live_users
+        .iter()
+        .copied()
+        .filter(|u| {
+            pinned_model
+                .model
+                .implicit
+                .user_bytes(*u, &mut seen)
+                .is_none()
+        })
+        .collect();
+    assert!(!later.is_empty(), "users first seen after version {v1}");
+    let out = h.model_cmd(&["rollback", "--to", &v1.to_string()]);
+    assert!(out.contains(&format!("pinned version {v1}")), "{out}");
+    let t0 = Instant::now();
+    loop {
+        let m: std::collections::HashMap<String, String> = con.hgetall(&meta_key).await.unwrap();
+        if m.get("version") == Some(&v1.to_string())
+            && m.get("pinned").map(String::as_str) == Some("1")
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "rollback not served: {m:?}\n{}",
+            h.log("run")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rolled_back_in = t0.elapsed();
+    let served: usize = con.hlen(&user_key).await.unwrap();
+    assert_eq!(
+        served,
+        pinned_model.model.implicit.n_users(),
+        "users served after the rollback"
+    );
+    for u in live_users.iter().take(50) {
+        let got: Option<Vec<u8>> = con.hget(&user_key, u).await.unwrap();
+        let want = pinned_model
+            .model
+            .implicit
+            .user_bytes(*u, &mut seen)
+            .map(|(r, _)| r);
+        assert_eq!(got, want, "user {u}'s record is version {v1}'s");
+    }
+    for u in &later {
+        let got: Option<Vec<u8>> = con.hget(&user_key, u).await.unwrap();
+        assert!(
+            got.is_none(),
+            "user {u}, learned after version {v1}, is not served"
+        );
+    }
+    let state = pulse::serve::ServeState::new(
+        Some(
+            redis::aio::ConnectionManager::new(client.clone())
+                .await
+                .unwrap(),
+        ),
+        &h.prefix,
+        None,
+    );
+    state.refresh_items().await.unwrap();
+    assert_eq!(
+        state.catalogue().version,
+        Some(v1),
+        "serving's catalogue follows"
+    );
+    assert!(
+        h.model_cmd(&["list"])
+            .contains(&format!("serving: pinned version {v1}"))
+    );
+
+    // While pinned, the live model learns but is not published.
+    h.produce(&lines[b..], b).await;
+    h.wait_checkpointed(lines.len() as i64, &mut c);
+    let all = exp.valid.len() as u64;
+    wait_version(&mut c, all);
+    let m: std::collections::HashMap<String, String> = con.hgetall(&meta_key).await.unwrap();
+    assert_eq!(
+        m["version"],
+        v1.to_string(),
+        "the pinned version stays served"
+    );
+
+    // Back to the live model: every event learned, the later users served.
+    let out = h.model_cmd(&["rollback", "--to", "latest"]);
+    assert!(out.contains("unpinned"), "{out}");
+    let t0 = Instant::now();
+    loop {
+        let m: std::collections::HashMap<String, String> = con.hgetall(&meta_key).await.unwrap();
+        if m.get("version") == Some(&all.to_string())
+            && m.get("pinned").map(String::as_str) == Some("0")
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "live model not served again: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back_in = t0.elapsed();
+    for u in &later {
+        let got: Option<Vec<u8>> = con.hget(&user_key, u).await.unwrap();
+        assert!(got.is_some(), "user {u} is served again");
+    }
+    sigterm(&c);
+    let st = wait_exit(&mut c, Duration::from_secs(60));
+    assert!(st.success(), "SIGTERM exit: {st}\n{}", h.log("run"));
+    h.drain_tails("run");
+    h.verify(&exp).await;
+    eprintln!(
+        "model versions: {} recorded; rollback served in {rolled_back_in:?}, the live model again in {back_in:?}",
+        versions.list().unwrap().len()
+    );
 }

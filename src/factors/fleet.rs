@@ -30,6 +30,7 @@ use super::quality::LiveQuality;
 use super::stage::Snapshots;
 use super::store::Delta;
 use super::trainer::Trainer;
+use super::versions::{ModelVersion, Versions};
 use crate::config::{Config, Secrets};
 use crate::decode::Decoder;
 use crate::decode::admit::AdmittedServices;
@@ -165,7 +166,10 @@ impl FleetTrainer {
         // What the previous writer published: nothing goes out until this
         // model is at least there (or has read everything there is).
         let published = self.published_version();
-        if self.redis.is_some() && published < t.model.events() {
+        // A pinned version is served as it is: the live model goes out
+        // whole when the pin is removed.
+        let pinned_at_start = self.read_pin().ok().flatten();
+        if self.redis.is_some() && pinned_at_start.is_none() && published < t.model.events() {
             // Redis is behind the snapshot: emptied, or never written.
             t.republish_all();
             tracing::warn!(
@@ -209,6 +213,14 @@ impl FleetTrainer {
         let mut stop_by: Option<Instant> = None;
         let mut quality = LiveQuality::new(10, QUALITY_WINDOW);
         let mut last_quality = Instant::now();
+        let versions = Versions::of(cfg);
+        let version_every = Duration::from_millis(cfg.reco.version_ms.max(1));
+        let mut last_version = Instant::now();
+        let mut recorded = versions.latest().unwrap_or(0);
+        // The version served instead of the live model, and the pin last read.
+        let mut pin: Option<u64> = None;
+        let mut pin_read: Option<Option<u64>> = None;
+        let mut last_pin_check: Option<Instant> = None;
         let end = loop {
             if stop_by.is_none() && self.stopping() {
                 // Learn what the topic holds now before the last snapshot.
@@ -254,7 +266,47 @@ impl FleetTrainer {
             }
             super::stage::check_lost(&mut t, self.health.as_deref(), &mut lost_seen);
             let publishing = caught_up || t.model.events() >= published;
+            if let Some(tx) = &delta_tx
+                && last_pin_check.is_none_or(|at| at.elapsed() >= flush_every)
+            {
+                last_pin_check = Some(Instant::now());
+                if let Ok(want) = self.read_pin()
+                    && pin_read != Some(want)
+                    && (want.is_some() || publishing)
+                {
+                    pin_read = Some(want);
+                    if want != pin {
+                        match self.switch(want, &mut t, &versions) {
+                            Ok(d) => {
+                                if tx.blocking_send(d).is_err() {
+                                    break TermEnd::LeaseLost;
+                                }
+                                metrics::gauge!("pulse_model_pinned_version")
+                                    .set(want.unwrap_or(0) as f64);
+                                match want {
+                                    Some(v) => tracing::warn!(
+                                        version = v,
+                                        live = t.model.events(),
+                                        "serving pinned model version (rollback); the live model goes on learning, unpublished"
+                                    ),
+                                    None => tracing::info!(
+                                        version = t.model.events(),
+                                        "pin removed: serving the live model again"
+                                    ),
+                                }
+                                pin = want;
+                            }
+                            Err(e) => tracing::error!(
+                                version = want,
+                                error = %e,
+                                "cannot serve the pinned model version; the served model is unchanged"
+                            ),
+                        }
+                    }
+                }
+            }
             if publishing
+                && pin.is_none()
                 && last_flush.elapsed() >= flush_every
                 && let Some(tx) = &delta_tx
             {
@@ -270,6 +322,12 @@ impl FleetTrainer {
             if last_snap.elapsed() >= snap_every {
                 last_snap = Instant::now();
                 self.save(&mut t, &admitted, &snap, token, &mut renewed_at);
+            }
+            if last_version.elapsed() >= version_every && t.model.events() > recorded {
+                last_version = Instant::now();
+                if self.record_version(&t, &versions, &quality, token, pin, renewed_at) {
+                    recorded = t.model.events();
+                }
             }
         };
         if !matches!(end, TermEnd::Stopped) {
@@ -293,7 +351,12 @@ impl FleetTrainer {
             return Ok((end, t.model.events()));
         }
         self.save(&mut t, &admitted, &snap, token, &mut renewed_at);
-        if let Some(tx) = &delta_tx {
+        if t.model.events() > recorded {
+            self.record_version(&t, &versions, &quality, token, pin, renewed_at);
+        }
+        if let Some(tx) = &delta_tx
+            && pin.is_none()
+        {
             let _ = tx.blocking_send(t.flush(chrono::Utc::now().timestamp_millis()));
         }
         drop(delta_tx);
@@ -307,6 +370,99 @@ impl FleetTrainer {
             );
         }
         Ok((end, t.model.events()))
+    }
+
+    /// The pinned version in Redis (`None`: serve the live model).
+    fn read_pin(&self) -> Result<Option<u64>, String> {
+        let Some(conn) = &self.redis else {
+            return Ok(None);
+        };
+        let mut conn = conn.clone();
+        let timeout = Duration::from_millis(self.cfg.redis.timeout_ms.max(1));
+        self.handle.block_on(super::versions::read_pin(
+            &mut conn,
+            &self.cfg.redis.prefix,
+            timeout,
+        ))
+    }
+
+    /// The whole model to serve from now on, replacing the served one: the
+    /// pinned version `want`, or the live model `t` when unpinned.
+    fn switch(
+        &self,
+        want: Option<u64>,
+        t: &mut Trainer,
+        versions: &Versions,
+    ) -> Result<super::store::Delta, String> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut d = match want {
+            Some(v) => {
+                let bytes = versions.load(v).map_err(|e| e.to_string())?;
+                let mut pinned =
+                    Trainer::restore(self.cfg.reco.model_config(), self.cfg.reco.seed, &bytes)
+                        .map_err(|e| e.to_string())?;
+                pinned.republish_all();
+                let mut d = pinned.flush(now);
+                d.pinned = true;
+                d
+            }
+            None => {
+                t.republish_all();
+                t.flush(now)
+            }
+        };
+        d.replace = true;
+        Ok(d)
+    }
+
+    /// Records the model as a version (only while the lease is confirmed
+    /// within its lifetime); `true` when recorded.
+    fn record_version(
+        &self,
+        t: &Trainer,
+        versions: &Versions,
+        quality: &LiveQuality,
+        token: u64,
+        pin: Option<u64>,
+        renewed_at: Instant,
+    ) -> bool {
+        if self.redis.is_some() && renewed_at.elapsed() >= self.lease.ttl() {
+            return false;
+        }
+        let f = quality.figures();
+        let v = ModelVersion {
+            version: t.model.events(),
+            saved_ms: chrono::Utc::now().timestamp_millis(),
+            users: t.model.implicit.n_users(),
+            items: t.model.implicit.n_items(),
+            offsets: t.offsets().clone(),
+            quality_samples: f.samples,
+            recall_at_10: f.recall,
+            ndcg_at_10: f.ndcg,
+            popularity_recall_at_10: f.popularity_recall,
+            popularity_ndcg_at_10: f.popularity_ndcg,
+            instance: format!("{} {}", std::process::id(), crate::timefmt::instance_id()),
+            token,
+            pulse_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let recorded = t
+            .snapshot()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| versions.record(&v, &bytes, pin).map_err(|e| e.to_string()));
+        match recorded {
+            Ok(()) => {
+                tracing::info!(
+                    version = v.version,
+                    recall_at_10 = v.recall_at_10,
+                    "model version recorded"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recording a model version failed");
+                false
+            }
+        }
     }
 
     /// The model version last published (`{p}:reco:meta` `version`).

@@ -16,7 +16,8 @@
 //! snapshots (file and generator runs, fed by the pipeline); [`fleet`] is
 //! the Kafka runs' trainer, one writer of one model for every instance of a
 //! group, under the [`lease`]; [`store`] publishes the changes to Redis
-//! (fenced by the lease's token) and reads them back.
+//! (fenced by the lease's token) and reads them back; [`versions`] keeps
+//! the model's versions and the rollback pin.
 
 pub mod bpr;
 pub mod config;
@@ -36,6 +37,7 @@ pub mod stage;
 pub mod store;
 pub mod trainer;
 pub mod trending;
+pub mod versions;
 
 pub use config::{Interaction, Kind, RecoConfig};
 pub use model::RecoModel;

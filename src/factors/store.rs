@@ -24,6 +24,11 @@ pub struct Delta {
     pub version: u64,
     pub updated_ms: i64,
     pub dim: usize,
+    /// The records are a whole model replacing the served one (a rollback
+    /// or its end): written aside and switched in at the last part.
+    pub replace: bool,
+    /// The model is a pinned version, not the live one (`{p}:reco:meta` `pinned`).
+    pub pinned: bool,
 }
 
 impl Delta {
@@ -37,10 +42,15 @@ impl Delta {
 /// (`KEYS[6]`) is newer than the writer's token `ARGV[1]`: 0 then, else 1.
 /// `ARGV[2..5]`: how many user, item and history pairs and trending
 /// entries follow (field, value / score, member); then version,
-/// updated_ms and dim when `ARGV[6]` is 1 (the delta's last part).
+/// updated_ms, dim and pinned when `ARGV[6]` is 1 (the delta's last part).
+/// A replacing delta (`ARGV[7]` 1) writes to staging hashes `KEYS[1..3]`,
+/// emptied at its first part (`ARGV[8]` 1), and its last part renames them
+/// over the served ones `KEYS[7..9]` in one step.
 const FENCED_WRITE_LUA: &str = r#"
 if tonumber(redis.call('GET', KEYS[6]) or '0') > tonumber(ARGV[1]) then return 0 end
-local i = 7
+local replace = ARGV[7] == '1'
+if replace and ARGV[8] == '1' then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) end
+local i = 9
 for k = 1, 3 do
   local key = KEYS[k]
   for _ = 1, tonumber(ARGV[k + 1]) do
@@ -57,7 +67,16 @@ if nt > 0 then
   end
 end
 if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[5], 'version', ARGV[i], 'updated_ms', ARGV[i + 1], 'dim', ARGV[i + 2])
+  if replace then
+    for k = 1, 3 do
+      if redis.call('EXISTS', KEYS[k]) == 1 then
+        redis.call('RENAME', KEYS[k], KEYS[k + 6])
+      else
+        redis.call('DEL', KEYS[k + 6])
+      end
+    end
+  end
+  redis.call('HSET', KEYS[5], 'version', ARGV[i], 'updated_ms', ARGV[i + 1], 'dim', ARGV[i + 2], 'pinned', ARGV[i + 3])
 end
 return 1
 "#;
@@ -108,21 +127,27 @@ async fn write_fenced(
         for (k, _) in part {
             counts[*k] += 1;
         }
+        let staging = if d.replace { ":staging" } else { "" };
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(FENCED_WRITE_LUA)
-            .arg(6)
-            .arg(format!("{p}:reco:user"))
-            .arg(format!("{p}:reco:item"))
-            .arg(format!("{p}:reco:hist"))
+            .arg(9)
+            .arg(format!("{p}:reco:user{staging}"))
+            .arg(format!("{p}:reco:item{staging}"))
+            .arg(format!("{p}:reco:hist{staging}"))
             .arg(format!("{p}:reco:trending"))
             .arg(format!("{p}:reco:meta"))
             .arg(format!("{p}:reco:token"))
+            .arg(format!("{p}:reco:user"))
+            .arg(format!("{p}:reco:item"))
+            .arg(format!("{p}:reco:hist"))
             .arg(token)
             .arg(counts[0])
             .arg(counts[1])
             .arg(counts[2])
             .arg(if last { d.trending.len() } else { 0 })
-            .arg(u8::from(last));
+            .arg(u8::from(last))
+            .arg(u8::from(d.replace))
+            .arg(u8::from(i == 0));
         for (_, (id, bytes)) in part {
             cmd.arg(*id).arg(bytes.as_slice());
         }
@@ -130,7 +155,10 @@ async fn write_fenced(
             for (item, score) in &d.trending {
                 cmd.arg(*score).arg(*item);
             }
-            cmd.arg(d.version).arg(d.updated_ms).arg(d.dim);
+            cmd.arg(d.version)
+                .arg(d.updated_ms)
+                .arg(d.dim)
+                .arg(u8::from(d.pinned));
         }
         let ok: i64 = cmd.query_async(conn).await?;
         if ok != 1 {
@@ -187,12 +215,15 @@ pub struct PendingDelta {
     users: std::collections::HashMap<u64, Vec<u8>>,
     items: std::collections::HashMap<u64, Vec<u8>>,
     history: std::collections::HashMap<u64, Vec<u8>>,
-    /// The newest delta's trending list and meta (version, updated, dim).
+    /// The newest delta's trending list and meta (version, updated, dim, pinned).
     last: Option<Delta>,
+    /// The records replace the served model (a replacing delta came in).
+    replace: bool,
 }
 
 impl PendingDelta {
-    /// Folds a delta in: later records replace earlier ones.
+    /// Folds a delta in: later records replace earlier ones; a replacing
+    /// delta drops every record held before it.
     pub fn add(&mut self, d: Delta) {
         let Delta {
             users,
@@ -202,7 +233,15 @@ impl PendingDelta {
             version,
             updated_ms,
             dim,
+            replace,
+            pinned,
         } = d;
+        if replace {
+            self.users.clear();
+            self.items.clear();
+            self.history.clear();
+            self.replace = true;
+        }
         self.users.extend(users);
         self.items.extend(items);
         self.history.extend(history);
@@ -216,6 +255,7 @@ impl PendingDelta {
             version,
             updated_ms,
             dim,
+            pinned,
             ..Delta::default()
         });
     }
@@ -232,6 +272,7 @@ impl PendingDelta {
     /// The pending writes as one delta.
     pub fn to_delta(&self) -> Delta {
         let mut d = self.last.clone().unwrap_or_default();
+        d.replace = self.replace;
         d.users = self.users.iter().map(|(k, v)| (*k, v.clone())).collect();
         d.items = self.items.iter().map(|(k, v)| (*k, v.clone())).collect();
         d.history = self.history.iter().map(|(k, v)| (*k, v.clone())).collect();
@@ -363,6 +404,7 @@ mod tests {
             version: 10,
             updated_ms: 100,
             dim: 4,
+            ..Delta::default()
         });
         p.add(Delta {
             users: vec![(1, vec![11])],
@@ -372,6 +414,7 @@ mod tests {
             version: 20,
             updated_ms: 200,
             dim: 4,
+            ..Delta::default()
         });
         assert_eq!(p.len(), 4);
         let mut d = p.to_delta();
@@ -384,6 +427,28 @@ mod tests {
             "an empty list keeps the last one"
         );
         assert_eq!((d.version, d.updated_ms), (20, 200));
+        assert!(!d.replace);
+
+        // A replacing delta drops what was held before it.
+        p.add(Delta {
+            users: vec![(3, vec![3])],
+            version: 30,
+            replace: true,
+            pinned: true,
+            ..Delta::default()
+        });
+        p.add(Delta {
+            items: vec![(8, vec![8])],
+            version: 31,
+            pinned: true,
+            ..Delta::default()
+        });
+        let d = p.to_delta();
+        assert!(d.replace && d.pinned);
+        assert_eq!(d.users, vec![(3, vec![3])]);
+        assert_eq!(d.items, vec![(8, vec![8])]);
+        assert!(d.history.is_empty());
+        assert_eq!(d.version, 31);
         p.clear();
         assert!(p.is_empty());
     }
