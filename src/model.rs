@@ -95,6 +95,13 @@ pub const LATE: &str = "late";
 /// Beyond allowed lateness: kept in `events`, not counted in `minute_stats`.
 pub const TOO_LATE: &str = "too_late";
 
+/// The version of the tables' schemas, written into every Parquet file's
+/// metadata as `pulse.schema_version`. The rule of evolution: a version
+/// only adds nullable columns (never renames, retypes or removes one), so
+/// files of every version read under the newest schema, the columns they
+/// lack as NULL. Version 1: the six tables as documented.
+pub const TABLE_SCHEMA_VERSION: u32 = 1;
+
 /// `events`: one row per valid event, plus where it came from.
 pub fn events_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![

@@ -356,3 +356,192 @@ async fn hostile_names_and_service_floods_become_dead_letters_by_reason() {
     );
     assert!(services.contains("tenant-94") && !services.contains("tenant-95"));
 }
+
+/// Rewrites the Parquet file at `path` in place with `f` applied to each
+/// batch and `pulse.schema_version` = `version`, as another schema version
+/// of pulse would have written it; returns the rows it holds.
+fn rewrite_as_version(
+    path: &std::path::Path,
+    version: &str,
+    f: impl Fn(
+        &datafusion::arrow::record_batch::RecordBatch,
+    ) -> datafusion::arrow::record_batch::RecordBatch,
+) -> usize {
+    use parquet::arrow::ArrowWriter;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::file::metadata::KeyValue;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<_> = reader.map(|b| f(&b.unwrap())).collect();
+    let tmp = path.with_extension("rewrite");
+    let mut w = ArrowWriter::try_new(
+        std::fs::File::create(&tmp).unwrap(),
+        batches[0].schema(),
+        None,
+    )
+    .unwrap();
+    for b in &batches {
+        w.write(b).unwrap();
+    }
+    w.append_key_value_metadata(KeyValue::new(
+        "pulse.schema_version".to_string(),
+        version.to_string(),
+    ));
+    w.close().unwrap();
+    // Out of the table while written: readers skip names starting with '.'.
+    let hidden = path.with_file_name(".rewrite.tmp");
+    std::fs::rename(&tmp, &hidden).unwrap();
+    std::fs::rename(&hidden, path).unwrap();
+    batches.iter().map(|b| b.num_rows()).sum()
+}
+
+/// The tables' schema evolution: every file says its schema version, and
+/// a nullable column added to the contract reads under old and new files.
+/// One `events` file is rewritten as an older version wrote it (without
+/// `session_id`), another as a newer one would (with a further `region`
+/// column): `pulse query` reads every row, the older file's `session_id`
+/// as NULL, and pyarrow reads them all under the unified schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nullable_column_added_to_the_contract_reads_under_old_and_new_files() {
+    use datafusion::arrow::array::{ArrayRef, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let lines = input_lines(20_000, 5);
+    let exp = expected(&lines);
+    let input = dir.path().join("in.jsonl");
+    let mut f = std::fs::File::create(&input).unwrap();
+    for l in &lines {
+        f.write_all(l).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    drop(f);
+    let mut cfg = config(&data);
+    cfg.parquet.max_file_rows = 3000;
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    app::run(
+        &cfg,
+        &Secrets::default(),
+        SourceSpec::Files(vec![input]),
+        Store::Memory(MemoryStore::default()),
+        rx,
+    )
+    .await
+    .unwrap();
+
+    let mut files: Vec<String> = walk(&data.join("events"))
+        .into_iter()
+        .filter(|p| p.ends_with(".parquet"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    // Every file carries the schema version it was written with.
+    let version = pulse::model::TABLE_SCHEMA_VERSION.to_string();
+    for p in &files {
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(p).unwrap(),
+        )
+        .unwrap();
+        let kv = r.metadata().file_metadata().key_value_metadata().unwrap();
+        assert!(
+            kv.iter()
+                .any(|k| k.key == "pulse.schema_version" && k.value.as_deref() == Some(&version)),
+            "{p}: {kv:?}"
+        );
+    }
+    let count = |b: &[RecordBatch], col: usize| -> i64 {
+        b[0].column(col)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+            .value(0)
+    };
+    let before = sql(&data, "SELECT count(*), count(session_id) FROM events").await;
+    let with_session = count(&before, 1);
+    assert_eq!(count(&before, 0) as usize, exp.valid.len());
+
+    // An older version's file: no session_id column.
+    let old_sessions = {
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&files[0]).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        r.map(|b| {
+            let b = b.unwrap();
+            let c = b.column(b.schema().index_of("session_id").unwrap()).clone();
+            (c.len() - c.null_count()) as i64
+        })
+        .sum::<i64>()
+    };
+    let old_rows = rewrite_as_version(std::path::Path::new(&files[0]), "0", |b| {
+        let keep: Vec<usize> = (0..b.num_columns())
+            .filter(|&i| b.schema().field(i).name() != "session_id")
+            .collect();
+        b.project(&keep).unwrap()
+    });
+    assert!(old_rows > 0 && old_sessions > 0);
+    // A newer version's file: a further nullable column.
+    let new_rows = rewrite_as_version(std::path::Path::new(&files[1]), "2", |b| {
+        let mut fields: Vec<Field> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("region", DataType::Utf8, true));
+        let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+        cols.push(Arc::new(StringArray::from(vec![
+            Some("eu-west");
+            b.num_rows()
+        ])));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+    });
+
+    // pulse query: every row, the old file's session_id as NULL.
+    let after = sql(
+        &data,
+        "SELECT count(*), count(session_id), count(DISTINCT event_id) FROM events",
+    )
+    .await;
+    assert_eq!(
+        count(&after, 0) as usize,
+        exp.valid.len(),
+        "every row reads"
+    );
+    assert_eq!(count(&after, 2) as usize, exp.valid.len());
+    assert_eq!(count(&after, 1), with_session - old_sessions);
+    // pyarrow, under the unified schema of the files (as the README says).
+    let script = r#"
+import sys, glob, pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq, pyarrow.compute as pc
+root = sys.argv[1] + "/events"
+files = sorted(glob.glob(root + "/**/*.parquet", recursive=True))
+schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+t = ds.dataset(root, format="parquet", partitioning="hive", schema=schema).to_table()
+print(t.num_rows, t.column("session_id").null_count, pc.count(t.column("region")).as_py())
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<usize> = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(v[0], exp.valid.len(), "pyarrow reads every row");
+    assert_eq!(v[2], new_rows, "the newer column where it was written");
+    assert!(
+        v[1] >= old_rows,
+        "the older file's session_id is null: {v:?}"
+    );
+}

@@ -459,6 +459,10 @@ impl TableWriter {
         let kv = |k: &str, v: String| KeyValue::new(format!("pulse.{k}"), v);
         f.writer
             .append_key_value_metadata(kv("table", self.spec.name.to_string()));
+        f.writer.append_key_value_metadata(kv(
+            "schema_version",
+            crate::model::TABLE_SCHEMA_VERSION.to_string(),
+        ));
         if self.spec.positioned {
             f.writer
                 .append_key_value_metadata(kv("partition", key.1.to_string()));
@@ -751,6 +755,11 @@ mod tests {
         assert!(
             kv.iter()
                 .any(|k| k.key == "pulse.first_offset" && k.value.as_deref() == Some("10"))
+        );
+        let version = crate::model::TABLE_SCHEMA_VERSION.to_string();
+        assert!(
+            kv.iter()
+                .any(|k| k.key == "pulse.schema_version" && k.value.as_deref() == Some(&version))
         );
         let rows: usize = r.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
         assert_eq!(rows, 2);
