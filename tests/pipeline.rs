@@ -175,6 +175,28 @@ async fn kafka_source_to_parquet_and_redis() {
     let ids = event_ids(&data).await;
     assert_eq!(ids.len(), exp.valid.len());
     assert_eq!(ids.iter().copied().collect::<BTreeSet<_>>(), ids_set(&exp));
+    // Each file names its writer and the partition owner's epoch (lineage).
+    for p in walk(&data.join("events"))
+        .iter()
+        .filter(|p| p.ends_with(".parquet"))
+    {
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(p).unwrap(),
+        )
+        .unwrap();
+        let kv = r.metadata().file_metadata().key_value_metadata().unwrap();
+        let get = |k: &str| {
+            kv.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value.clone())
+                .unwrap_or_default()
+        };
+        assert!(
+            get("pulse.epoch").parse::<u64>().unwrap_or(0) >= 1,
+            "{p}: {kv:?}"
+        );
+        assert!(get("pulse.writer").starts_with("pulse "), "{p}: {kv:?}");
+    }
     check_dead_letters(&data, exp.invalid).await;
     // dead letters carry their Kafka position
     let pos = sql(

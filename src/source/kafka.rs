@@ -191,14 +191,22 @@ impl ConsumerContext for PulseContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts, lost = consumer.assignment_lost(), "partitions revoked");
                 let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+                let mut confirmed = false;
                 if self.flush() && self.send(SourceMsg::Revoked(parts.clone(), ack_tx)) {
                     // Released only once their work is checkpointed.
-                    if ack_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                    confirmed = ack_rx.recv_timeout(Duration::from_secs(60)).is_ok();
+                    if !confirmed {
                         tracing::warn!("pipeline did not confirm the revocation in time");
                     }
                 }
-                for &p in &parts {
-                    self.fence.release(p);
+                // Unconfirmed (the pipeline stopped listening: a stop, or it
+                // is late), the pipeline may still commit these partitions'
+                // files and checkpoints: the claims stay, so those writes
+                // are still checked against a newer owner's epoch.
+                if confirmed {
+                    for &p in &parts {
+                        self.fence.release(p);
+                    }
                 }
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)

@@ -463,6 +463,19 @@ impl TableWriter {
             "schema_version",
             crate::model::TABLE_SCHEMA_VERSION.to_string(),
         ));
+        // Lineage: which pulse wrote it, and which owner of the partition.
+        f.writer.append_key_value_metadata(kv(
+            "writer",
+            format!("pulse {}", env!("CARGO_PKG_VERSION")),
+        ));
+        f.writer.append_key_value_metadata(kv(
+            "instance",
+            format!("{} {}", std::process::id(), crate::timefmt::instance_id()),
+        ));
+        if let Some(fence) = &self.fence {
+            f.writer
+                .append_key_value_metadata(kv("epoch", fence.epoch(owner).to_string()));
+        }
         if self.spec.positioned {
             f.writer
                 .append_key_value_metadata(kv("partition", key.1.to_string()));
@@ -761,6 +774,12 @@ mod tests {
             kv.iter()
                 .any(|k| k.key == "pulse.schema_version" && k.value.as_deref() == Some(&version))
         );
+        let writer = format!("pulse {}", env!("CARGO_PKG_VERSION"));
+        assert!(
+            kv.iter()
+                .any(|k| k.key == "pulse.writer" && k.value.as_deref() == Some(&writer))
+        );
+        assert!(kv.iter().any(|k| k.key == "pulse.instance"));
         let rows: usize = r.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
         assert_eq!(rows, 2);
         assert_eq!(remove_in_progress(dir.path()).unwrap(), 0);
