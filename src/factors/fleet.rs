@@ -8,7 +8,10 @@
 //! pipeline keeps. Produces the model's changes in Redis (through the
 //! fenced publisher, with the lease's token) and a snapshot of the model
 //! with its offsets and admitted services every `reco.snapshot_ms` at
-//! `<data_dir>/_pulse/reco/<topic>/model.cbor`, where any instance reads it.
+//! `<data_dir>/_pulse/reco/<topic>/model.cbor`, where any instance reads it;
+//! every `reco.version_ms`, a model version ([`super::versions`]). While
+//! `{p}:reco:pin` names a version, it serves that version instead of the
+//! live model, which goes on learning unpublished.
 //!
 //! Guarantee: every valid event is learned once fleet-wide. A snapshot is
 //! the model and the offsets it covers, so whichever instance takes the
