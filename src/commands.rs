@@ -355,20 +355,25 @@ pub async fn model(a: ModelArgs) -> Result<()> {
     let prefix = cfg.redis.prefix.clone();
     match action {
         ModelAction::List => {
-            let (pin, served) = match conn {
+            // What Redis serves; the versions are listed even without it.
+            let (pin, served, unknown) = match conn {
                 Some(mut c) => {
-                    let pin = versions::read_pin(&mut c, &prefix, timeout)
-                        .await
-                        .map_err(anyhow::Error::msg)
-                        .context("reading the pin from Redis")?;
-                    let served: Option<String> = redis::cmd("HGET")
-                        .arg(format!("{prefix}:reco:meta"))
-                        .arg("version")
-                        .query_async(&mut c)
-                        .await?;
-                    (pin, served)
+                    let served = async {
+                        let pin = versions::read_pin(&mut c, &prefix, timeout).await?;
+                        let served: Option<String> = redis::cmd("HGET")
+                            .arg(format!("{prefix}:reco:meta"))
+                            .arg("version")
+                            .query_async(&mut c)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok::<_, String>((pin, served))
+                    };
+                    match served.await {
+                        Ok((pin, served)) => (pin, served, None),
+                        Err(e) => (None, None, Some(e)),
+                    }
                 }
-                None => (None, None),
+                None => (None, None, Some("no redis.url".to_string())),
             };
             let mut out = std::io::stdout().lock();
             writeln!(
@@ -405,10 +410,11 @@ pub async fn model(a: ModelArgs) -> Result<()> {
                     }
                 )?;
             }
-            match (pin, served) {
-                (Some(p), _) => writeln!(out, "serving: pinned version {p}")?,
-                (None, Some(s)) => writeln!(out, "serving: the live model, version {s}")?,
-                (None, None) => writeln!(out, "serving: nothing published")?,
+            match (unknown, pin, served) {
+                (Some(e), _, _) => writeln!(out, "serving: unknown ({e})")?,
+                (None, Some(p), _) => writeln!(out, "serving: pinned version {p}")?,
+                (None, None, Some(s)) => writeln!(out, "serving: the live model, version {s}")?,
+                (None, None, None) => writeln!(out, "serving: nothing published")?,
             }
         }
         ModelAction::Rollback { to } => {
