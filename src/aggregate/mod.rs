@@ -278,11 +278,13 @@ impl Core {
     /// write of a window lacks what other instances wrote to it since (and a
     /// row restored from the previous scorer, what was written after its
     /// checkpoint): scored stale, it would look like a traffic drop. Returns
-    /// the fresh rows with their versions, for the store.
+    /// the fresh rows with their versions, for the store; `None` when Redis
+    /// could not be read (degraded, writes queued, no reply): the windows
+    /// then wait for a later step rather than be scored stale.
     async fn refresh_rows(
         &mut self,
         ready: &[i64],
-    ) -> Result<Vec<(MinuteRow, i64)>, PipelineError> {
+    ) -> Result<Option<Vec<(MinuteRow, i64)>>, PipelineError> {
         let mut keys: Vec<(i64, String)> = Vec::new();
         for w in ready {
             let mut names: BTreeSet<&str> = self.tracker.service_names().collect();
@@ -292,10 +294,10 @@ impl Core {
             keys.extend(names.into_iter().map(|s| (*w, s.to_string())));
         }
         let Some(inputs) = self.store.read_merged(&keys).await else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let inputs: Vec<&MergeInput> = inputs.iter().collect();
-        self.merged_rows(&inputs).await
+        self.merged_rows(&inputs).await.map(Some)
     }
 
     /// The merged rows of (window, service) inputs, each over every
@@ -1121,7 +1123,7 @@ impl Core {
                 .collect();
             // One scorer at a time: alerts are not fenced downstream (a
             // webhook cannot refuse them), so scoring checks first.
-            let ready = if !ready.is_empty()
+            let mut ready = if !ready.is_empty()
                 && self.fence.as_ref().is_some_and(|f| !f.holds(0, "scoring"))
             {
                 self.fenced_out(0, pq).await?;
@@ -1130,7 +1132,16 @@ impl Core {
                 ready
             };
             if self.remote_parts && !ready.is_empty() {
-                rows.extend(self.refresh_rows(&ready).await?);
+                match self.refresh_rows(&ready).await? {
+                    Some(fresh) => rows.extend(fresh),
+                    None => {
+                        tracing::debug!(
+                            windows = ready.len(),
+                            "scoring waits: the partials could not be re-read"
+                        );
+                        ready.clear();
+                    }
+                }
             }
             for w in ready {
                 let rows_w: Vec<MinuteRow> = self

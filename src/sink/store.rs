@@ -303,11 +303,12 @@ impl Store {
     /// Every partition's stored partial of each (window, service), read
     /// fresh: the scorer's view of a window just before it scores it, so rows
     /// merged before another instance's last write are not scored stale.
-    /// `None` where nothing newer than this process's own merges exists (the
-    /// memory store) or Redis cannot answer now.
+    /// The memory store has nothing newer than this process's own merges
+    /// (empty); `None` when Redis cannot answer now.
     pub async fn read_merged(&self, keys: &[(i64, String)]) -> Option<Vec<MergeInput>> {
         match self {
-            Store::Memory(_) => None,
+            // In memory, nothing is shared: the caller's rows are current.
+            Store::Memory(_) => Some(Vec::new()),
             Store::Redis(r) => r.read_merged(keys).await,
         }
     }
