@@ -91,12 +91,7 @@ impl Fence {
                 Ok(mut f) => {
                     // Who holds it, for operators: process id and instance id.
                     use std::io::Write;
-                    let _ = writeln!(
-                        f,
-                        "{} {}",
-                        std::process::id(),
-                        crate::timefmt::instance_id()
-                    );
+                    let _ = writeln!(f, "{}", crate::timefmt::instance_label());
                     break;
                 }
                 // Another instance claimed it first: the next one is ours.

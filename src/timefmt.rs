@@ -66,6 +66,12 @@ pub fn instance_id() -> &'static str {
     ID.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
 }
 
+/// `<process id> <instance id>`: who wrote something, for operators and
+/// tests (lease holder, epoch markers, model versions, file lineage).
+pub fn instance_label() -> String {
+    format!("{} {}", std::process::id(), instance_id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

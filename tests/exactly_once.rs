@@ -1348,6 +1348,33 @@ async fn broker_frozen_for_a_minute_mid_stream() {
     eprintln!("broker frozen 60 s: every record checkpointed {resumed:?} after the thaw");
 }
 
+/// Waits until `{p}:reco:meta` (`meta_key`) shows `version` served with
+/// `pinned` ("1": a rolled-back version, "0": the live model); the wait.
+async fn wait_served(
+    con: &mut redis::aio::MultiplexedConnection,
+    meta_key: &str,
+    version: u64,
+    pinned: &str,
+    log: impl Fn() -> String,
+) -> Duration {
+    use redis::AsyncCommands;
+    let t0 = Instant::now();
+    loop {
+        let m: std::collections::HashMap<String, String> = con.hgetall(meta_key).await.unwrap();
+        if m.get("version") == Some(&version.to_string())
+            && m.get("pinned").map(String::as_str) == Some(pinned)
+        {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "version {version} (pinned {pinned}) not served: {m:?}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Model versions and rollback, against real tansu and redis-server: the
 /// writer records a version per `reco.version_ms` with its quality
 /// figures; `pulse model rollback --to V` makes Redis serve exactly that
@@ -1434,22 +1461,7 @@ async fn model_versions_are_recorded_and_rolled_back() {
     assert!(!later.is_empty(), "users first seen after version {v1}");
     let out = h.model_cmd(&["rollback", "--to", &v1.to_string()]);
     assert!(out.contains(&format!("pinned version {v1}")), "{out}");
-    let t0 = Instant::now();
-    loop {
-        let m: std::collections::HashMap<String, String> = con.hgetall(&meta_key).await.unwrap();
-        if m.get("version") == Some(&v1.to_string())
-            && m.get("pinned").map(String::as_str) == Some("1")
-        {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "rollback not served: {m:?}\n{}",
-            h.log("run")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rolled_back_in = t0.elapsed();
+    let rolled_back_in = wait_served(&mut con, &meta_key, v1, "1", || h.log("run")).await;
     let served: usize = con.hlen(&user_key).await.unwrap();
     assert_eq!(
         served,
@@ -1507,21 +1519,7 @@ async fn model_versions_are_recorded_and_rolled_back() {
     // Back to the live model: every event learned, the later users served.
     let out = h.model_cmd(&["rollback", "--to", "latest"]);
     assert!(out.contains("unpinned"), "{out}");
-    let t0 = Instant::now();
-    loop {
-        let m: std::collections::HashMap<String, String> = con.hgetall(&meta_key).await.unwrap();
-        if m.get("version") == Some(&all.to_string())
-            && m.get("pinned").map(String::as_str) == Some("0")
-        {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "live model not served again: {m:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let back_in = t0.elapsed();
+    let back_in = wait_served(&mut con, &meta_key, all, "0", || h.log("run")).await;
     for u in &later {
         let got: Option<Vec<u8>> = con.hget(&user_key, u).await.unwrap();
         assert!(got.is_some(), "user {u} is served again");

@@ -180,17 +180,8 @@ async fn kafka_source_to_parquet_and_redis() {
         .iter()
         .filter(|p| p.ends_with(".parquet"))
     {
-        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(p).unwrap(),
-        )
-        .unwrap();
-        let kv = r.metadata().file_metadata().key_value_metadata().unwrap();
-        let get = |k: &str| {
-            kv.iter()
-                .find(|x| x.key == k)
-                .and_then(|x| x.value.clone())
-                .unwrap_or_default()
-        };
+        let kv = file_metadata(p);
+        let get = |k: &str| kv.get(k).cloned().unwrap_or_default();
         assert!(
             get("pulse.epoch").parse::<u64>().unwrap_or(0) >= 1,
             "{p}: {kv:?}"
@@ -379,6 +370,21 @@ async fn hostile_names_and_service_floods_become_dead_letters_by_reason() {
     assert!(services.contains("tenant-94") && !services.contains("tenant-95"));
 }
 
+/// A Parquet file's key-value metadata.
+fn file_metadata(path: &str) -> std::collections::HashMap<String, String> {
+    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(path).unwrap(),
+    )
+    .unwrap();
+    r.metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .into_iter()
+        .flatten()
+        .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()))
+        .collect()
+}
+
 /// Rewrites the Parquet file at `path` in place with `f` applied to each
 /// batch and `pulse.schema_version` = `version`, as another schema version
 /// of pulse would have written it; returns the rows it holds.
@@ -464,14 +470,10 @@ async fn a_nullable_column_added_to_the_contract_reads_under_old_and_new_files()
     // Every file carries the schema version it was written with.
     let version = pulse::model::TABLE_SCHEMA_VERSION.to_string();
     for p in &files {
-        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(p).unwrap(),
-        )
-        .unwrap();
-        let kv = r.metadata().file_metadata().key_value_metadata().unwrap();
-        assert!(
-            kv.iter()
-                .any(|k| k.key == "pulse.schema_version" && k.value.as_deref() == Some(&version)),
+        let kv = file_metadata(p);
+        assert_eq!(
+            kv.get("pulse.schema_version"),
+            Some(&version),
             "{p}: {kv:?}"
         );
     }

@@ -46,6 +46,8 @@ pub fn category(f: &DataFile) -> &str {
 /// One held-out category under one profile.
 #[derive(Debug, Clone)]
 pub struct Fold {
+    /// The held-out category; empty holds nothing out (`train` is then the
+    /// whole corpus's choice and `test` scores the empty set).
     pub category: String,
     pub profile: String,
     /// Index into the grid of the setting chosen on the other categories.
@@ -57,8 +59,6 @@ pub struct Fold {
     /// Anomaly windows in the held-out category (0: its normalised score is
     /// not defined; judge it by its false positives).
     pub windows: usize,
-    // An empty `category` holds nothing out: `train` is the whole corpus's
-    // choice and `test` scores the empty set.
 }
 
 /// Scores every file under every setting, then runs one fold per category

@@ -18,9 +18,10 @@
 //! lease next resumes from the latest snapshot and learns what follows once.
 //! A writer that lost its lease (frozen, cut off) has its model writes
 //! refused, stops and stands by; one that Redis cannot answer for the
-//! lease's lifetime pauses until it can, and goes on if nobody took over. A new writer publishes nothing until it
-//! has caught up with the version it found in `{p}:reco:meta`, so the
-//! served model never goes back to an older state.
+//! lease's lifetime pauses until it can, and goes on if nobody took over.
+//! A new writer publishes nothing until it has caught up with the version
+//! it found in `{p}:reco:meta`, so the served model never goes back to an
+//! older state.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -429,7 +430,7 @@ impl FleetTrainer {
         pin: Option<u64>,
         renewed_at: Instant,
     ) -> bool {
-        if self.redis.is_some() && renewed_at.elapsed() >= self.lease.ttl() {
+        if !self.lease_fresh(renewed_at) {
             return false;
         }
         let f = quality.figures();
@@ -444,7 +445,7 @@ impl FleetTrainer {
             ndcg_at_10: f.ndcg,
             popularity_recall_at_10: f.popularity_recall,
             popularity_ndcg_at_10: f.popularity_ndcg,
-            instance: format!("{} {}", std::process::id(), crate::timefmt::instance_id()),
+            instance: crate::timefmt::instance_label(),
             token,
             pulse_version: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -489,6 +490,13 @@ impl FleetTrainer {
             .unwrap_or(0)
     }
 
+    /// Whether the lease, last confirmed at `renewed_at`, is still this
+    /// writer's while Redis does not answer: within its lifetime (always,
+    /// for the local lease of a memory store).
+    fn lease_fresh(&self, renewed_at: Instant) -> bool {
+        self.redis.is_none() || renewed_at.elapsed() < self.lease.ttl()
+    }
+
     /// Renews the lease held with `token`. While Redis does not answer,
     /// the writer goes on within the lease's lifetime since its last
     /// renewal; past it another instance may have taken the lease, so the
@@ -515,7 +523,7 @@ impl FleetTrainer {
                 }
                 Ok(false) => return Renewal::Lost,
                 Err(e) => {
-                    if renewed_at.elapsed() < self.lease.ttl() {
+                    if self.lease_fresh(*renewed_at) {
                         tracing::warn!(error = %e, "cannot renew the model writer lease");
                         return Renewal::Held;
                     }
@@ -552,7 +560,7 @@ impl FleetTrainer {
             match self.handle.block_on(self.lease.renew(token)) {
                 Ok(true) => *renewed_at = Instant::now(),
                 Ok(false) => return,
-                Err(_) if renewed_at.elapsed() >= self.lease.ttl() => return,
+                Err(_) if !self.lease_fresh(*renewed_at) => return,
                 Err(_) => {}
             }
         }

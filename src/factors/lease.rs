@@ -73,7 +73,7 @@ impl Lease {
             conn,
             key: format!("{prefix}:reco:lease"),
             token_key: format!("{prefix}:reco:token"),
-            me: format!("{} {}", std::process::id(), crate::timefmt::instance_id()),
+            me: crate::timefmt::instance_label(),
             ttl,
             timeout,
         }

@@ -468,10 +468,8 @@ impl TableWriter {
             "writer",
             format!("pulse {}", env!("CARGO_PKG_VERSION")),
         ));
-        f.writer.append_key_value_metadata(kv(
-            "instance",
-            format!("{} {}", std::process::id(), crate::timefmt::instance_id()),
-        ));
+        f.writer
+            .append_key_value_metadata(kv("instance", crate::timefmt::instance_label()));
         if let Some(fence) = &self.fence {
             f.writer
                 .append_key_value_metadata(kv("epoch", fence.epoch(owner).to_string()));
