@@ -421,11 +421,7 @@ async fn prometheus_scrapes_pulse_run_and_serve_and_loads_the_rules() {
         .unwrap();
     assert!(st.success(), "pulse gen failed");
 
-    let (run_port, serve_port, prom_port) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
+    let (run_port, serve_port) = (common::free_port(), common::free_port());
     let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
     let mut procs = Procs(Vec::new());
     let run = Command::new(pulse)
@@ -469,6 +465,9 @@ async fn prometheus_scrapes_pulse_run_and_serve_and_loads_the_rules() {
         ),
     )
     .unwrap();
+    // Picked just before it binds: a port picked earlier was taken once by
+    // an outgoing connection of the processes started meanwhile.
+    let prom_port = common::free_port();
     let p = prometheus
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
