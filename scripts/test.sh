@@ -12,6 +12,11 @@ if ! python3 -c 'import pyarrow' >/dev/null 2>&1; then
   echo "test.sh: installing pyarrow" >&2
   python3 -m pip install --quiet --disable-pip-version-check pyarrow >&2
 fi
+# deltalake: the independent reader of the Delta tables in the integration tests.
+if ! python3 -c 'import deltalake' >/dev/null 2>&1; then
+  echo "test.sh: installing deltalake" >&2
+  python3 -m pip install --quiet --disable-pip-version-check deltalake >&2
+fi
 # Chromium: the dashboard's browser test (Debian package, headless).
 if ! command -v chromium >/dev/null 2>&1; then
   echo "test.sh: installing chromium" >&2

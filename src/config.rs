@@ -288,8 +288,23 @@ pub struct RedisConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParquetConfig {
-    /// Root of the Hive-partitioned tables.
+    /// Root of the tables: `<data_dir>/<table>/dt=YYYY-MM-DD/hour=HH/`.
     pub data_dir: PathBuf,
+    /// `delta`: each table is a Delta Lake table whose log says which files
+    /// are in it (fresh commits, atomic compaction); `hive`: plain
+    /// Hive-partitioned Parquet, where every file in the directories is data.
+    pub format: TableFormat,
+    /// An open file is committed at the latest this many seconds after its
+    /// first row, and final minute rows are written at the latest this long
+    /// after they became final: what an analyst waits for fresh rows.
+    pub commit_secs: u64,
+    /// Delta: once an hour can no longer change, its files are rewritten
+    /// into one per (table, source partition, hour) in one atomic commit.
+    pub compact: bool,
+    /// Delta: files no longer in the table (compacted away, or written by
+    /// an instance that crashed before logging them) are deleted this many
+    /// hours after they left it; readers of older snapshots need them until then.
+    pub vacuum_hours: u64,
     /// Rows per row group.
     pub row_group_rows: usize,
     /// Roll a file at this many rows.
@@ -381,10 +396,22 @@ impl Default for RedisConfig {
     }
 }
 
+/// How the tables say which files they hold.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TableFormat {
+    Delta,
+    Hive,
+}
+
 impl Default for ParquetConfig {
     fn default() -> Self {
         ParquetConfig {
             data_dir: PathBuf::from("pulse-data"),
+            format: TableFormat::Delta,
+            commit_secs: 60,
+            compact: true,
+            vacuum_hours: 24,
             row_group_rows: 131_072,
             max_file_rows: 4_000_000,
             buffer_mb: 32,
@@ -510,6 +537,14 @@ impl Config {
                 "parquet.row_group_rows, parquet.max_file_rows and parquet.buffer_mb must be > 0"
                     .into(),
             );
+        }
+        if self.parquet.commit_secs == 0 {
+            return bad("parquet.commit_secs must be > 0".into());
+        }
+        // The vacuum deletes unlogged files older than its retention, files
+        // still being written included: the retention must outlast them.
+        if self.parquet.vacuum_hours * 3600 < 2 * self.parquet.commit_secs {
+            return bad("parquet.vacuum_hours must be at least twice parquet.commit_secs".into());
         }
         if !(1..=22).contains(&self.parquet.zstd_level) {
             return bad("parquet.zstd_level must be 1..=22".into());

@@ -1,10 +1,11 @@
 //! `pulse query`: DataFusion SQL over the Parquet tables. Consumes a data
 //! directory; registers every table found there (`events`, `dead_letters`,
-//! `minute_stats`, `top_items`, and later ones) as a Hive-partitioned listing
-//! table with `dt` and `hour` partition columns, so filters on them prune
-//! directories; produces result batches and renders them as a table, CSV or
-//! JSON lines. Read-only: sees only committed files (in-progress files are
-//! hidden by name and extension).
+//! `minute_stats`, `top_items`, and later ones): a Delta table as its latest
+//! snapshot, a plain directory as a Hive-partitioned listing table; both have
+//! `dt` and `hour` partition columns, so filters on them prune files; produces
+//! result batches and renders them as a table, CSV or JSON lines. Read-only:
+//! sees only committed files (Delta: those the log holds; Hive: in-progress
+//! files are hidden by name and extension).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,6 +23,8 @@ pub enum QueryError {
     DataFusion(#[from] DataFusionError),
     #[error("format: {0}")]
     Format(#[from] datafusion::arrow::error::ArrowError),
+    #[error("table {0}")]
+    Table(String),
     #[error("unknown output format {0:?} (table, csv or json)")]
     UnknownFormat(String),
 }
@@ -44,6 +47,10 @@ pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
     let root = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     for (name, schema) in known_tables() {
         let dir = root.join(name);
+        if dir.join("_delta_log").is_dir() {
+            register_delta(&ctx, name, &dir, &schema).await?;
+            continue;
+        }
         // An absent table is registered empty, so queries on it return no rows.
         std::fs::create_dir_all(&dir).ok();
         let opts = ListingOptions::new(Arc::new(ParquetFormat::default()))
@@ -57,6 +64,38 @@ pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
             .await?;
     }
     Ok(ctx)
+}
+
+/// Registers the latest snapshot of a Delta table under `name`, with the
+/// columns typed as in the files (Delta stores timestamps as microseconds).
+async fn register_delta(
+    ctx: &SessionContext,
+    name: &str,
+    dir: &Path,
+    schema: &SchemaRef,
+) -> Result<(), QueryError> {
+    let url = url::Url::from_directory_path(dir)
+        .map_err(|_| QueryError::Table(format!("{}: not a directory path", dir.display())))?;
+    let delta = |e: deltalake::DeltaTableError| QueryError::Table(format!("{name}: {e}"));
+    let table = deltalake::open_table(url).await.map_err(delta)?;
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(delta)?;
+    let provider = table.table_provider().await?;
+    let df = ctx.read_table(provider)?;
+    let mut cols: Vec<datafusion::prelude::Expr> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            datafusion::prelude::cast(datafusion::prelude::col(f.name()), f.data_type().clone())
+                .alias(f.name())
+        })
+        .collect();
+    for c in ["dt", "hour"] {
+        cols.push(datafusion::prelude::col(c));
+    }
+    ctx.register_table(name, df.select(cols)?.into_view())?;
+    Ok(())
 }
 
 pub async fn run_sql(data_dir: &Path, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {

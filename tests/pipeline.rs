@@ -450,6 +450,8 @@ async fn a_nullable_column_added_to_the_contract_reads_under_old_and_new_files()
     drop(f);
     let mut cfg = config(&data);
     cfg.parquet.max_file_rows = 3000;
+    // Plain Hive files, as directory readers (pyarrow, DuckDB, Polars, Spark) read them.
+    cfg.parquet.format = pulse::config::TableFormat::Hive;
     let (_tx, rx) = tokio::sync::watch::channel(false);
     app::run(
         &cfg,

@@ -124,6 +124,10 @@ pub struct Core {
     instance: Windower,
     store: Store,
     lateness_ms: i64,
+    /// Final minute rows wait for their hour to close (one file per hour)
+    /// at most this long: then they are written, for readers' freshness.
+    commit_after: Duration,
+    last_final_flush: Instant,
     summary: Summary,
     tracker: AnomalyTracker,
     busy: Duration,
@@ -183,6 +187,8 @@ impl Core {
             instance: Windower::with_idleness(params, cfg.window.idle_partition_ms as i64),
             store,
             lateness_ms: params.allowed_lateness_ms,
+            commit_after: Duration::from_secs(cfg.parquet.commit_secs.max(1)),
+            last_final_flush: Instant::now(),
             summary: Summary::default(),
             tracker: AnomalyTracker::new(cfg.detect.detector(), cfg.detect.recover_windows)
                 .with_drift(cfg.detect.drift_config()),
@@ -993,6 +999,13 @@ impl Core {
         keys: &[i32],
         pq: &mpsc::Sender<ParquetMsg>,
     ) -> Result<(), PipelineError> {
+        if self.last_final_flush.elapsed() >= self.commit_after {
+            self.last_final_flush = Instant::now();
+            for t in self.tasks.values_mut() {
+                let flush = flush_pending(t, i64::MAX);
+                write_rows(flush, pq, &mut self.summary).await?;
+            }
+        }
         for &k in keys {
             let Some(t) = self.tasks.get_mut(&k) else {
                 continue;

@@ -322,11 +322,18 @@ pub async fn redis_stats(url: &str, prefix: &str) -> StatRows {
 /// Row counts read by pyarrow, an independent Parquet reader.
 pub fn pyarrow_counts(dir: &Path) -> (u64, u64, u64) {
     let script = r#"
-import sys, pyarrow.dataset as ds
+import os, sys, pyarrow.dataset as ds
 root = sys.argv[1]
-ev = ds.dataset(root + "/events", format="parquet", partitioning="hive")
-ms = ds.dataset(root + "/minute_stats", format="parquet", partitioning="hive")
-dl = ds.dataset(root + "/dead_letters", format="parquet", partitioning="hive")
+def table(name):
+    path = root + "/" + name
+    if os.path.isdir(path + "/_delta_log"):
+        # A Delta table: what the deltalake package reads from its log.
+        from deltalake import DeltaTable
+        return DeltaTable(path).to_pyarrow_dataset()
+    return ds.dataset(path, format="parquet", partitioning="hive")
+ev = table("events")
+ms = table("minute_stats")
+dl = table("dead_letters")
 req = ms.to_table(columns=["requests"]).column("requests").to_pylist()
 print(ev.count_rows(), sum(req), dl.count_rows())
 "#;

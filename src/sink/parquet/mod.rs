@@ -14,6 +14,7 @@
 //! found in the hour's directory on first use) and skips rows at or below it,
 //! so a file never overlaps a committed one, whatever was in flight at a crash.
 
+pub mod delta;
 pub mod stage;
 
 use std::collections::HashMap;
@@ -46,6 +47,8 @@ pub enum ParquetError {
     Arrow(#[from] datafusion::arrow::error::ArrowError),
     #[error("batch lacks column {0}")]
     Column(String),
+    #[error(transparent)]
+    Delta(#[from] delta::DeltaError),
 }
 
 /// How a table is partitioned and named.
@@ -82,6 +85,9 @@ struct OpenFile {
     rows: usize,
     first: i64,
     last: i64,
+    time_min: i64,
+    time_max: i64,
+    opened: std::time::Instant,
 }
 
 /// Writer of one table; open files are keyed by (hour start, source partition).
@@ -104,6 +110,12 @@ pub struct TableWriter {
     fence: Option<Arc<crate::fence::Fence>>,
     /// Files refused that way.
     pub fenced: u64,
+    /// Delta: the table's log; files are in the table once it commits them.
+    log: Option<delta::DeltaLog>,
+    /// Delta: last position per (hour, partition) in the loaded snapshot.
+    logged: std::collections::BTreeMap<(i64, i32), i64>,
+    /// Delta: (hour, partition)s given files since they were last compacted.
+    fragmented: std::collections::BTreeSet<(i64, i32)>,
 }
 
 const HOUR_MS: i64 = 3_600_000;
@@ -151,7 +163,242 @@ impl TableWriter {
             skipped: 0,
             fence: None,
             fenced: 0,
+            log: None,
+            logged: Default::default(),
+            fragmented: Default::default(),
         })
+    }
+
+    /// Makes the table a Delta Lake table (created if absent): files enter
+    /// it by [`TableWriter::commit_log`], and the replay skip reads the
+    /// positions its snapshot holds instead of the directory.
+    pub fn with_delta(mut self) -> Result<Self, ParquetError> {
+        let log = delta::DeltaLog::open(
+            &self.root,
+            self.spec.name,
+            &self.spec.schema,
+            self.spec.time_column,
+            self.spec.position_column == "src_offset",
+        )?;
+        self.log = Some(log);
+        self.load_positions();
+        Ok(self)
+    }
+
+    /// Rebuilds the logged positions from the loaded snapshot.
+    fn load_positions(&mut self) {
+        let Some(log) = &self.log else { return };
+        let positions = log.positions(self.spec.positioned);
+        self.fragmented.extend(delta::fragmented(&positions));
+        self.logged = positions.into_iter().map(|(k, (l, _))| (k, l)).collect();
+    }
+
+    /// A partition this instance now owns: its positions are read afresh
+    /// from the table's latest snapshot (another owner may have logged more).
+    pub fn adopt(&mut self, partition: i32) -> Result<(), ParquetError> {
+        self.committed.retain(|k, _| k.1 != partition);
+        if let Some(log) = &mut self.log {
+            log.refresh()?;
+            self.load_positions();
+        }
+        Ok(())
+    }
+
+    /// Whether the table is a Delta table.
+    pub fn is_delta(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Files made durable but not yet committed to the log.
+    pub fn unlogged(&self) -> usize {
+        self.log.as_ref().map_or(0, |l| l.pending().len())
+    }
+
+    /// Delta: commits the durable files not yet in the log, in one commit
+    /// (files of partitions another instance took over are left out).
+    pub fn commit_log(&mut self) -> Result<(), ParquetError> {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
+        if log.pending().is_empty() {
+            return Ok(());
+        }
+        if let Some(fence) = &self.fence {
+            let owners: std::collections::BTreeSet<i32> =
+                log.pending().iter().map(|f| f.partition).collect();
+            for p in owners {
+                if !fence.holds(p, "delta") {
+                    let n = log.unstage(p);
+                    self.fenced += n as u64;
+                    self.open.retain(|k, _| k.1 != p);
+                    self.committed.retain(|k, _| k.1 != p);
+                }
+            }
+        }
+        for f in log.commit_pending()? {
+            self.fragmented.insert((f.hour, f.partition));
+            let e = self.logged.entry((f.hour, f.partition)).or_insert(f.last);
+            *e = (*e).max(f.last);
+        }
+        Ok(())
+    }
+
+    /// Delta: deletes files that left the table more than `retention` ago.
+    pub fn vacuum(&mut self, retention: std::time::Duration) -> Result<usize, ParquetError> {
+        match &mut self.log {
+            Some(log) => Ok(log.vacuum(retention)?),
+            None => Ok(0),
+        }
+    }
+
+    /// Commits the open files whose first row came `age` ago or earlier.
+    pub fn roll_older_than(&mut self, age: std::time::Duration) -> Result<(), ParquetError> {
+        let old: Vec<(i64, i32)> = self
+            .open
+            .iter()
+            .filter(|(_, f)| f.opened.elapsed() >= age)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in old {
+            if let Some(f) = self.open.remove(&k) {
+                self.commit(k, f)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Delta: rewrites the files of each (hour, partition) satisfying
+    /// `closed` into one, swapped in by one commit. Commits pending files first.
+    pub fn compact(&mut self, closed: impl Fn(&(i64, i32)) -> bool) -> Result<usize, ParquetError> {
+        if self.log.is_none() {
+            return Ok(0);
+        }
+        let keys: Vec<(i64, i32)> = self
+            .fragmented
+            .iter()
+            .filter(|k| closed(k) && !self.open.contains_key(k))
+            .copied()
+            .collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.commit_log()?;
+        let positions = self.log.as_ref().map(|l| l.positions(self.spec.positioned));
+        let positions = positions.unwrap_or_default();
+        let mut done = 0;
+        for key in keys {
+            self.fragmented.remove(&key);
+            let owner = if self.spec.positioned { key.1 } else { 0 };
+            if let Some(fence) = &self.fence
+                && !fence.holds(owner, "compaction")
+            {
+                continue;
+            }
+            let Some((_, files)) = positions.get(&key) else {
+                continue;
+            };
+            if files.len() < 2 {
+                continue;
+            }
+            match self.compact_one(key, files) {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    // The files stay as they are: the table is unchanged.
+                    metrics::counter!("pulse_delta_compaction_failures_total", "table" => self.spec.name)
+                        .increment(1);
+                    tracing::warn!(table = self.spec.name, hour = key.0, partition = key.1, error = %e, "compaction failed; the hour keeps its files");
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    fn compact_one(&mut self, key: (i64, i32), files: &[String]) -> Result<(), ParquetError> {
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let mut files = files.to_vec();
+        // In position order, so the rows keep the order they were written in.
+        files.sort_by_key(|p| delta::parse_path(p, self.spec.positioned).map(|x| x.2));
+        let dir = self.root.join(partition_dir(key.0));
+        self.seq += 1;
+        let tmp = dir.join(format!(
+            ".inprogress-p{}-{}-{}.tmp",
+            key.1,
+            crate::timefmt::instance_id(),
+            self.seq
+        ));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ParquetError::Io { path, source }
+        };
+        let file = File::create(&tmp).map_err(io(&tmp))?;
+        let writer = ArrowWriter::try_new(
+            BufWriter::with_capacity(1 << 20, file),
+            self.spec.schema.clone(),
+            Some(self.props.clone()),
+        )?;
+        let mut out = OpenFile {
+            writer,
+            dir: dir.clone(),
+            tmp: tmp.clone(),
+            rows: 0,
+            first: i64::MAX,
+            last: i64::MIN,
+            time_min: i64::MAX,
+            time_max: i64::MIN,
+            opened: std::time::Instant::now(),
+        };
+        let result = (|| -> Result<(), ParquetError> {
+            for rel in &files {
+                let path = self.root.join(rel);
+                let f = File::open(&path).map_err(io(&path))?;
+                for b in ParquetRecordBatchReaderBuilder::try_new(f)?.build()? {
+                    let b = b?;
+                    let b = RecordBatch::try_new(self.spec.schema.clone(), b.columns().to_vec())?;
+                    let pos = position_values(&b, self.spec.position_column)?;
+                    let ts = position_values(&b, self.spec.time_column)?;
+                    for (&p, &t) in pos.iter().zip(&ts) {
+                        out.first = out.first.min(p);
+                        out.last = out.last.max(p);
+                        out.time_min = out.time_min.min(t);
+                        out.time_max = out.time_max.max(t);
+                    }
+                    out.rows += b.num_rows();
+                    out.writer.write(&b)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            drop(out.writer);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let (name, f) = self.finish_file(key, out)?;
+        let target = dir.join(&name);
+        // A file of this name not in the log is a compaction that crashed
+        // before its commit, of the same rows: replaced.
+        std::fs::rename(&f.tmp, &target).map_err(io(&target))?;
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        let logged = delta::LoggedFile {
+            path: format!("{}/{name}", partition_dir(key.0)),
+            hour: key.0,
+            partition: key.1,
+            rows: f.rows,
+            bytes: f.bytes,
+            first: f.first,
+            last: f.last,
+            time_min: f.time_min,
+            time_max: f.time_max,
+        };
+        if files.contains(&logged.path) {
+            return Ok(()); // the hour's files were already one
+        }
+        let log = self.log.as_mut().expect("checked by compact");
+        log.replace(&files, &logged)?;
+        tracing::info!(table = self.spec.name, hour = key.0, partition = key.1, files = files.len(), rows = f.rows, "hour compacted");
+        Ok(())
     }
 
     /// Checks each commit against the partitions' ownership epochs (files
@@ -208,6 +455,13 @@ impl TableWriter {
         if let Some(v) = self.committed.get(&key) {
             return *v;
         }
+        if self.log.is_some() {
+            // Delta: only logged files count; a file renamed into place by
+            // an instance that crashed before logging it is not in the table.
+            let last = self.logged.get(&key).copied();
+            self.committed.insert(key, last);
+            return last;
+        }
         let dir = self.root.join(partition_dir(key.0));
         let prefix = if self.spec.positioned {
             format!("part-{:05}-", key.1)
@@ -247,6 +501,9 @@ impl TableWriter {
     /// deleted unpublished (the next owner rewrites them from the checkpoint)
     /// and its committed positions are looked up afresh if it comes back.
     pub fn drop_partition(&mut self, partition: i32) {
+        if let Some(log) = &mut self.log {
+            log.unstage(partition);
+        }
         for k in self.open_keys(|k| k.1 == partition) {
             if let Some(f) = self.open.remove(&k) {
                 drop(f.writer);
@@ -254,6 +511,7 @@ impl TableWriter {
             }
         }
         self.committed.retain(|k, _| k.1 != partition);
+        self.fragmented.retain(|k| k.1 != partition);
     }
 
     /// Closes every open file of `partition`.
@@ -348,12 +606,16 @@ impl TableWriter {
             let (first, last) = rows.iter().fold((i64::MAX, i64::MIN), |(a, b), &r| {
                 (a.min(pos[r as usize]), b.max(pos[r as usize]))
             });
+            let times = rows.iter().fold((i64::MAX, i64::MIN), |(a, b), &r| {
+                let t = ts.value(r as usize);
+                (a.min(t), b.max(t))
+            });
             let part = if rows.len() == batch.num_rows() {
                 batch.clone()
             } else {
                 take_record_batch(batch, &UInt32Array::from(rows))?
             };
-            self.append(key, &part, first, last)?;
+            self.append(key, &part, (first, last), times)?;
         }
         self.enforce_buffer_limit()
     }
@@ -362,8 +624,8 @@ impl TableWriter {
         &mut self,
         key: (i64, i32),
         part: &RecordBatch,
-        first: i64,
-        last: i64,
+        (first, last): (i64, i64),
+        (time_min, time_max): (i64, i64),
     ) -> Result<(), ParquetError> {
         if !self.open.contains_key(&key) {
             let dir = self.root.join(partition_dir(key.0));
@@ -396,6 +658,9 @@ impl TableWriter {
                     rows: 0,
                     first,
                     last,
+                    time_min,
+                    time_max,
+                    opened: std::time::Instant::now(),
                 },
             );
         }
@@ -411,6 +676,8 @@ impl TableWriter {
             .increment(part.num_rows() as u64);
         f.first = f.first.min(first);
         f.last = f.last.max(last);
+        f.time_min = f.time_min.min(time_min);
+        f.time_max = f.time_max.max(time_max);
         if f.rows >= self.max_file_rows {
             let f = self.open.remove(&key).expect("present");
             self.commit(key, f)?;
@@ -437,7 +704,7 @@ impl TableWriter {
         self.close_hours_before(i64::MAX)
     }
 
-    fn commit(&mut self, key: (i64, i32), mut f: OpenFile) -> Result<(), ParquetError> {
+    fn commit(&mut self, key: (i64, i32), f: OpenFile) -> Result<(), ParquetError> {
         let started = std::time::Instant::now();
         let owner = if self.spec.positioned { key.1 } else { 0 };
         if let Some(fence) = &self.fence
@@ -451,6 +718,61 @@ impl TableWriter {
             self.drop_partition(owner);
             return Ok(());
         }
+        let dir = f.dir.clone();
+        let (name, f) = self.finish_file(key, f)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ParquetError::Io { path, source }
+        };
+        let target = dir.join(&name);
+        if target.exists() {
+            // Same content was written before a crash or replay: durable
+            // already (and, for Delta, logged below if it was not yet).
+            std::fs::remove_file(&f.tmp).map_err(io(&f.tmp))?;
+        } else {
+            std::fs::rename(&f.tmp, &target).map_err(io(&target))?;
+            if let Ok(d) = File::open(&dir) {
+                let _ = d.sync_all();
+            }
+        }
+        if let Some(log) = &mut self.log {
+            log.stage(delta::LoggedFile {
+                path: format!("{}/{name}", partition_dir(key.0)),
+                hour: key.0,
+                partition: owner,
+                rows: f.rows,
+                bytes: f.bytes,
+                first: f.first,
+                last: f.last,
+                time_min: f.time_min,
+                time_max: f.time_max,
+            });
+        }
+        tracing::debug!(table = self.spec.name, file = %target.display(), rows = f.rows, "parquet file committed");
+        metrics::histogram!("pulse_parquet_commit_seconds", "table" => self.spec.name)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("pulse_files_written_total", "table" => self.spec.name).increment(1);
+        metrics::counter!("pulse_bytes_written_total", "table" => self.spec.name)
+            .increment(f.bytes);
+        let prev = self.committed.get(&key).copied().flatten();
+        self.committed
+            .insert(key, Some(prev.map_or(f.last, |p| p.max(f.last))));
+        self.written.push(WrittenFile {
+            path: target,
+            rows: f.rows,
+            bytes: f.bytes,
+        });
+        Ok(())
+    }
+
+    /// Writes a file's footer with pulse's key-value metadata and syncs it:
+    /// returns its final name and what it holds.
+    fn finish_file(
+        &self,
+        key: (i64, i32),
+        mut f: OpenFile,
+    ) -> Result<(String, Finished), ParquetError> {
+        let owner = if self.spec.positioned { key.1 } else { 0 };
         let name = if self.spec.positioned {
             format!("part-{:05}-{:020}-{:020}.parquet", key.1, f.first, f.last)
         } else {
@@ -501,31 +823,30 @@ impl TableWriter {
         file.sync_all().map_err(io(&f.tmp))?;
         let bytes = file.metadata().map_err(io(&f.tmp))?.len();
         drop(file);
-        let target = f.dir.join(&name);
-        if target.exists() {
-            // Same content was committed before a crash or replay: done already.
-            std::fs::remove_file(&f.tmp).map_err(io(&f.tmp))?;
-        } else {
-            std::fs::rename(&f.tmp, &target).map_err(io(&target))?;
-            if let Ok(d) = File::open(&f.dir) {
-                let _ = d.sync_all();
-            }
-        }
-        tracing::debug!(table = self.spec.name, file = %target.display(), rows = f.rows, "parquet file committed");
-        metrics::histogram!("pulse_parquet_commit_seconds", "table" => self.spec.name)
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("pulse_files_written_total", "table" => self.spec.name).increment(1);
-        metrics::counter!("pulse_bytes_written_total", "table" => self.spec.name).increment(bytes);
-        let prev = self.committed.get(&key).copied().flatten();
-        self.committed
-            .insert(key, Some(prev.map_or(f.last, |p| p.max(f.last))));
-        self.written.push(WrittenFile {
-            path: target,
-            rows: f.rows,
-            bytes,
-        });
-        Ok(())
+        Ok((
+            name,
+            Finished {
+                tmp: f.tmp,
+                rows: f.rows,
+                bytes,
+                first: f.first,
+                last: f.last,
+                time_min: f.time_min,
+                time_max: f.time_max,
+            },
+        ))
     }
+}
+
+/// A file written and synced under its in-progress name.
+struct Finished {
+    tmp: PathBuf,
+    rows: usize,
+    bytes: u64,
+    first: i64,
+    last: i64,
+    time_min: i64,
+    time_max: i64,
 }
 
 /// Removes leftovers of interrupted writes (never visible to readers anyway).
@@ -654,8 +975,15 @@ fn remove_matching(dir: &Path, prefix: &str) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Convenience for tests and tools: every committed parquet file under a table.
+/// Convenience for tests and tools: the data files of a table: those of its
+/// latest snapshot for a Delta table, else every visible Parquet file.
 pub fn list_files(data_dir: &Path, table: &str) -> Vec<PathBuf> {
+    let root = data_dir.join(table);
+    if let Some(files) = delta::snapshot_files(&root) {
+        let mut out: Vec<PathBuf> = files.iter().map(|f| root.join(f)).collect();
+        out.sort();
+        return out;
+    }
     let mut out = Vec::new();
     let mut stack = vec![data_dir.join(table)];
     while let Some(d) = stack.pop() {
@@ -930,5 +1258,144 @@ mod tests {
         }
         assert_eq!(rows, 32_000);
         assert!(groups > 4, "row groups written early: {groups}");
+    }
+
+    fn rows_of(files: &[PathBuf]) -> Vec<i64> {
+        let mut out = Vec::new();
+        for f in files {
+            let r = ParquetRecordBatchReaderBuilder::try_new(File::open(f).unwrap()).unwrap();
+            for b in r.build().unwrap() {
+                out.extend(position_values(&b.unwrap(), "src_offset").unwrap());
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn delta_files_enter_the_table_by_commit_and_a_crash_before_it_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = TableWriter::new(dir.path(), dead_letters_spec(), 2, 2, 3)
+            .unwrap()
+            .with_delta()
+            .unwrap();
+        for r in [(0, 0, 10), (1, 0, 11), (2, 0, 12)] {
+            w.write(&dead(&[r])).unwrap();
+        }
+        // One file rolled (2 rows) and renamed into place, but not logged.
+        assert_eq!(w.unlogged(), 1);
+        assert!(list_files(dir.path(), "dead_letters").is_empty());
+        w.commit_log().unwrap();
+        assert_eq!(rows_of(&list_files(dir.path(), "dead_letters")), vec![10, 11]);
+        // A crash now: the file of 12..13 is durable but was never logged,
+        // and 14's is open.
+        w.write(&dead(&[(3, 0, 13)])).unwrap();
+        w.write(&dead(&[(4, 0, 14)])).unwrap();
+        assert_eq!(w.unlogged(), 1);
+        drop(w);
+        // The next owner (rolling at 3 rows) replays from 12: the unlogged
+        // rows are written again, in other files, and the table holds each once.
+        let mut w = TableWriter::new(dir.path(), dead_letters_spec(), 2, 3, 3)
+            .unwrap()
+            .with_delta()
+            .unwrap();
+        w.write(&dead(&[(2, 0, 12), (3, 0, 13), (4, 0, 14), (5, 0, 15)]))
+            .unwrap();
+        w.close_all().unwrap();
+        w.commit_log().unwrap();
+        assert_eq!(w.skipped, 0, "nothing logged at or past 12");
+        let files = list_files(dir.path(), "dead_letters");
+        assert_eq!(rows_of(&files), vec![10, 11, 12, 13, 14, 15]);
+        // The directory also holds the never-logged file, which no table reader sees.
+        let on_disk = std::fs::read_dir(dir.path().join("dead_letters").join(partition_dir(0)))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+            .count();
+        assert_eq!(on_disk, files.len() + 1);
+        // A third owner replaying the same rows skips them all.
+        let mut w = TableWriter::new(dir.path(), dead_letters_spec(), 2, 2, 3)
+            .unwrap()
+            .with_delta()
+            .unwrap();
+        w.write(&dead(&[(4, 0, 14), (5, 0, 15)])).unwrap();
+        assert_eq!(w.skipped, 2);
+        // Past the retention, the vacuum deletes the orphan and the crashed
+        // writer's in-progress file of 14.
+        assert_eq!(w.vacuum(std::time::Duration::ZERO).unwrap(), 2);
+        let left: Vec<String> =
+            std::fs::read_dir(dir.path().join("dead_letters").join(partition_dir(0)))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(rows_of(&list_files(dir.path(), "dead_letters")).len(), 6);
+    }
+
+    #[test]
+    fn compaction_swaps_an_hours_files_for_one_and_readers_never_see_a_row_twice_or_miss_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = TableWriter::new(dir.path(), dead_letters_spec(), 64, 50, 1)
+            .unwrap()
+            .with_delta()
+            .unwrap();
+        let mut next = 0i64;
+        let mut write_hour = |w: &mut TableWriter, n: i64| {
+            let rows: Vec<(i64, i32, i64)> = (0..n).map(|i| (i, 0, next + i)).collect();
+            next += n;
+            for chunk in rows.chunks(50) {
+                w.write(&dead(chunk)).unwrap();
+            }
+            w.close_all().unwrap();
+            w.commit_log().unwrap();
+        };
+        write_hour(&mut w, 1_000);
+        assert_eq!(list_files(dir.path(), "dead_letters").len(), 20);
+        // A reader polls the table's snapshot while the hour is compacted.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let root = dir.path().to_path_buf();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                let mut counts = std::collections::BTreeSet::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 3 {
+                    let rows = rows_of(&list_files(&root, "dead_letters"));
+                    let distinct: std::collections::BTreeSet<i64> = rows.iter().copied().collect();
+                    assert_eq!(distinct.len(), rows.len(), "a row read twice");
+                    counts.insert(rows.len());
+                    reads += 1;
+                }
+                (reads, counts)
+            })
+        };
+        for _ in 0..3 {
+            assert_eq!(w.compact(|_| true).unwrap(), 1);
+            // More rows of the same hour arrive late; compacted again.
+            write_hour(&mut w, 100);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (reads, counts) = reader.join().unwrap();
+        assert!(reads >= 3);
+        // Every snapshot read held the rows written so far: 1,000 plus whole
+        // late batches, never part of a batch.
+        assert!(counts.iter().all(|c| (c - 1_000) % 100 == 0), "{counts:?}");
+        assert_eq!(w.compact(|_| true).unwrap(), 1);
+        let files = list_files(dir.path(), "dead_letters");
+        assert_eq!(files.len(), 1);
+        assert_eq!(rows_of(&files), (0..1_300).collect::<Vec<_>>());
+        assert!(
+            files[0].to_string_lossy().ends_with(
+                "part-00000-00000000000000000000-00000000000000001299.parquet"
+            )
+        );
+        // A new writer (a restart) skips the compacted rows by the name.
+        let mut again = TableWriter::new(dir.path(), dead_letters_spec(), 64, 50, 1)
+            .unwrap()
+            .with_delta()
+            .unwrap();
+        again.write(&dead(&[(5, 0, 1_299), (6, 0, 1_300)])).unwrap();
+        assert_eq!(again.skipped, 1);
     }
 }

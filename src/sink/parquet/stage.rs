@@ -1,9 +1,13 @@
 //! The Parquet stage: one thread owning a writer per table. Consumes
 //! [`ParquetMsg`]s (rows to append, hours to close, partitions gained and
 //! lost, questions about open files) in the order the core stage sends them;
-//! produces committed files ([`super::TableWriter`]). Guarantee: what it
-//! answers about a partition reflects every message sent before the question,
-//! and a file is visible only once committed (renamed into place).
+//! produces committed files ([`super::TableWriter`]) and, for Delta tables,
+//! the log commits that put them in the tables. Guarantee: what it answers
+//! about a partition reflects every message sent before the question; before
+//! it answers (the core is about to checkpoint) every file written so far is
+//! in the log, so no checkpoint covers rows a reader cannot see. Open files
+//! are committed at the latest `commit_secs` after their first row, and
+//! closed hours are compacted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +19,21 @@ use super::{
     ParquetError, TableWriter, WrittenFile, anomalies_spec, dead_letters_spec, drift_spec,
     events_spec, minute_stats_spec, remove_in_progress, remove_in_progress_of, top_items_spec,
 };
-use crate::config::Config;
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// Deletes what left each Delta table more than `retention` ago (a failure
+/// is logged: the files only take space until the next vacuum).
+fn vacuum(tables: &mut [TableWriter], retention: Duration) {
+    for w in tables {
+        match w.vacuum(retention) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(table = w.name(), files = n, "vacuum deleted files no longer in the table"),
+            Err(e) => tracing::warn!(table = w.name(), error = %e, "vacuum failed"),
+        }
+    }
+}
+use crate::config::{Config, TableFormat};
 use crate::fence::Fence;
 
 /// What the Parquet stage is asked to do.
@@ -80,6 +98,7 @@ pub fn run(
     };
     // One writer per table; `events` and `dead_letters` first (the tables of
     // positioned source rows, with files open across batches).
+    let delta = pc.format == TableFormat::Delta;
     let mut tables = [
         events_spec(),
         dead_letters_spec(),
@@ -89,15 +108,61 @@ pub fn run(
         drift_spec(),
     ]
     .into_iter()
-    .map(mk)
+    .map(|spec| {
+        let w = mk(spec)?;
+        if delta { w.with_delta() } else { Ok(w) }
+    })
     .collect::<Result<Vec<_>, _>>()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|source| ParquetError::Io {
+            path: pc.data_dir.clone(),
+            source,
+        })?;
+    let commit_after = Duration::from_secs(pc.commit_secs);
+    let tick = Duration::from_millis(500).min(commit_after);
+    let mut last_tick = Instant::now();
+    let started = Instant::now();
+    let mut last_vacuum: Option<Instant> = None;
+    let log_all = |tables: &mut [TableWriter]| -> Result<(), ParquetError> {
+        for w in tables.iter_mut() {
+            w.commit_log()?;
+        }
+        Ok(())
+    };
     // Rows of closed hours and detections: written and committed at once.
     let commit_now = |w: &mut TableWriter, b: &RecordBatch| -> Result<(), ParquetError> {
         w.write(b)?;
         w.close_all()
     };
-    while let Some(m) = rx.blocking_recv() {
+    loop {
+        let m = match rt.block_on(async { tokio::time::timeout(tick, rx.recv()).await }) {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => break,
+            Err(_) => None,
+        };
         let t0 = Instant::now();
+        if last_tick.elapsed() >= tick {
+            last_tick = Instant::now();
+            for w in &mut tables {
+                w.roll_older_than(commit_after)?;
+            }
+            log_all(&mut tables)?;
+            let vacuum_due = match last_vacuum {
+                None => started.elapsed() >= Duration::from_secs(60),
+                Some(t) => t.elapsed() >= Duration::from_secs(3600),
+            };
+            let owner = fence.as_ref().is_none_or(|f| f.holds(0, "vacuum"));
+            if delta && vacuum_due && owner {
+                last_vacuum = Some(Instant::now());
+                vacuum(&mut tables, Duration::from_secs(pc.vacuum_hours * 3600));
+            }
+        }
+        let Some(m) = m else {
+            busy += t0.elapsed();
+            continue;
+        };
         match m {
             ParquetMsg::Events(b) => tables[EVENTS].write(&b)?,
             ParquetMsg::Dead(b) => tables[DEAD].write(&b)?,
@@ -112,8 +177,24 @@ pub fn run(
                         None => w.close_hours_before(ms)?,
                     }
                 }
+                if delta && pc.compact {
+                    let closed = |k: &(i64, i32)| k.0 + HOUR_MS <= ms;
+                    for (i, w) in tables.iter_mut().enumerate() {
+                        // Detections belong to partition 0's owner (the scorer).
+                        let mine = match part {
+                            None => true,
+                            Some(p) if i >= ANOMALIES => p == 0,
+                            Some(_) => true,
+                        };
+                        if mine {
+                            w.compact(|k| closed(k) && part.is_none_or(|p| i >= ANOMALIES || k.1 == p))?;
+                        }
+                    }
+                }
             }
             ParquetMsg::OpenFirst(p, reply) => {
+                // The core checkpoints next: what it no longer holds must be in the table.
+                log_all(&mut tables)?;
                 let first = tables[EVENTS..=DEAD]
                     .iter()
                     .filter_map(|w| w.open_first(p))
@@ -124,6 +205,7 @@ pub fn run(
                 for w in &mut tables[EVENTS..=DEAD] {
                     w.close_partition(p)?;
                 }
+                log_all(&mut tables)?;
                 let _ = reply.send(());
             }
             ParquetMsg::DropPartition(p, reply) => {
@@ -132,17 +214,22 @@ pub fn run(
                 }
                 let _ = reply.send(());
             }
-            ParquetMsg::Adopt(p) => match remove_in_progress_of(&pc.data_dir, p) {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(
-                        partition = p,
-                        removed = n,
-                        "removed leftovers of interrupted writes"
-                    )
+            ParquetMsg::Adopt(p) => {
+                match remove_in_progress_of(&pc.data_dir, p) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(
+                            partition = p,
+                            removed = n,
+                            "removed leftovers of interrupted writes"
+                        )
+                    }
+                    Err(e) => tracing::warn!(partition = p, error = %e, "cannot clean leftovers"),
                 }
-                Err(e) => tracing::warn!(partition = p, error = %e, "cannot clean leftovers"),
-            },
+                for w in &mut tables {
+                    w.adopt(p)?;
+                }
+            }
         }
         busy += t0.elapsed();
     }
@@ -151,6 +238,13 @@ pub fn run(
     if !kafka {
         for w in &mut tables {
             w.close_all()?;
+        }
+    }
+    log_all(&mut tables)?;
+    if delta && pc.compact && !kafka {
+        // The input has ended: no hour can change any more.
+        for w in &mut tables {
+            w.compact(|_| true)?;
         }
     }
     for w in &tables {
