@@ -853,7 +853,8 @@ async fn bench_kafka(
         );
     }
     if fresh_secs > 0 {
-        let s = pulse::eval::bench::freshness(&cfg, store().await?, fresh_rate, fresh_secs).await?;
+        let (s, tables) =
+            pulse::eval::bench::freshness(&cfg, store().await?, fresh_rate, fresh_secs).await?;
         let q = |x: f64| {
             s.freshness
                 .as_ref()
@@ -871,6 +872,25 @@ async fn bench_kafka(
         println!(
             "  bound for the target: window.out_of_orderness_ms + 200 = {} ms",
             cfg.window.out_of_orderness_ms + 200
+        );
+        let qs = |v: &[f64]| {
+            let q = |x| pulse::eval::bench::quantile(v, x) / 1000.0;
+            format!(
+                "p50 {:.1} s, p99 {:.1} s, max {:.1} s over {} rows",
+                q(0.5),
+                q(0.99),
+                q(1.0),
+                v.len()
+            )
+        };
+        println!(
+            "table freshness (a reader polling every 250 ms, parquet.commit_secs = {}):",
+            cfg.parquet.commit_secs
+        );
+        println!("  events, from the event's time: {}", qs(&tables.events));
+        println!(
+            "  minute_stats, from the window's end + out-of-orderness + allowed lateness: {}",
+            qs(&tables.minute_rows)
         );
     }
     if let Some(rss) = peak_rss_bytes() {

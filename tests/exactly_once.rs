@@ -1542,7 +1542,8 @@ async fn model_versions_are_recorded_and_rolled_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_are_queryable_within_commit_secs_while_pulse_runs() {
     let mut h = Harness::new(None, false);
-    h.env.push(("PULSE_PARQUET__COMMIT_SECS".into(), "2".into()));
+    h.env
+        .push(("PULSE_PARQUET__COMMIT_SECS".into(), "2".into()));
     // Half an hour of event time: no hour closes while pulse runs.
     let lines = input_lines_at(20_000, 41, 12.0);
     let exp = expected(&lines);

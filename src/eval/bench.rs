@@ -7,7 +7,10 @@
 //!   from the first message to the last one processed (group joins excluded);
 //! - freshness: events stamped with the wall clock are produced at a steady
 //!   rate while the pipeline runs; freshness is the time from an event's
-//!   timestamp until the store write of its batch completed.
+//!   timestamp until the store write of its batch completed; and a reader
+//!   polling the tables' snapshots meanwhile measures when each event (from
+//!   its timestamp) and each minute row (from the earliest moment its window
+//!   could be final) became queryable.
 //!
 //! Delivery: the bench topics and groups are throw-away; the pipeline writes
 //! to a temporary data directory.
@@ -233,14 +236,116 @@ pub async fn kafka_throughput(
     })
 }
 
+/// When rows became queryable, ms, as a reader polling the tables saw them.
+#[derive(Debug, Default, Clone)]
+pub struct TableFreshness {
+    /// From an event's timestamp until its row was in `events`.
+    pub events: Vec<f64>,
+    /// From the earliest moment a window could be final (its end plus the
+    /// out-of-orderness and the allowed lateness) until its row was in `minute_stats`.
+    pub minute_rows: Vec<f64>,
+}
+
+/// The `q` quantile of `v` (nearest rank), NaN when empty.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+    s[i]
+}
+
+/// Polls the `events` and `minute_stats` tables under `root` every 250 ms
+/// until `stop`, noting when each row was first seen (compacted files hold
+/// rows seen before: those are not new).
+fn poll_tables(
+    root: std::path::PathBuf,
+    final_after_ms: i64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> TableFreshness {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Int32Type, TimestampMillisecondType, UInt64Type};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut out = TableFreshness::default();
+    let mut files_seen = std::collections::HashSet::new();
+    let mut events_seen = std::collections::HashSet::new();
+    let mut rows_seen = std::collections::HashSet::new();
+    loop {
+        let last = stop.load(std::sync::atomic::Ordering::Relaxed);
+        for table in ["events", "minute_stats"] {
+            let dir = root.join(table);
+            let Some(files) = crate::sink::parquet::delta::snapshot_files(&dir) else {
+                continue;
+            };
+            let now = chrono::Utc::now().timestamp_millis() as f64;
+            for f in files {
+                if !files_seen.insert(format!("{table}/{f}")) {
+                    continue;
+                }
+                let Ok(file) = std::fs::File::open(dir.join(&f)) else {
+                    continue;
+                };
+                let Ok(reader) =
+                    ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build())
+                else {
+                    continue;
+                };
+                for b in reader.flatten() {
+                    let col = |n: &str| b.column_by_name(n).cloned();
+                    if table == "events" {
+                        let (Some(id), Some(ts)) = (col("event_id"), col("ts")) else {
+                            continue;
+                        };
+                        let id = id.as_primitive::<UInt64Type>();
+                        let ts = ts.as_primitive::<TimestampMillisecondType>();
+                        for i in 0..b.num_rows() {
+                            if events_seen.insert(id.value(i)) {
+                                out.events.push(now - ts.value(i) as f64);
+                            }
+                        }
+                    } else {
+                        let (Some(w), Some(svc), Some(p)) =
+                            (col("window_start"), col("service"), col("src_partition"))
+                        else {
+                            continue;
+                        };
+                        let w = w.as_primitive::<TimestampMillisecondType>();
+                        let p = p.as_primitive::<Int32Type>();
+                        let svc = datafusion::arrow::compute::cast(
+                            &svc,
+                            &datafusion::arrow::datatypes::DataType::Utf8,
+                        );
+                        let Ok(svc) = svc else { continue };
+                        let svc = svc.as_string::<i32>();
+                        for i in 0..b.num_rows() {
+                            let key = (w.value(i), svc.value(i).to_string(), p.value(i));
+                            if rows_seen.insert(key) {
+                                out.minute_rows
+                                    .push(now - (w.value(i) + final_after_ms) as f64);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if last {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Runs the pipeline while events stamped with the wall clock arrive at
-/// `rate` per second for `secs`; the summary's freshness histogram has the answer.
+/// `rate` per second for `secs`; the summary's freshness histogram has the
+/// store's answer, the [`TableFreshness`] the tables'.
 pub async fn freshness(
     cfg: &Config,
     store: Store,
     rate: f64,
     secs: u64,
-) -> Result<Summary, BenchError> {
+) -> Result<(Summary, TableFreshness), BenchError> {
     let topic = unique("pulse-fresh");
     create_topic(&cfg.kafka, &Secrets::default(), &topic, 4).await?;
     let mut pcfg = cfg.clone();
@@ -254,6 +359,15 @@ pub async fn freshness(
             let (_tx, rx) = tokio::sync::watch::channel(false);
             crate::app::run(&pcfg, &Secrets::default(), SourceSpec::Kafka, store, rx).await
         })
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let root = pcfg.parquet.data_dir.clone();
+        let w = &pcfg.window;
+        let final_after =
+            (w.size_secs * 1000 + w.out_of_orderness_ms + w.allowed_lateness_ms) as i64;
+        let stop = stop.clone();
+        std::thread::spawn(move || poll_tables(root, final_after, stop))
     };
     // Let the consumer join its group first: freshness is about steady state.
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -294,7 +408,11 @@ pub async fn freshness(
     .await
     .map_err(|e| BenchError::Other(e.to_string()))??;
     let s = run.await.map_err(|e| BenchError::Other(e.to_string()))??;
-    Ok(s)
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let tables = reader
+        .join()
+        .map_err(|_| BenchError::Other("the table reader panicked".into()))?;
+    Ok((s, tables))
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub enum DeltaError {
     #[error("delta table {table}: {source}")]
     Table {
         table: String,
-        source: DeltaTableError,
+        source: Box<DeltaTableError>,
     },
     #[error("delta table {table}: {reason}")]
     Setup { table: String, reason: String },
@@ -68,10 +68,7 @@ pub struct DeltaLog {
 /// The `dt` and `hour` partition values of an hour start.
 pub fn partition_values(hour: i64) -> (String, String) {
     let t = chrono::DateTime::from_timestamp_millis(hour).unwrap_or_default();
-    (
-        t.format("%Y-%m-%d").to_string(),
-        t.format("%H").to_string(),
-    )
+    (t.format("%Y-%m-%d").to_string(), t.format("%H").to_string())
 }
 
 /// (hour start, partition, first, last) of a data file's path relative to the
@@ -141,7 +138,7 @@ impl DeltaLog {
             .map_err(|e| setup(format!("schema: {e}")))?;
         let err = |source| DeltaError::Table {
             table: name.to_string(),
-            source,
+            source: Box::new(source),
         };
         let table = rt.block_on(async {
             let mut attempt = 0;
@@ -205,7 +202,7 @@ impl DeltaLog {
     fn err(&self, source: DeltaTableError) -> DeltaError {
         DeltaError::Table {
             table: self.name.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -223,11 +220,7 @@ impl DeltaLog {
     /// Paths (relative to the table root) of the files in the loaded snapshot.
     pub fn files(&self) -> Vec<String> {
         match self.table.snapshot() {
-            Ok(s) => s
-                .log_data()
-                .iter()
-                .map(|f| f.path().to_string())
-                .collect(),
+            Ok(s) => s.log_data().iter().map(|f| f.path().to_string()).collect(),
             Err(_) => Vec::new(),
         }
     }
@@ -317,7 +310,12 @@ impl DeltaLog {
             .collect();
         let extra = vec![
             (
-                if self.offsets { "pulse.offsets" } else { "pulse.positions" }.to_string(),
+                if self.offsets {
+                    "pulse.offsets"
+                } else {
+                    "pulse.positions"
+                }
+                .to_string(),
                 serde_json::Value::Object(covered),
             ),
             ("pulse.files".to_string(), serde_json::json!(files.len())),
@@ -480,9 +478,7 @@ pub fn snapshot_files(table_root: &Path) -> Option<Vec<String>> {
 }
 
 /// Keys (hour, partition) with more than one file, from [`DeltaLog::positions`].
-pub fn fragmented(
-    positions: &BTreeMap<(i64, i32), (i64, Vec<String>)>,
-) -> BTreeSet<(i64, i32)> {
+pub fn fragmented(positions: &BTreeMap<(i64, i32), (i64, Vec<String>)>) -> BTreeSet<(i64, i32)> {
     positions
         .iter()
         .filter(|(_, (_, files))| files.len() > 1)
@@ -496,7 +492,8 @@ mod tests {
 
     #[test]
     fn paths_parse_into_hour_partition_and_range() {
-        let p = "dt=2026-12-07/hour=05/part-00003-00000000000000000010-00000000000000000042.parquet";
+        let p =
+            "dt=2026-12-07/hour=05/part-00003-00000000000000000010-00000000000000000042.parquet";
         let hour = chrono::NaiveDate::from_ymd_opt(2026, 12, 7)
             .unwrap()
             .and_hms_opt(5, 0, 0)

@@ -397,7 +397,14 @@ impl TableWriter {
         }
         let log = self.log.as_mut().expect("checked by compact");
         log.replace(&files, &logged)?;
-        tracing::info!(table = self.spec.name, hour = key.0, partition = key.1, files = files.len(), rows = f.rows, "hour compacted");
+        tracing::info!(
+            table = self.spec.name,
+            hour = key.0,
+            partition = key.1,
+            files = files.len(),
+            rows = f.rows,
+            "hour compacted"
+        );
         Ok(())
     }
 
@@ -1286,7 +1293,10 @@ mod tests {
         assert_eq!(w.unlogged(), 1);
         assert!(list_files(dir.path(), "dead_letters").is_empty());
         w.commit_log().unwrap();
-        assert_eq!(rows_of(&list_files(dir.path(), "dead_letters")), vec![10, 11]);
+        assert_eq!(
+            rows_of(&list_files(dir.path(), "dead_letters")),
+            vec![10, 11]
+        );
         // A crash now: the file of 12..13 is durable but was never logged,
         // and 14's is open.
         w.write(&dead(&[(3, 0, 13)])).unwrap();
@@ -1386,9 +1396,9 @@ mod tests {
         assert_eq!(files.len(), 1);
         assert_eq!(rows_of(&files), (0..1_300).collect::<Vec<_>>());
         assert!(
-            files[0].to_string_lossy().ends_with(
-                "part-00000-00000000000000000000-00000000000000001299.parquet"
-            )
+            files[0]
+                .to_string_lossy()
+                .ends_with("part-00000-00000000000000000000-00000000000000001299.parquet")
         );
         // A new writer (a restart) skips the compacted rows by the name.
         let mut again = TableWriter::new(dir.path(), dead_letters_spec(), 64, 50, 1)

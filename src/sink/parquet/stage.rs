@@ -28,7 +28,11 @@ fn vacuum(tables: &mut [TableWriter], retention: Duration) {
     for w in tables {
         match w.vacuum(retention) {
             Ok(0) => {}
-            Ok(n) => tracing::info!(table = w.name(), files = n, "vacuum deleted files no longer in the table"),
+            Ok(n) => tracing::info!(
+                table = w.name(),
+                files = n,
+                "vacuum deleted files no longer in the table"
+            ),
             Err(e) => tracing::warn!(table = w.name(), error = %e, "vacuum failed"),
         }
     }
@@ -187,7 +191,9 @@ pub fn run(
                             Some(_) => true,
                         };
                         if mine {
-                            w.compact(|k| closed(k) && part.is_none_or(|p| i >= ANOMALIES || k.1 == p))?;
+                            w.compact(|k| {
+                                closed(k) && part.is_none_or(|p| i >= ANOMALIES || k.1 == p)
+                            })?;
                         }
                     }
                 }
