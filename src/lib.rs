@@ -65,5 +65,6 @@ pub mod serve;
 pub mod sink;
 pub mod sketch;
 pub mod source;
+pub mod storage;
 pub mod timefmt;
 pub mod window;

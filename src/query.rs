@@ -44,11 +44,21 @@ pub fn known_tables() -> Vec<(&'static str, SchemaRef)> {
 /// A session with the data directory's tables and pulse's SQL functions registered.
 pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
     let ctx = crate::window::sql::session_context();
+    let location =
+        crate::storage::Location::parse(data_dir).map_err(|e| QueryError::Table(e.to_string()))?;
+    if let crate::storage::Location::Remote(r) = location {
+        for (name, schema) in known_tables() {
+            let at = crate::storage::TableLocation::Remote(r.child(name));
+            register_delta(&ctx, name, &at, &schema).await?;
+        }
+        return Ok(ctx);
+    }
     let root = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     for (name, schema) in known_tables() {
         let dir = root.join(name);
         if dir.join("_delta_log").is_dir() {
-            register_delta(&ctx, name, &dir, &schema).await?;
+            let at = crate::storage::TableLocation::Local(dir);
+            register_delta(&ctx, name, &at, &schema).await?;
             continue;
         }
         // An absent table is registered empty, so queries on it return no rows.
@@ -71,13 +81,26 @@ pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
 async fn register_delta(
     ctx: &SessionContext,
     name: &str,
-    dir: &Path,
+    at: &crate::storage::TableLocation,
     schema: &SchemaRef,
 ) -> Result<(), QueryError> {
-    let url = url::Url::from_directory_path(dir)
-        .map_err(|_| QueryError::Table(format!("{}: not a directory path", dir.display())))?;
     let delta = |e: deltalake::DeltaTableError| QueryError::Table(format!("{name}: {e}"));
-    let table = deltalake::open_table(url).await.map_err(delta)?;
+    let table = crate::sink::parquet::delta::load(at).await.map_err(delta)?;
+    if table.version().is_none() {
+        // Not created yet: empty, with the table's columns.
+        let mut fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for c in ["dt", "hour"] {
+            fields.push(datafusion::arrow::datatypes::Field::new(
+                c,
+                DataType::Utf8,
+                true,
+            ));
+        }
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(fields));
+        let empty = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?;
+        ctx.register_table(name, Arc::new(empty))?;
+        return Ok(());
+    }
     table
         .update_datafusion_session(&ctx.state())
         .map_err(delta)?;

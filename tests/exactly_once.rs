@@ -18,7 +18,10 @@ use rand::{Rng, SeedableRng};
 
 struct Harness {
     dir: tempfile::TempDir,
+    /// `parquet.data_dir`: a local directory, or `s3://…` on the test S3 server.
     data: PathBuf,
+    /// pulse's own state (`parquet.state_dir()`).
+    state: PathBuf,
     config: PathBuf,
     cfg: pulse::config::Config,
     redis: String,
@@ -36,8 +39,32 @@ impl Harness {
     /// replace each other one at a time; a restart then takes over the dead
     /// member's assignment without waiting out its session.
     fn new(static_id: Option<&str>, reco: bool) -> Self {
+        Self::new_at(static_id, reco, false)
+    }
+
+    /// [`Harness::new`] with the tables on the test S3 server (a bucket of
+    /// the test's own), pulse's state in a local directory.
+    fn on_s3(static_id: Option<&str>, reco: bool) -> Self {
+        Self::new_at(static_id, reco, true)
+    }
+
+    fn new_at(static_id: Option<&str>, reco: bool, s3: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
+        let (data, state) = if s3 {
+            let bucket = unique("pulse-t").to_lowercase().replace('_', "-");
+            create_bucket(&bucket);
+            (
+                PathBuf::from(format!("s3://{bucket}/tables")),
+                dir.path().join("state"),
+            )
+        } else {
+            (dir.path().join("data"), dir.path().join("data"))
+        };
+        let state_line = if s3 {
+            format!("state_dir = \"{}\"\n", state.display())
+        } else {
+            String::new()
+        };
         let config = dir.path().join("pulse.toml");
         // Small batches, frequent checkpoints and files rolled by size keep
         // every crash in the middle of something.
@@ -50,12 +77,12 @@ checkpoint_ms = 300
 
 [parquet]
 max_file_rows = 8000
-
+{STATE}
 [kafka.properties]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "1000"
 "#
-            .to_string()
+            .replace("{STATE}", &state_line)
                 + &static_id.map_or(String::new(), |id| {
                     format!("\"group.instance.id\" = \"{id}\"\n")
                 }),
@@ -74,6 +101,7 @@ max_file_rows = 8000
         Harness {
             dir,
             data,
+            state,
             config,
             cfg,
             redis,
@@ -164,7 +192,7 @@ max_file_rows = 8000
     }
 
     fn checkpoint_dir(&self) -> PathBuf {
-        self.data
+        self.state
             .join("_pulse/checkpoints")
             .join(&self.cfg.kafka.topic)
     }
@@ -255,7 +283,7 @@ max_file_rows = 8000
     /// Per partition: the broker's log end offset and the checkpoint's
     /// (next_offset, replay_from).
     fn positions(&self) -> Vec<Position> {
-        let store = pulse::checkpoint::CheckpointStore::new(&self.data, &self.cfg.kafka.topic);
+        let store = pulse::checkpoint::CheckpointStore::new(&self.state, &self.cfg.kafka.topic);
         let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.cfg.kafka.brokers)
             .set("group.id", unique("diag"))
@@ -371,7 +399,7 @@ max_file_rows = 8000
         let (ev, req, dl) = pyarrow_counts(&self.data);
         assert_eq!((ev as usize, dl as usize), (exp.valid.len(), exp.invalid));
         assert_eq!(req as i64, got.values().map(|v| v.0).sum::<i64>());
-        let leftovers = walk(&self.data)
+        let leftovers = walk(&self.state)
             .into_iter()
             .filter(|p| p.contains(".inprogress"))
             .count();
@@ -380,7 +408,7 @@ max_file_rows = 8000
         if self.reco {
             // The fleet's model holds every valid event exactly once.
             let path =
-                pulse::checkpoint::reco_dir(&self.data, &self.cfg.kafka.topic).join("model.cbor");
+                pulse::checkpoint::reco_dir(&self.state, &self.cfg.kafka.topic).join("model.cbor");
             let bytes = std::fs::read(&path).unwrap();
             let t = pulse::factors::trainer::Trainer::restore(
                 self.cfg.reco.model_config(),
@@ -405,7 +433,9 @@ max_file_rows = 8000
             .map(|p| std::fs::metadata(p).unwrap().len())
             .collect();
         sizes.sort_unstable();
-        sizes[sizes.len() / 2] as f64 / 1e6
+        sizes
+            .get(sizes.len() / 2)
+            .map_or(f64::NAN, |&s| s as f64 / 1e6)
     }
 }
 
@@ -494,6 +524,57 @@ async fn chaos_kill_9_while_consuming() {
         recover.last().unwrap(),
         t0.elapsed(),
         h.median_events_file_mb()
+    );
+}
+
+/// The chaos test with the tables on an S3-API server (moto): kill -9 at
+/// random instants, restarts, and every record exactly once in the Delta
+/// tables, read through `pulse query` and the `deltalake` Python package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kill_9_with_tables_on_s3() {
+    let h = Harness::on_s3(Some(&unique("chaos-s3")), false);
+    const N: u64 = 100_000;
+    const KILLS: usize = 5;
+    // ~1.4 h of event time, so hours close and are compacted.
+    let lines = input_lines_at(N, 27, 20.0);
+    let exp = expected(&lines);
+    let waves: Vec<&[Vec<u8>]> = lines.chunks(lines.len().div_ceil(KILLS)).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut recover = Vec::new();
+    let mut child = h.spawn("run-0", 4000);
+    let mut sent = 0;
+    for (i, wave) in waves.iter().enumerate() {
+        let since = SystemTime::now();
+        h.produce(wave, sent).await;
+        sent += wave.len();
+        recover.push(h.wait_checkpoint_after(since, &mut child));
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..1500)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        child = h.spawn(&format!("run-{}", i + 1), 4000);
+    }
+    let t0 = Instant::now();
+    let last = format!("run-{KILLS}");
+    let st = wait_exit(&mut child, Duration::from_secs(240));
+    assert!(st.success(), "final drain: {st}\n{}", h.log(&last));
+    h.drain_tails(&last);
+    h.verify(&exp).await;
+    // The tables are on S3 only: no Parquet file is left on the local disk.
+    let local: Vec<String> = walk(h.dir.path())
+        .into_iter()
+        .filter(|p| p.ends_with(".parquet") || p.contains(".inprogress"))
+        .collect();
+    assert!(local.is_empty(), "{local:?}");
+    assert!(
+        !Path::new("s3:").exists(),
+        "an s3:// data_dir was taken for a local path"
+    );
+    recover.sort();
+    eprintln!(
+        "chaos on S3: N={N} kills={KILLS} time to first checkpoint after a restart: median {:?} max {:?}; final drain {:?}",
+        recover[recover.len() / 2],
+        recover.last().unwrap(),
+        t0.elapsed(),
     );
 }
 

@@ -198,7 +198,7 @@ impl Core {
             notifier: Notifier::from_config(&cfg.detect, &cfg.kafka, secrets),
             kafka,
             checkpoints: kafka
-                .then(|| CheckpointStore::new(&cfg.parquet.data_dir, &cfg.kafka.topic)),
+                .then(|| CheckpointStore::new(&cfg.parquet.state_dir(), &cfg.kafka.topic)),
             checkpoint_every: Duration::from_millis(cfg.pipeline.checkpoint_ms.max(1)),
             last_checkpoint: Instant::now(),
             progress: Some(progress),

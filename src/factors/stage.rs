@@ -35,7 +35,7 @@ impl Snapshots {
     /// writes the model writes it), for a Kafka run.
     pub fn of(cfg: &Config) -> Self {
         Snapshots {
-            dir: crate::checkpoint::reco_dir(&cfg.parquet.data_dir, &cfg.kafka.topic),
+            dir: crate::checkpoint::reco_dir(&cfg.parquet.state_dir(), &cfg.kafka.topic),
             name: "model.cbor".to_string(),
             every: Duration::from_millis(cfg.reco.snapshot_ms.max(1)),
         }

@@ -92,7 +92,7 @@ impl Versions {
     /// The versions of `cfg`'s topic.
     pub fn of(cfg: &crate::config::Config) -> Self {
         Self::new(
-            &crate::checkpoint::reco_dir(&cfg.parquet.data_dir, &cfg.kafka.topic),
+            &crate::checkpoint::reco_dir(&cfg.parquet.state_dir(), &cfg.kafka.topic),
             cfg.reco.keep_versions,
         )
     }

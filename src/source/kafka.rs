@@ -245,7 +245,7 @@ pub use crate::model::Progress;
 
 /// How the consumer thread runs and where it delivers.
 pub struct ConsumerRun {
-    /// Where the checkpoints live (`parquet.data_dir`).
+    /// Where the checkpoints live (`parquet.state_dir`, by default `parquet.data_dir`).
     pub data_dir: std::path::PathBuf,
     /// Messages per chunk.
     pub batch: usize,

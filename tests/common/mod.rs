@@ -326,6 +326,10 @@ import os, sys, pyarrow.dataset as ds
 root = sys.argv[1]
 def table(name):
     path = root + "/" + name
+    if root.startswith("s3://"):
+        from deltalake import DeltaTable
+        opts = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        return DeltaTable(path, storage_options=opts).to_pyarrow_dataset()
     if os.path.isdir(path + "/_delta_log"):
         # A Delta table: what the deltalake package reads from its log.
         from deltalake import DeltaTable
@@ -351,6 +355,26 @@ print(ev.count_rows(), sum(req), dl.count_rows())
     let s = String::from_utf8(out.stdout).unwrap();
     let v: Vec<u64> = s.split_whitespace().map(|x| x.parse().unwrap()).collect();
     (v[0], v[1], v[2])
+}
+
+/// Creates `bucket` on the test S3 server (`AWS_ENDPOINT_URL`, set by
+/// `scripts/services.sh` with the server's credentials).
+pub fn create_bucket(bucket: &str) {
+    let script = r#"
+import sys, boto3
+boto3.client("s3").create_bucket(Bucket=sys.argv[1])
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(bucket)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "creating bucket {bucket} (is AWS_ENDPOINT_URL set by scripts/services.sh?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn ids_set(e: &Expected) -> BTreeSet<u64> {

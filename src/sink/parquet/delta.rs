@@ -20,6 +20,9 @@ use deltalake::protocol::{DeltaOperation, OutputMode, SaveMode};
 use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
 
+use crate::storage::TableLocation;
+use std::sync::Arc;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {
     #[error("delta table {table}: {source}")]
@@ -103,10 +106,10 @@ fn iso_ms(ms: i64) -> String {
 }
 
 impl DeltaLog {
-    /// Opens the table at `root` (a directory), creating it with `schema`
-    /// plus the partition columns if no log is there yet.
+    /// Opens the table at `at`, creating it with `schema` plus the
+    /// partition columns if no log is there yet.
     pub fn open(
-        root: &Path,
+        at: &TableLocation,
         name: &'static str,
         schema: &SchemaRef,
         time_column: &'static str,
@@ -116,10 +119,9 @@ impl DeltaLog {
             table: name.to_string(),
             reason,
         };
-        std::fs::create_dir_all(root).map_err(|e| setup(e.to_string()))?;
-        let abs = std::path::absolute(root).map_err(|e| setup(e.to_string()))?;
-        let url = Url::from_directory_path(&abs)
-            .map_err(|_| setup(format!("{} is not a directory path", abs.display())))?;
+        if let TableLocation::Local(root) = at {
+            std::fs::create_dir_all(root).map_err(|e| setup(e.to_string()))?;
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -143,7 +145,7 @@ impl DeltaLog {
         let table = rt.block_on(async {
             let mut attempt = 0;
             loop {
-                let t = DeltaTable::try_from_url(url.clone()).await?;
+                let t = load(at).await?;
                 let created = t
                     .create()
                     .with_table_name(name)
@@ -204,6 +206,11 @@ impl DeltaLog {
             table: self.name.to_string(),
             source: Box::new(source),
         }
+    }
+
+    /// Runs `f` on the log's runtime (for the table writer's uploads).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
 
     /// Loads the commits made since the last load (by any instance).
@@ -427,6 +434,37 @@ impl DeltaLog {
     }
 }
 
+/// The table at `at`, loaded if it has a log (else still to be created).
+pub async fn load(at: &TableLocation) -> Result<DeltaTable, DeltaTableError> {
+    match at {
+        TableLocation::Local(root) => {
+            let abs =
+                std::path::absolute(root).map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+            let url = Url::from_directory_path(&abs)
+                .map_err(|_| DeltaTableError::InvalidTableLocation(abs.display().to_string()))?;
+            DeltaTable::try_from_url(url).await
+        }
+        TableLocation::Remote(r) => {
+            // object_store's S3 client from the environment; commits are
+            // conditional PUTs (If-None-Match), safe among several writers.
+            let prefixed: deltalake::logstore::ObjectStoreRef = Arc::new(
+                object_store::prefix::PrefixStore::new(r.store.clone(), r.prefix.as_str()),
+            );
+            let log_store = deltalake::logstore::default_logstore(
+                prefixed,
+                r.store.clone(),
+                &r.url,
+                &deltalake::logstore::StorageConfig::default(),
+            );
+            let mut t = DeltaTable::new(log_store);
+            match t.load().await {
+                Ok(()) | Err(DeltaTableError::NotATable(_)) => Ok(t),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
 /// `txn` application id of a source partition.
 pub fn app_id(partition: i32) -> String {
     format!("pulse-partition-{partition}")
@@ -460,13 +498,17 @@ pub fn snapshot_files(table_root: &Path) -> Option<Vec<String>> {
     if !table_root.join("_delta_log").is_dir() {
         return None;
     }
-    let abs = std::path::absolute(table_root).ok()?;
-    let url = Url::from_directory_path(&abs).ok()?;
+    snapshot_files_at(&TableLocation::Local(table_root.to_path_buf()))
+}
+
+/// [`snapshot_files`] of a table anywhere.
+pub fn snapshot_files_at(at: &TableLocation) -> Option<Vec<String>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .ok()?;
-    let table = rt.block_on(deltalake::open_table(url)).ok()?;
+    let table = rt.block_on(load(at)).ok()?;
+    table.version()?;
     let files = table
         .snapshot()
         .ok()?

@@ -49,6 +49,8 @@ pub enum ParquetError {
     Column(String),
     #[error(transparent)]
     Delta(#[from] delta::DeltaError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// How a table is partitioned and named.
@@ -116,6 +118,9 @@ pub struct TableWriter {
     logged: std::collections::BTreeMap<(i64, i32), i64>,
     /// Delta: (hour, partition)s given files since they were last compacted.
     fragmented: std::collections::BTreeSet<(i64, i32)>,
+    /// Object storage: where the table lives (files are written under
+    /// `root`, a local staging directory, then uploaded).
+    remote: Option<crate::storage::Remote>,
 }
 
 const HOUR_MS: i64 = 3_600_000;
@@ -166,15 +171,31 @@ impl TableWriter {
             log: None,
             logged: Default::default(),
             fragmented: Default::default(),
+            remote: None,
         })
     }
 
     /// Makes the table a Delta Lake table (created if absent): files enter
     /// it by [`TableWriter::commit_log`], and the replay skip reads the
     /// positions its snapshot holds instead of the directory.
-    pub fn with_delta(mut self) -> Result<Self, ParquetError> {
+    pub fn with_delta(self) -> Result<Self, ParquetError> {
+        self.with_delta_at(None)
+    }
+
+    /// [`TableWriter::with_delta`], the table living at `remote` when given:
+    /// files are then written under the writer's directory (local staging)
+    /// and uploaded when committed.
+    pub fn with_delta_at(
+        mut self,
+        remote: Option<crate::storage::Remote>,
+    ) -> Result<Self, ParquetError> {
+        let at = match &remote {
+            Some(r) => crate::storage::TableLocation::Remote(r.clone()),
+            None => crate::storage::TableLocation::Local(self.root.clone()),
+        };
+        self.remote = remote;
         let log = delta::DeltaLog::open(
-            &self.root,
+            &at,
             self.spec.name,
             &self.spec.schema,
             self.spec.time_column,
@@ -240,6 +261,32 @@ impl TableWriter {
             let e = self.logged.entry((f.hour, f.partition)).or_insert(f.last);
             *e = (*e).max(f.last);
         }
+        Ok(())
+    }
+
+    /// Uploads a finished local file to `rel` of the remote table, retrying
+    /// while the object store fails (the pipeline waits meanwhile), then
+    /// deletes the local file.
+    fn upload(&self, local: &Path, rel: &str) -> Result<(), ParquetError> {
+        let (Some(r), Some(log)) = (&self.remote, &self.log) else {
+            return Ok(());
+        };
+        let mut wait = std::time::Duration::from_millis(200);
+        let mut failures = 0u32;
+        loop {
+            match log.block_on(r.upload(local, rel)) {
+                Ok(()) => break,
+                Err(e) => {
+                    failures += 1;
+                    metrics::counter!("pulse_object_store_errors_total", "op" => "upload")
+                        .increment(1);
+                    tracing::warn!(table = self.spec.name, file = rel, failures, error = %e, "upload failed; retrying");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(local);
         Ok(())
     }
 
@@ -349,9 +396,18 @@ impl TableWriter {
         };
         let result = (|| -> Result<(), ParquetError> {
             for rel in &files {
-                let path = self.root.join(rel);
-                let f = File::open(&path).map_err(io(&path))?;
-                for b in ParquetRecordBatchReaderBuilder::try_new(f)?.build()? {
+                let reader = match (&self.remote, &self.log) {
+                    (Some(r), Some(log)) => {
+                        let bytes = log.block_on(r.get(rel))?;
+                        ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?
+                    }
+                    _ => {
+                        let path = self.root.join(rel);
+                        let f = File::open(&path).map_err(io(&path))?;
+                        ParquetRecordBatchReaderBuilder::try_new(f)?.build()?
+                    }
+                };
+                for b in reader {
                     let b = b?;
                     let b = RecordBatch::try_new(self.spec.schema.clone(), b.columns().to_vec())?;
                     let pos = position_values(&b, self.spec.position_column)?;
@@ -377,9 +433,13 @@ impl TableWriter {
         let target = dir.join(&name);
         // A file of this name not in the log is a compaction that crashed
         // before its commit, of the same rows: replaced.
-        std::fs::rename(&f.tmp, &target).map_err(io(&target))?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
+        if self.remote.is_some() {
+            self.upload(&f.tmp, &format!("{}/{name}", partition_dir(key.0)))?;
+        } else {
+            std::fs::rename(&f.tmp, &target).map_err(io(&target))?;
+            if let Ok(d) = File::open(&dir) {
+                let _ = d.sync_all();
+            }
         }
         let logged = delta::LoggedFile {
             path: format!("{}/{name}", partition_dir(key.0)),
@@ -732,7 +792,10 @@ impl TableWriter {
             move |source| ParquetError::Io { path, source }
         };
         let target = dir.join(&name);
-        if target.exists() {
+        if self.remote.is_some() {
+            // One PUT of the whole file: a replay uploads the same content again.
+            self.upload(&f.tmp, &format!("{}/{name}", partition_dir(key.0)))?;
+        } else if target.exists() {
             // Same content was written before a crash or replay: durable
             // already (and, for Delta, logged below if it was not yet).
             std::fs::remove_file(&f.tmp).map_err(io(&f.tmp))?;

@@ -80,16 +80,23 @@ pub fn run(
     let kafka = fence.is_some();
     let mut busy = Duration::ZERO;
     let pc = &cfg.parquet;
+    let location = crate::storage::Location::parse(&pc.data_dir)?;
+    // Files are written here: the tables' directories, or for tables on
+    // object storage a local staging directory they are uploaded from.
+    let files_root = match &location {
+        crate::storage::Location::Local(d) => d.clone(),
+        crate::storage::Location::Remote(_) => pc.state_dir().join("_pulse").join("staging"),
+    };
     if !kafka {
         // Only a Kafka partition's owner may clean its files (instances share the directory).
-        let removed = remove_in_progress(&pc.data_dir).unwrap_or(0);
+        let removed = remove_in_progress(&files_root).unwrap_or(0);
         if removed > 0 {
             tracing::info!(removed, "removed leftovers of interrupted writes");
         }
     }
     let mk = |spec| {
         TableWriter::new(
-            &pc.data_dir,
+            &files_root,
             spec,
             pc.row_group_rows,
             pc.max_file_rows,
@@ -113,15 +120,23 @@ pub fn run(
     ]
     .into_iter()
     .map(|spec| {
+        let remote = match &location {
+            crate::storage::Location::Remote(r) => Some(r.child(spec.name)),
+            crate::storage::Location::Local(_) => None,
+        };
         let w = mk(spec)?;
-        if delta { w.with_delta() } else { Ok(w) }
+        if delta {
+            w.with_delta_at(remote)
+        } else {
+            Ok(w)
+        }
     })
     .collect::<Result<Vec<_>, _>>()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .map_err(|source| ParquetError::Io {
-            path: pc.data_dir.clone(),
+            path: files_root.clone(),
             source,
         })?;
     let commit_after = Duration::from_secs(pc.commit_secs);
@@ -221,7 +236,7 @@ pub fn run(
                 let _ = reply.send(());
             }
             ParquetMsg::Adopt(p) => {
-                match remove_in_progress_of(&pc.data_dir, p) {
+                match remove_in_progress_of(&files_root, p) {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::info!(
