@@ -39,20 +39,20 @@ impl Harness {
     /// replace each other one at a time; a restart then takes over the dead
     /// member's assignment without waiting out its session.
     fn new(static_id: Option<&str>, reco: bool) -> Self {
-        Self::new_at(static_id, reco, false)
+        Self::new_at(static_id, reco, false, None)
     }
 
     /// [`Harness::new`] with the tables on the test S3 server (a bucket of
     /// the test's own), pulse's state in a local directory.
     fn on_s3(static_id: Option<&str>, reco: bool) -> Self {
-        Self::new_at(static_id, reco, true)
+        Self::new_at(static_id, reco, true, None)
     }
 
-    fn new_at(static_id: Option<&str>, reco: bool, s3: bool) -> Self {
+    fn new_at(static_id: Option<&str>, reco: bool, s3: bool, endpoint: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (data, state) = if s3 {
             let bucket = unique("pulse-t").to_lowercase().replace('_', "-");
-            create_bucket(&bucket);
+            create_bucket_at(endpoint, &bucket);
             (
                 PathBuf::from(format!("s3://{bucket}/tables")),
                 dir.path().join("state"),
@@ -1058,6 +1058,118 @@ async fn graceful_stop_and_restart_mid_stream() {
     h.drain_tails("second");
     h.verify(&exp).await;
     eprintln!("graceful: stop took {stop:?}, restart processing again after {resumed:?}");
+}
+
+/// An S3-API server (moto) of the test's own, to freeze under a running pipeline.
+struct OwnS3 {
+    child: Child,
+    port: u16,
+}
+
+impl OwnS3 {
+    fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("moto_server (scripts/services.sh installs it)");
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        OwnS3 { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnS3 {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `pulse query SQL` on the harness's tables, against the S3 server at
+/// `endpoint`: its CSV rows.
+fn query_at(h: &Harness, endpoint: &str, sql: &str) -> Vec<Vec<String>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_pulse"))
+        .arg("query")
+        .arg("--data-dir")
+        .arg(&h.data)
+        .args(["--format", "csv"])
+        .arg(sql)
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pulse query: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+/// The object store freezes for 40 s mid-stream: pulse waits (its
+/// uploads and log commits retry), stays up, and once the store answers it
+/// catches up, every record exactly once in the tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_frozen_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = OwnS3::start(dir.path());
+    let mut h = Harness::new_at(None, false, true, Some(&s3.url()));
+    h.env.push(("AWS_ENDPOINT_URL".into(), s3.url()));
+    h.env
+        .push(("PULSE_PARQUET__COMMIT_SECS".into(), "2".into()));
+    let lines = input_lines_at(30_000, 31, 8.0);
+    let exp = expected(&lines);
+    let third = lines.len() / 3;
+    let mut c = h.spawn("run", 120_000);
+    h.produce(&lines[..third], 0).await;
+    h.wait_checkpointed(third as i64, &mut c);
+    signal(&s3.child, "STOP");
+    let frozen = Instant::now();
+    h.produce(&lines[third..2 * third], third).await;
+    h.stays_up(&mut c, "run", Duration::from_secs(40));
+    signal(&s3.child, "CONT");
+    let thawed = Instant::now();
+    h.produce(&lines[2 * third..], 2 * third).await;
+    h.wait_checkpointed(lines.len() as i64, &mut c);
+    let caught_up = thawed.elapsed();
+    sigterm(&c);
+    let st = wait_exit(&mut c, Duration::from_secs(60));
+    assert!(st.success(), "{st}\n{}", h.log("run"));
+    let ev = query_at(
+        &h,
+        &s3.url(),
+        "SELECT count(*), count(DISTINCT event_id) FROM events",
+    );
+    let want = exp.valid.len().to_string();
+    assert_eq!(ev[0], vec![want.clone(), want], "events exactly once");
+    let dl = query_at(&h, &s3.url(), "SELECT count(*) FROM dead_letters");
+    assert_eq!(
+        dl[0][0],
+        exp.invalid.to_string(),
+        "dead letters exactly once"
+    );
+    eprintln!(
+        "object store frozen {:?}: every record checkpointed {caught_up:?} after the thaw",
+        thawed - frozen
+    );
 }
 
 /// A redis-server of the test's own (append-only file, fsync always), to

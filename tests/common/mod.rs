@@ -360,16 +360,21 @@ print(ev.count_rows(), sum(req), dl.count_rows())
 /// Creates `bucket` on the test S3 server (`AWS_ENDPOINT_URL`, set by
 /// `scripts/services.sh` with the server's credentials).
 pub fn create_bucket(bucket: &str) {
+    create_bucket_at(None, bucket)
+}
+
+/// [`create_bucket`] on the S3 server at `endpoint` (else `AWS_ENDPOINT_URL`'s).
+pub fn create_bucket_at(endpoint: Option<&str>, bucket: &str) {
     let script = r#"
 import sys, boto3
 boto3.client("s3").create_bucket(Bucket=sys.argv[1])
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(bucket)
-        .output()
-        .expect("python3 runs");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg("-c").arg(script).arg(bucket);
+    if let Some(e) = endpoint {
+        cmd.env("AWS_ENDPOINT_URL", e);
+    }
+    let out = cmd.output().expect("python3 runs");
     assert!(
         out.status.success(),
         "creating bucket {bucket} (is AWS_ENDPOINT_URL set by scripts/services.sh?): {}",

@@ -22,6 +22,11 @@ use super::{
 
 const HOUR_MS: i64 = 3_600_000;
 
+fn log_failure(w: &TableWriter, failures: u32, e: &ParquetError) {
+    metrics::counter!("pulse_delta_commit_failures_total", "table" => w.name()).increment(1);
+    tracing::warn!(table = w.name(), failures, files = w.unlogged(), error = %e, "cannot commit to the table's log; retrying");
+}
+
 /// Deletes what left each Delta table more than `retention` ago (a failure
 /// is logged: the files only take space until the next vacuum).
 fn vacuum(tables: &mut [TableWriter], retention: Duration) {
@@ -144,11 +149,29 @@ pub fn run(
     let mut last_tick = Instant::now();
     let started = Instant::now();
     let mut last_vacuum: Option<Instant> = None;
+    // Before the core checkpoints, every file written must be in its table:
+    // while the log's storage fails, the pipeline waits here (visibly) and
+    // goes on once a commit succeeds.
     let log_all = |tables: &mut [TableWriter]| -> Result<(), ParquetError> {
         for w in tables.iter_mut() {
-            w.commit_log()?;
+            let mut wait = Duration::from_millis(200);
+            let mut failures = 0u32;
+            while let Err(e) = w.commit_log() {
+                failures += 1;
+                log_failure(w, failures, &e);
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
         }
         Ok(())
+    };
+    // On the timer a failed commit is only retried at the next tick.
+    let try_log_all = |tables: &mut [TableWriter]| {
+        for w in tables.iter_mut() {
+            if let Err(e) = w.commit_log() {
+                log_failure(w, 1, &e);
+            }
+        }
     };
     // Rows of closed hours and detections: written and committed at once.
     let commit_now = |w: &mut TableWriter, b: &RecordBatch| -> Result<(), ParquetError> {
@@ -167,7 +190,7 @@ pub fn run(
             for w in &mut tables {
                 w.roll_older_than(commit_after)?;
             }
-            log_all(&mut tables)?;
+            try_log_all(&mut tables);
             let vacuum_due = match last_vacuum {
                 None => started.elapsed() >= Duration::from_secs(60),
                 Some(t) => t.elapsed() >= Duration::from_secs(3600),
