@@ -892,6 +892,19 @@ async fn bench_kafka(
             "  minute_stats, from the window's end + out-of-orderness + allowed lateness: {}",
             qs(&tables.minute_rows)
         );
+        for (t, counts) in &tables.files {
+            let hours: Vec<String> = counts
+                .iter()
+                .map(|((h, p), (w, k))| {
+                    let at = chrono::DateTime::from_timestamp_millis(*h).unwrap_or_default();
+                    format!("{} p{p}: {w}→{k}", at.format("%H:00"))
+                })
+                .collect();
+            println!(
+                "  {t} files per (hour, partition), written → in the table: {}",
+                hours.join(", ")
+            );
+        }
     }
     if let Some(rss) = peak_rss_bytes() {
         println!("peak RSS: {:.0} MB", rss as f64 / 1e6);

@@ -425,6 +425,21 @@ max_file_rows = 8000
         }
     }
 
+    /// Per (source partition, hour) of a local Delta table: the median
+    /// number of files its commits added as new data, and of files in its
+    /// latest snapshot (after compaction).
+    fn files_per_partition_hour(&self, table: &str) -> (usize, usize) {
+        let counts = pulse::sink::parquet::delta::file_counts(&self.data.join(table));
+        let median = |mut v: Vec<usize>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
+        (
+            median(counts.values().map(|c| c.0).collect()),
+            median(counts.values().map(|c| c.1).collect()),
+        )
+    }
+
     /// Median size of the `events` files, MB.
     fn median_events_file_mb(&self) -> f64 {
         let mut sizes: Vec<u64> = walk(&self.data.join("events"))
@@ -525,6 +540,12 @@ async fn chaos_kill_9_while_consuming() {
         t0.elapsed(),
         h.median_events_file_mb()
     );
+    for table in ["events", "minute_stats"] {
+        let (written, kept) = h.files_per_partition_hour(table);
+        eprintln!(
+            "chaos: {table} files per (partition, hour), median: {written} written, {kept} after compaction"
+        );
+    }
 }
 
 /// The chaos test with the tables on an S3-API server (moto): kill -9 at

@@ -244,6 +244,9 @@ pub struct TableFreshness {
     /// From the earliest moment a window could be final (its end plus the
     /// out-of-orderness and the allowed lateness) until its row was in `minute_stats`.
     pub minute_rows: Vec<f64>,
+    /// Per table, per (hour, source partition): files added as new data,
+    /// and files in the final snapshot (after compaction).
+    pub files: Vec<(&'static str, crate::sink::parquet::delta::FileCounts)>,
 }
 
 /// The `q` quantile of `v` (nearest rank), NaN when empty.
@@ -409,9 +412,15 @@ pub async fn freshness(
     .map_err(|e| BenchError::Other(e.to_string()))??;
     let s = run.await.map_err(|e| BenchError::Other(e.to_string()))??;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let tables = reader
+    let mut tables = reader
         .join()
         .map_err(|_| BenchError::Other("the table reader panicked".into()))?;
+    for t in ["events", "minute_stats"] {
+        let root = pcfg.parquet.data_dir.join(t);
+        tables
+            .files
+            .push((t, crate::sink::parquet::delta::file_counts(&root)));
+    }
     Ok((s, tables))
 }
 

@@ -501,8 +501,13 @@ pub fn snapshot_files(table_root: &Path) -> Option<Vec<String>> {
     snapshot_files_at(&TableLocation::Local(table_root.to_path_buf()))
 }
 
-/// [`snapshot_files`] of a table anywhere.
+/// [`snapshot_files`] of a table anywhere (callable from async code too:
+/// it loads the table on a thread of its own).
 pub fn snapshot_files_at(at: &TableLocation) -> Option<Vec<String>> {
+    std::thread::scope(|s| s.spawn(|| load_files(at)).join().ok().flatten())
+}
+
+fn load_files(at: &TableLocation) -> Option<Vec<String>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -517,6 +522,46 @@ pub fn snapshot_files_at(at: &TableLocation) -> Option<Vec<String>> {
         .map(|f| f.path().to_string())
         .collect();
     Some(files)
+}
+
+/// Files written → files in the table, per (hour, partition).
+pub type FileCounts = BTreeMap<(i64, i32), (usize, usize)>;
+
+/// Per (hour, partition) of a local table with source partitions: how many
+/// files its commits added as new data (`dataChange`), and how many its
+/// latest snapshot holds (fewer once compacted). From the log's JSON commits.
+pub fn file_counts(table_root: &Path) -> FileCounts {
+    let mut out = FileCounts::new();
+    let key = |path: &str| parse_path(path, true).map(|k| (k.0, k.1));
+    let Ok(rd) = std::fs::read_dir(table_root.join("_delta_log")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let add = &v["add"];
+            if add["dataChange"].as_bool() == Some(true)
+                && let Some(k) = add["path"].as_str().and_then(key)
+            {
+                out.entry(k).or_default().0 += 1;
+            }
+        }
+    }
+    for f in snapshot_files(table_root).unwrap_or_default() {
+        if let Some(k) = key(&f) {
+            out.entry(k).or_default().1 += 1;
+        }
+    }
+    out
 }
 
 /// Keys (hour, partition) with more than one file, from [`DeltaLog::positions`].
