@@ -445,10 +445,20 @@ pub async fn model(a: ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// Logs to stderr, filtered by `PULSE_LOG` (default `info`).
+/// Logs to stderr, filtered by `PULSE_LOG` (default `info`). The Delta
+/// Lake libraries log every snapshot they build at `info`: they log
+/// warnings only, unless `PULSE_LOG` names them.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PULSE_LOG")
+    let spec = std::env::var("PULSE_LOG").unwrap_or_else(|_| "info".into());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for target in ["buoyant_kernel", "deltalake_core", "object_store"] {
+        if !spec.contains(target)
+            && let Ok(d) = format!("{target}=warn").parse()
+        {
+            filter = filter.add_directive(d);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
