@@ -446,15 +446,21 @@ pub async fn model(a: ModelArgs) -> Result<()> {
 }
 
 /// Logs to stderr, filtered by `PULSE_LOG` (default `info`). The Delta
-/// Lake libraries log every snapshot they build at `info`: they log
-/// warnings only, unless `PULSE_LOG` names them.
+/// Lake libraries log every snapshot they build at `info`, and the kernel
+/// logs at `error` what it returns as an error too (a table not created
+/// yet): unless `PULSE_LOG` names them, the kernel is silent (pulse logs
+/// the errors it gets) and the others log warnings only.
 pub fn init_tracing() {
     let spec = std::env::var("PULSE_LOG").unwrap_or_else(|_| "info".into());
     let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    for target in ["buoyant_kernel", "deltalake_core", "object_store"] {
+    for (target, level) in [
+        ("buoyant_kernel", "off"),
+        ("deltalake_core", "warn"),
+        ("object_store", "warn"),
+    ] {
         if !spec.contains(target)
-            && let Ok(d) = format!("{target}=warn").parse()
+            && let Ok(d) = format!("{target}={level}").parse()
         {
             filter = filter.add_directive(d);
         }

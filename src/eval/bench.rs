@@ -265,6 +265,7 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
 /// rows seen before: those are not new).
 fn poll_tables(
     root: std::path::PathBuf,
+    since_ms: i64,
     final_after_ms: i64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> TableFreshness {
@@ -304,7 +305,8 @@ fn poll_tables(
                         let id = id.as_primitive::<UInt64Type>();
                         let ts = ts.as_primitive::<TimestampMillisecondType>();
                         for i in 0..b.num_rows() {
-                            if events_seen.insert(id.value(i)) {
+                            // Rows of the throughput phase (older event times) are not timed.
+                            if ts.value(i) >= since_ms && events_seen.insert(id.value(i)) {
                                 out.events.push(now - ts.value(i) as f64);
                             }
                         }
@@ -323,6 +325,9 @@ fn poll_tables(
                         let Ok(svc) = svc else { continue };
                         let svc = svc.as_string::<i32>();
                         for i in 0..b.num_rows() {
+                            if w.value(i) < since_ms {
+                                continue;
+                            }
                             let key = (w.value(i), svc.value(i).to_string(), p.value(i));
                             if rows_seen.insert(key) {
                                 out.minute_rows
@@ -370,7 +375,9 @@ pub async fn freshness(
         let final_after =
             (w.size_secs * 1000 + w.out_of_orderness_ms + w.allowed_lateness_ms) as i64;
         let stop = stop.clone();
-        std::thread::spawn(move || poll_tables(root, final_after, stop))
+        // Events of this phase are stamped from now on; whole minutes after it.
+        let since = chrono::Utc::now().timestamp_millis();
+        std::thread::spawn(move || poll_tables(root, since, final_after, stop))
     };
     // Let the consumer join its group first: freshness is about steady state.
     tokio::time::sleep(Duration::from_secs(8)).await;
