@@ -132,6 +132,15 @@ impl Remote {
         Ok(())
     }
 
+    /// Whether an object exists at `rel`.
+    pub async fn exists(&self, rel: &str) -> Result<bool, StorageError> {
+        match self.store.head(&self.key(rel)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The whole object at `rel`.
     pub async fn get(&self, rel: &str) -> Result<bytes::Bytes, StorageError> {
         Ok(self.store.get(&self.key(rel)).await?.bytes().await?)

@@ -92,7 +92,8 @@ pub fn parse_path(path: &str, positioned: bool) -> Option<(i64, i32, i64, i64)> 
     };
     let first = it.next()?.parse::<i64>().ok()?;
     let last = it.next()?.parse::<i64>().ok()?;
-    if it.next().is_some() {
+    // A compacted file's own tag (`-c…`) follows the range.
+    if it.next().is_some_and(|tag| !tag.starts_with('c')) || it.next().is_some() {
         return None;
     }
     Some((start, partition, first, last))
@@ -591,6 +592,12 @@ mod tests {
         let q = "dt=2026-12-07/hour=05/part-00000000000000000010-00000000000000000042.parquet";
         assert_eq!(parse_path(q, false), Some((hour, 0, 10, 42)));
         assert_eq!(parse_path(q, true), None, "no partition in the name");
+        let c = "dt=2026-12-07/hour=05/part-00003-00000000000000000010-00000000000000000042-c1a2b3.parquet";
+        assert_eq!(
+            parse_path(c, true),
+            Some((hour, 3, 10, 42)),
+            "a compacted file"
+        );
         assert_eq!(parse_path("dt=x/hour=05/part-1-2-3.parquet", true), None);
         assert_eq!(
             partition_values(hour),

@@ -116,7 +116,10 @@ pub struct TableWriter {
     log: Option<delta::DeltaLog>,
     /// Delta: last position per (hour, partition) in the loaded snapshot.
     logged: std::collections::BTreeMap<(i64, i32), i64>,
-    /// Delta: (hour, partition)s given files since they were last compacted.
+    /// Delta: files in the table per (hour, partition), as far as this
+    /// writer knows (its snapshot and its own commits).
+    file_count: HashMap<(i64, i32), usize>,
+    /// Delta: (hour, partition)s holding more than one file: to compact.
     fragmented: std::collections::BTreeSet<(i64, i32)>,
     /// Object storage: where the table lives (files are written under
     /// `root`, a local staging directory, then uploaded).
@@ -170,6 +173,7 @@ impl TableWriter {
             fenced: 0,
             log: None,
             logged: Default::default(),
+            file_count: HashMap::new(),
             fragmented: Default::default(),
             remote: None,
         })
@@ -211,6 +215,7 @@ impl TableWriter {
         let Some(log) = &self.log else { return };
         let positions = log.positions(self.spec.positioned);
         self.fragmented.extend(delta::fragmented(&positions));
+        self.file_count = positions.iter().map(|(k, (_, f))| (*k, f.len())).collect();
         self.logged = positions.into_iter().map(|(k, (l, _))| (k, l)).collect();
     }
 
@@ -257,7 +262,11 @@ impl TableWriter {
             }
         }
         for f in log.commit_pending()? {
-            self.fragmented.insert((f.hour, f.partition));
+            let n = self.file_count.entry((f.hour, f.partition)).or_insert(0);
+            *n += 1;
+            if *n > 1 {
+                self.fragmented.insert((f.hour, f.partition));
+            }
             let e = self.logged.entry((f.hour, f.partition)).or_insert(f.last);
             *e = (*e).max(f.last);
         }
@@ -267,14 +276,20 @@ impl TableWriter {
     /// Uploads a finished local file to `rel` of the remote table, retrying
     /// while the object store fails (the pipeline waits meanwhile), then
     /// deletes the local file.
-    fn upload(&self, local: &Path, rel: &str) -> Result<(), ParquetError> {
+    fn upload(&self, local: &Path, rel: &str, keep_existing: bool) -> Result<(), ParquetError> {
         let (Some(r), Some(log)) = (&self.remote, &self.log) else {
             return Ok(());
         };
         let mut wait = std::time::Duration::from_millis(200);
         let mut failures = 0u32;
         loop {
-            match log.block_on(r.upload(local, rel)) {
+            let attempt = async {
+                if keep_existing && r.exists(rel).await? {
+                    return Ok(());
+                }
+                r.upload(local, rel).await
+            };
+            match log.block_on(attempt) {
                 Ok(()) => break,
                 Err(e) => {
                     failures += 1;
@@ -340,8 +355,10 @@ impl TableWriter {
         for key in keys {
             self.fragmented.remove(&key);
             let owner = if self.spec.positioned { key.1 } else { 0 };
+            // Only the partition's owner compacts it (an instance that was
+            // given it back later has an epoch again).
             if let Some(fence) = &self.fence
-                && !fence.holds(owner, "compaction")
+                && (fence.epoch(owner) == 0 || !fence.holds(owner, "compaction"))
             {
                 continue;
             }
@@ -433,12 +450,13 @@ impl TableWriter {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        let (name, f) = self.finish_file(key, out)?;
+        // A name of its own (`-c<instance><seq>`): a compaction never
+        // replaces a file in place, whatever another writer's view was.
+        let suffix = format!("-c{}{}", crate::timefmt::instance_id(), self.seq);
+        let (name, f) = self.finish_file(key, out, &suffix)?;
         let target = dir.join(&name);
-        // A file of this name not in the log is a compaction that crashed
-        // before its commit, of the same rows: replaced.
         if self.remote.is_some() {
-            self.upload(&f.tmp, &format!("{}/{name}", partition_dir(key.0)))?;
+            self.upload(&f.tmp, &format!("{}/{name}", partition_dir(key.0)), false)?;
         } else {
             std::fs::rename(&f.tmp, &target).map_err(io(&target))?;
             if let Ok(d) = File::open(&dir) {
@@ -456,11 +474,23 @@ impl TableWriter {
             time_min: f.time_min,
             time_max: f.time_max,
         };
-        if files.contains(&logged.path) {
-            return Ok(()); // the hour's files were already one
-        }
         let log = self.log.as_mut().expect("checked by compact");
+        // The files to replace must all still be in the table's latest
+        // snapshot (another writer may have compacted or added meanwhile);
+        // else the new file is left unlogged, for the vacuum.
+        log.refresh()?;
+        let now: std::collections::HashSet<String> = log.files().into_iter().collect();
+        if !files.iter().all(|f| now.contains(f)) {
+            tracing::warn!(
+                table = self.spec.name,
+                hour = key.0,
+                partition = key.1,
+                "the hour's files changed meanwhile; compaction skipped"
+            );
+            return Ok(());
+        }
         log.replace(&files, &logged)?;
+        self.file_count.insert(key, 1);
         tracing::info!(
             table = self.spec.name,
             hour = key.0,
@@ -790,15 +820,16 @@ impl TableWriter {
             return Ok(());
         }
         let dir = f.dir.clone();
-        let (name, f) = self.finish_file(key, f)?;
+        let (name, f) = self.finish_file(key, f, "")?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ParquetError::Io { path, source }
         };
         let target = dir.join(&name);
         if self.remote.is_some() {
-            // One PUT of the whole file: a replay uploads the same content again.
-            self.upload(&f.tmp, &format!("{}/{name}", partition_dir(key.0)))?;
+            // One PUT of the whole file; an object of this name holds the
+            // same rows already (written before a crash or replay): kept.
+            self.upload(&f.tmp, &format!("{}/{name}", partition_dir(key.0)), true)?;
         } else if target.exists() {
             // Same content was written before a crash or replay: durable
             // already (and, for Delta, logged below if it was not yet).
@@ -845,12 +876,16 @@ impl TableWriter {
         &self,
         key: (i64, i32),
         mut f: OpenFile,
+        suffix: &str,
     ) -> Result<(String, Finished), ParquetError> {
         let owner = if self.spec.positioned { key.1 } else { 0 };
         let name = if self.spec.positioned {
-            format!("part-{:05}-{:020}-{:020}.parquet", key.1, f.first, f.last)
+            format!(
+                "part-{:05}-{:020}-{:020}{suffix}.parquet",
+                key.1, f.first, f.last
+            )
         } else {
-            format!("part-{:020}-{:020}.parquet", f.first, f.last)
+            format!("part-{:020}-{:020}{suffix}.parquet", f.first, f.last)
         };
         let kv = |k: &str, v: String| KeyValue::new(format!("pulse.{k}"), v);
         f.writer
@@ -1462,10 +1497,10 @@ mod tests {
         let files = list_files(dir.path(), "dead_letters");
         assert_eq!(files.len(), 1);
         assert_eq!(rows_of(&files), (0..1_300).collect::<Vec<_>>());
+        let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
         assert!(
-            files[0]
-                .to_string_lossy()
-                .ends_with("part-00000-00000000000000000000-00000000000000001299.parquet")
+            name.starts_with("part-00000-00000000000000000000-00000000000000001299-c"),
+            "{name}"
         );
         // A new writer (a restart) skips the compacted rows by the name.
         let mut again = TableWriter::new(dir.path(), dead_letters_spec(), 64, 50, 1)

@@ -146,6 +146,11 @@ pub fn run(
         })?;
     let commit_after = Duration::from_secs(pc.commit_secs);
     let tick = Duration::from_millis(500).min(commit_after);
+    // Files closed on the timer or by their hour are logged at the next
+    // checkpoint, or at the latest this long after (a tenth of commit_secs,
+    // 0.5-5 s): each log commit costs a few milliseconds.
+    let log_every = (commit_after / 10).clamp(tick, Duration::from_secs(5));
+    let mut last_log = Instant::now();
     let mut last_tick = Instant::now();
     let started = Instant::now();
     let mut last_vacuum: Option<Instant> = None;
@@ -190,7 +195,10 @@ pub fn run(
             for w in &mut tables {
                 w.roll_older_than(commit_after)?;
             }
-            try_log_all(&mut tables);
+            if last_log.elapsed() >= log_every {
+                last_log = Instant::now();
+                try_log_all(&mut tables);
+            }
             let vacuum_due = match last_vacuum {
                 None => started.elapsed() >= Duration::from_secs(60),
                 Some(t) => t.elapsed() >= Duration::from_secs(3600),
