@@ -908,6 +908,11 @@ async fn bench_kafka(
             "  minute_stats, from the window's end + out-of-orderness + allowed lateness: {}",
             qs(&tables.minute_rows)
         );
+        println!(
+            "  by the log commit that added the row's file: events {}; minute_stats {}",
+            qs(&tables.events_by_commit),
+            qs(&tables.minute_rows_by_commit)
+        );
         for (t, counts) in &tables.files {
             let hours: Vec<String> = counts
                 .iter()

@@ -402,6 +402,27 @@ impl Default for RedisConfig {
 }
 
 impl ParquetConfig {
+    /// How often the Parquet stage looks at its open files' ages.
+    pub fn tick(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(500).min(std::time::Duration::from_secs(self.commit_secs))
+    }
+
+    /// Files written are logged at the next checkpoint, or at the latest
+    /// this long after (a tenth of `commit_secs`, 0.5-5 s): each log commit
+    /// costs a few milliseconds.
+    pub fn log_every(&self) -> std::time::Duration {
+        (std::time::Duration::from_secs(self.commit_secs) / 10)
+            .clamp(self.tick(), std::time::Duration::from_secs(5))
+    }
+
+    /// An open file is committed, and final minute rows are written, this
+    /// long after their first row: `commit_secs` less the time a file may
+    /// wait for its log commit, so rows are in the table within `commit_secs`.
+    pub fn roll_after(&self) -> std::time::Duration {
+        let c = std::time::Duration::from_secs(self.commit_secs);
+        c.saturating_sub(self.log_every() + self.tick()).max(c / 2)
+    }
+
     /// Where pulse keeps its own state: `state_dir`, or else `data_dir`.
     pub fn state_dir(&self) -> PathBuf {
         if self.state_dir.as_os_str().is_empty() {

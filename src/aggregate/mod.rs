@@ -187,7 +187,7 @@ impl Core {
             instance: Windower::with_idleness(params, cfg.window.idle_partition_ms as i64),
             store,
             lateness_ms: params.allowed_lateness_ms,
-            commit_after: Duration::from_secs(cfg.parquet.commit_secs.max(1)),
+            commit_after: cfg.parquet.roll_after(),
             last_final_flush: Instant::now(),
             summary: Summary::default(),
             tracker: AnomalyTracker::new(cfg.detect.detector(), cfg.detect.recover_windows)

@@ -244,6 +244,11 @@ pub struct TableFreshness {
     /// From the earliest moment a window could be final (its end plus the
     /// out-of-orderness and the allowed lateness) until its row was in `minute_stats`.
     pub minute_rows: Vec<f64>,
+    /// The same two, with each row's visibility taken as the time of the
+    /// log commit that added its file (the commit file's modification time):
+    /// what any reader could see, without the polling reader's own delay.
+    pub events_by_commit: Vec<f64>,
+    pub minute_rows_by_commit: Vec<f64>,
     /// Per table, per (hour, source partition): files added as new data,
     /// and files in the final snapshot (after compaction).
     pub files: Vec<(&'static str, crate::sink::parquet::delta::FileCounts)>,
@@ -369,14 +374,14 @@ pub async fn freshness(
         })
     };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Events of this phase are stamped from now on; whole minutes after it.
+    let since = chrono::Utc::now().timestamp_millis();
     let reader = {
         let root = pcfg.parquet.data_dir.clone();
         let w = &pcfg.window;
         let final_after =
             (w.size_secs * 1000 + w.out_of_orderness_ms + w.allowed_lateness_ms) as i64;
         let stop = stop.clone();
-        // Events of this phase are stamped from now on; whole minutes after it.
-        let since = chrono::Utc::now().timestamp_millis();
         std::thread::spawn(move || poll_tables(root, since, final_after, stop))
     };
     // Let the consumer join its group first: freshness is about steady state.
@@ -428,7 +433,80 @@ pub async fn freshness(
             .files
             .push((t, crate::sink::parquet::delta::file_counts(&root)));
     }
+    let w = &pcfg.window;
+    let final_after = (w.size_secs * 1000 + w.out_of_orderness_ms + w.allowed_lateness_ms) as i64;
+    let root = &pcfg.parquet.data_dir;
+    tables.events_by_commit = by_commit(&root.join("events"), "ts", since, 0);
+    tables.minute_rows_by_commit = by_commit(
+        &root.join("minute_stats"),
+        "window_start",
+        since,
+        final_after,
+    );
     Ok((s, tables))
+}
+
+/// For every file a commit of the table at `root` added as new data: its
+/// rows' time in `column` (at or after `since_ms`, plus `offset_ms`) to the
+/// commit's time, ms.
+fn by_commit(root: &std::path::Path, column: &str, since_ms: i64, offset_ms: i64) -> Vec<f64> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::TimestampMillisecondType;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root.join("_delta_log")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Some(at) = e
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        else {
+            continue;
+        };
+        let at = at.as_millis() as f64;
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let add = &v["add"];
+            let Some(path) = add["path"].as_str() else {
+                continue;
+            };
+            if add["dataChange"].as_bool() != Some(true) {
+                continue;
+            }
+            let Ok(f) = std::fs::File::open(root.join(path)) else {
+                continue;
+            };
+            let Ok(reader) = ParquetRecordBatchReaderBuilder::try_new(f).and_then(|b| b.build())
+            else {
+                continue;
+            };
+            for b in reader.flatten() {
+                let Some(c) = b.column_by_name(column) else {
+                    continue;
+                };
+                let mut seen = std::collections::BTreeSet::new();
+                for &t in c.as_primitive::<TimestampMillisecondType>().values() {
+                    // A minute row per service: each window once per file.
+                    if t >= since_ms && (offset_ms == 0 || seen.insert(t)) {
+                        out.push(at - (t + offset_ms) as f64);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -144,12 +144,9 @@ pub fn run(
             path: files_root.clone(),
             source,
         })?;
-    let commit_after = Duration::from_secs(pc.commit_secs);
-    let tick = Duration::from_millis(500).min(commit_after);
-    // Files closed on the timer or by their hour are logged at the next
-    // checkpoint, or at the latest this long after (a tenth of commit_secs,
-    // 0.5-5 s): each log commit costs a few milliseconds.
-    let log_every = (commit_after / 10).clamp(tick, Duration::from_secs(5));
+    let commit_after = pc.roll_after();
+    let tick = pc.tick();
+    let log_every = pc.log_every();
     let mut last_log = Instant::now();
     let mut last_tick = Instant::now();
     let started = Instant::now();
