@@ -417,10 +417,12 @@ impl ParquetConfig {
 
     /// An open file is committed, and final minute rows are written, this
     /// long after their first row: `commit_secs` less the time a file may
-    /// wait for its log commit, so rows are in the table within `commit_secs`.
+    /// wait for its log commit (and a second for the rows' way through the
+    /// pipeline), so rows are in the table within `commit_secs`.
     pub fn roll_after(&self) -> std::time::Duration {
         let c = std::time::Duration::from_secs(self.commit_secs);
-        c.saturating_sub(self.log_every() + self.tick()).max(c / 2)
+        let wait = self.log_every() + self.tick() * 2 + std::time::Duration::from_secs(1);
+        c.saturating_sub(wait).max(c / 2)
     }
 
     /// Where pulse keeps its own state: `state_dir`, or else `data_dir`.

@@ -132,11 +132,11 @@ impl Remote {
         Ok(())
     }
 
-    /// Whether an object exists at `rel`.
-    pub async fn exists(&self, rel: &str) -> Result<bool, StorageError> {
+    /// The size of the object at `rel`, if there is one.
+    pub async fn size_of(&self, rel: &str) -> Result<Option<u64>, StorageError> {
         match self.store.head(&self.key(rel)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }

@@ -276,21 +276,27 @@ impl TableWriter {
     /// Uploads a finished local file to `rel` of the remote table, retrying
     /// while the object store fails (the pipeline waits meanwhile), then
     /// deletes the local file.
-    fn upload(&self, local: &Path, rel: &str, keep_existing: bool) -> Result<(), ParquetError> {
+    /// Returns the size of the object kept when `keep_existing` found one.
+    fn upload(
+        &self,
+        local: &Path,
+        rel: &str,
+        keep_existing: bool,
+    ) -> Result<Option<u64>, ParquetError> {
         let (Some(r), Some(log)) = (&self.remote, &self.log) else {
-            return Ok(());
+            return Ok(None);
         };
         let mut wait = std::time::Duration::from_millis(200);
         let mut failures = 0u32;
-        loop {
+        let kept = loop {
             let attempt = async {
-                if keep_existing && r.exists(rel).await? {
-                    return Ok(());
+                if keep_existing && let Some(size) = r.size_of(rel).await? {
+                    return Ok(Some(size));
                 }
-                r.upload(local, rel).await
+                r.upload(local, rel).await.map(|()| None)
             };
             match log.block_on(attempt) {
-                Ok(()) => break,
+                Ok(kept) => break kept,
                 Err(e) => {
                     failures += 1;
                     metrics::counter!("pulse_object_store_errors_total", "op" => "upload")
@@ -300,9 +306,9 @@ impl TableWriter {
                     wait = (wait * 2).min(std::time::Duration::from_secs(5));
                 }
             }
-        }
+        };
         let _ = std::fs::remove_file(local);
-        Ok(())
+        Ok(kept)
     }
 
     /// Delta: deletes files that left the table more than `retention` ago.
@@ -826,13 +832,20 @@ impl TableWriter {
             move |source| ParquetError::Io { path, source }
         };
         let target = dir.join(&name);
+        // The size the log records: that of the file kept under the name
+        // (its footer's lineage may differ from this writer's by a few bytes).
+        let mut size = f.bytes;
         if self.remote.is_some() {
             // One PUT of the whole file; an object of this name holds the
             // same rows already (written before a crash or replay): kept.
-            self.upload(&f.tmp, &format!("{}/{name}", partition_dir(key.0)), true)?;
+            let rel = format!("{}/{name}", partition_dir(key.0));
+            if let Some(existing) = self.upload(&f.tmp, &rel, true)? {
+                size = existing;
+            }
         } else if target.exists() {
             // Same content was written before a crash or replay: durable
             // already (and, for Delta, logged below if it was not yet).
+            size = std::fs::metadata(&target).map_err(io(&target))?.len();
             std::fs::remove_file(&f.tmp).map_err(io(&f.tmp))?;
         } else {
             std::fs::rename(&f.tmp, &target).map_err(io(&target))?;
@@ -846,7 +859,7 @@ impl TableWriter {
                 hour: key.0,
                 partition: owner,
                 rows: f.rows,
-                bytes: f.bytes,
+                bytes: size,
                 first: f.first,
                 last: f.last,
                 time_min: f.time_min,
