@@ -454,54 +454,22 @@ fn by_commit(root: &std::path::Path, column: &str, since_ms: i64, offset_ms: i64
     use datafusion::arrow::datatypes::TimestampMillisecondType;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(root.join("_delta_log")) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_none_or(|x| x != "json") {
-            continue;
-        }
-        let Some(at) = e
-            .metadata()
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        else {
+    for (at, path) in crate::sink::parquet::delta::data_adds(root) {
+        let Ok(f) = std::fs::File::open(root.join(&path)) else {
             continue;
         };
-        let at = at.as_millis() as f64;
-        let Ok(text) = std::fs::read_to_string(&p) else {
+        let Ok(reader) = ParquetRecordBatchReaderBuilder::try_new(f).and_then(|b| b.build()) else {
             continue;
         };
-        for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        for b in reader.flatten() {
+            let Some(c) = b.column_by_name(column) else {
                 continue;
             };
-            let add = &v["add"];
-            let Some(path) = add["path"].as_str() else {
-                continue;
-            };
-            if add["dataChange"].as_bool() != Some(true) {
-                continue;
-            }
-            let Ok(f) = std::fs::File::open(root.join(path)) else {
-                continue;
-            };
-            let Ok(reader) = ParquetRecordBatchReaderBuilder::try_new(f).and_then(|b| b.build())
-            else {
-                continue;
-            };
-            for b in reader.flatten() {
-                let Some(c) = b.column_by_name(column) else {
-                    continue;
-                };
-                let mut seen = std::collections::BTreeSet::new();
-                for &t in c.as_primitive::<TimestampMillisecondType>().values() {
-                    // A minute row per service: each window once per file.
-                    if t >= since_ms && (offset_ms == 0 || seen.insert(t)) {
-                        out.push(at - (t + offset_ms) as f64);
-                    }
+            let mut seen = std::collections::BTreeSet::new();
+            for &t in c.as_primitive::<TimestampMillisecondType>().values() {
+                // A minute row per service: each window once per file.
+                if t >= since_ms && (offset_ms == 0 || seen.insert(t)) {
+                    out.push((at - t - offset_ms) as f64);
                 }
             }
         }

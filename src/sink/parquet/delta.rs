@@ -525,15 +525,10 @@ fn load_files(at: &TableLocation) -> Option<Vec<String>> {
     Some(files)
 }
 
-/// Files written → files in the table, per (hour, partition).
-pub type FileCounts = BTreeMap<(i64, i32), (usize, usize)>;
-
-/// Per (hour, partition) of a local table with source partitions: how many
-/// files its commits added as new data (`dataChange`), and how many its
-/// latest snapshot holds (fewer once compacted). From the log's JSON commits.
-pub fn file_counts(table_root: &Path) -> FileCounts {
-    let mut out = FileCounts::new();
-    let key = |path: &str| parse_path(path, true).map(|k| (k.0, k.1));
+/// The files a local table's JSON commits added as new data
+/// (`dataChange`), each with its commit file's modification time (ms).
+pub fn data_adds(table_root: &Path) -> Vec<(i64, String)> {
+    let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(table_root.join("_delta_log")) else {
         return out;
     };
@@ -542,6 +537,12 @@ pub fn file_counts(table_root: &Path) -> FileCounts {
         if p.extension().is_none_or(|x| x != "json") {
             continue;
         }
+        let at = e
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
         let Ok(text) = std::fs::read_to_string(&p) else {
             continue;
         };
@@ -551,10 +552,27 @@ pub fn file_counts(table_root: &Path) -> FileCounts {
             };
             let add = &v["add"];
             if add["dataChange"].as_bool() == Some(true)
-                && let Some(k) = add["path"].as_str().and_then(key)
+                && let Some(path) = add["path"].as_str()
             {
-                out.entry(k).or_default().0 += 1;
+                out.push((at, path.to_string()));
             }
+        }
+    }
+    out
+}
+
+/// Files written → files in the table, per (hour, partition).
+pub type FileCounts = BTreeMap<(i64, i32), (usize, usize)>;
+
+/// Per (hour, partition) of a local table with source partitions: how many
+/// files its commits added as new data (`dataChange`), and how many its
+/// latest snapshot holds (fewer once compacted). From the log's JSON commits.
+pub fn file_counts(table_root: &Path) -> FileCounts {
+    let mut out = FileCounts::new();
+    let key = |path: &str| parse_path(path, true).map(|k| (k.0, k.1));
+    for (_, path) in data_adds(table_root) {
+        if let Some(k) = key(&path) {
+            out.entry(k).or_default().0 += 1;
         }
     }
     for f in snapshot_files(table_root).unwrap_or_default() {
